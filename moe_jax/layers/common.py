@@ -1,0 +1,61 @@
+"""Shared pieces: logical-axis parameters, projections, RMSNorm and the SwiGLU MLP.
+
+Shape letters used across moe_jax/layers and moe_jax/model.py:
+  B batch   S query length   T key length   D embed (hidden_size)
+  H heads   Q q_lora_rank    K kv_lora_rank N qk_nope_head_dim  R qk_rope_head_dim
+  V v_head_dim   F MLP hidden   E routed experts   X experts per token   G expert groups
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moe_jax.config import ModelConfig
+
+
+def weight(mod: nn.Module, cfg: ModelConfig, name: str, shape: Sequence[int], axes: Sequence[str | None],
+           init=None):
+  """Declares a parameter with logical axis names (one name per dimension)."""
+  assert len(shape) == len(axes), (name, shape, axes)
+  init = init or nn.initializers.normal(stddev=cfg.initializer_range)
+  return mod.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), cfg.weight_dtype)
+
+
+def project(equation: str, x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """x @ w in the compute dtype (the one place a projection happens, so precision changes live here)."""
+  dtype = cfg.compute_dtype
+  return jnp.einsum(equation, x.astype(dtype), w.astype(dtype))
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in fp32; returns the input dtype (as DeepSeek and transformers do)."""
+
+  cfg: ModelConfig
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = weight(self, self.cfg, "scale", (x.shape[-1],), (self.axis_name,), init=nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return scale.astype(self.cfg.compute_dtype) * x32.astype(self.cfg.compute_dtype)
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(x @ gate) * (x @ up)). Used for dense layers and shared experts."""
+
+  cfg: ModelConfig
+  hidden: int  # F
+
+  @nn.compact
+  def __call__(self, x_BSD: jax.Array) -> jax.Array:
+    cfg, d = self.cfg, self.cfg.hidden_size
+    w_gate = weight(self, cfg, "gate", (d, self.hidden), ("embed", "mlp"))
+    w_up = weight(self, cfg, "up", (d, self.hidden), ("embed", "mlp"))
+    w_down = weight(self, cfg, "down", (self.hidden, d), ("mlp", "embed"))
+    h_BSF = nn.silu(project("...d,df->...f", x_BSD, w_gate, cfg)) * project("...d,df->...f", x_BSD, w_up, cfg)
+    return project("...f,fd->...d", h_BSF, w_down, cfg)

@@ -1,0 +1,142 @@
+"""DeepSeekMoE layer: shared experts + fine-grained routed experts, several dispatches.
+
+Routed expert weights are stacked: gate, up [E, D, F] and down [E, F, D] (logical axis
+`exp` on E, so expert parallelism is a rules-table change). Every dispatch computes
+  y_t = sum_{x < X} w_{t,x} * down(silu(gate(h)) * up(h)),  h = x_t, expert = idx_{t,x}
+over the same weights; they differ only in how tokens meet their experts:
+  dense     reference: every expert on every token, then masked ([T, E, F] materialized).
+  ragged    dropless: sort the T*X assignments by expert, jax.lax.ragged_dot, unsort.
+  capacity  GShard: each expert takes at most C = ceil(T*X/E * capacity_factor) tokens
+            into an [E, C, D] buffer, first choices before second; the rest are dropped
+            (counted in intermediates/dropped_tokens).
+  ep        expert parallel: ragged inside jax.shard_map, tokens move by all-to-all
+            (moe_jax/layers/ep.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moe_jax.config import ModelConfig
+from moe_jax.layers.common import MLP, weight
+from moe_jax.layers.router import Router
+
+
+def _swiglu(h_gate, h_up):
+  return nn.silu(h_gate) * h_up
+
+
+def dispatch_dense(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig):
+  """Reference: all experts on all tokens, combined with a dense [T, E] weight matrix."""
+  dt = cfg.compute_dtype
+  x = x_TD.astype(dt)
+  h = _swiglu(jnp.einsum("td,edf->tef", x, gate_EDF.astype(dt)), jnp.einsum("td,edf->tef", x, up_EDF.astype(dt)))
+  y_TED = jnp.einsum("tef,efd->ted", h, down_EFD.astype(dt))
+  combine_TE = jnp.zeros((x.shape[0], cfg.n_routed_experts), jnp.float32).at[
+      jnp.arange(x.shape[0])[:, None], idx_TX].add(w_TX)
+  return jnp.einsum("ted,te->td", y_TED.astype(jnp.float32), combine_TE).astype(dt), {}
+
+
+def expert_ffn_ragged(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, dt):
+  """Grouped SwiGLU over rows sorted by expert: rows [sum(sizes[:e]), ...) go to expert e."""
+  x = x_MD.astype(dt)
+  h = _swiglu(jax.lax.ragged_dot(x, gate_EDF.astype(dt), sizes_E), jax.lax.ragged_dot(x, up_EDF.astype(dt), sizes_E))
+  return jax.lax.ragged_dot(h, down_EFD.astype(dt), sizes_E)
+
+
+def sort_by_expert(idx_TX: jax.Array, num_experts: int):
+  """-> (order [T*X]: assignment ids sorted by expert, inverse permutation, group sizes [E])."""
+  flat = idx_TX.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+  return order, inverse, sizes
+
+
+def dispatch_ragged(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig):
+  """Dropless grouped matmul; memory O(T*X*max(D, F)), never [T, E, ...]."""
+  t, k = idx_TX.shape
+  order, inverse, sizes = sort_by_expert(idx_TX, cfg.n_routed_experts)
+  x_sorted = x_TD[order // k]  # [T*X, D]
+  y_sorted = expert_ffn_ragged(x_sorted, sizes, gate_EDF, up_EDF, down_EFD, cfg.compute_dtype)
+  y_TXD = y_sorted[inverse].reshape(t, k, -1)
+  y = jnp.einsum("txd,tx->td", y_TXD.astype(jnp.float32), w_TX)
+  return y.astype(cfg.compute_dtype), {}
+
+
+def capacity(num_tokens: int, cfg: ModelConfig) -> int:
+  return max(1, math.ceil(num_tokens * cfg.num_experts_per_tok / cfg.n_routed_experts * cfg.capacity_factor))
+
+
+def dispatch_capacity(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig):
+  """GShard-style capacity-bounded dispatch into [E, C, D] and combine back."""
+  t, k = idx_TX.shape
+  e, dt = cfg.n_routed_experts, cfg.compute_dtype
+  c = capacity(t, cfg)
+  # Priority: every token's first choice, then every token's second, ... (GShard).
+  flat = idx_TX.T.reshape(-1)  # [X*T], choice-major
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1)
+  starts = jnp.cumsum(sizes) - sizes
+  rank_sorted = jnp.arange(flat.shape[0]) - starts[flat[order]]
+  rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)  # position in its expert's queue
+  keep = rank < c
+  slot = jnp.where(keep, flat * c + rank, e * c)  # e*c: the drop slot
+  token = jnp.tile(jnp.arange(t), k)
+  buf = jnp.zeros((e * c + 1, x_TD.shape[-1]), dt).at[slot].set(x_TD[token].astype(dt))
+  x_ECD = buf[: e * c].reshape(e, c, -1)
+  h = _swiglu(jnp.einsum("ecd,edf->ecf", x_ECD, gate_EDF.astype(dt)),
+              jnp.einsum("ecd,edf->ecf", x_ECD, up_EDF.astype(dt)))
+  y_ECD = jnp.einsum("ecf,efd->ecd", h, down_EFD.astype(dt))
+  y_flat = jnp.concatenate([y_ECD.reshape(e * c, -1), jnp.zeros((1, y_ECD.shape[-1]), dt)])[slot]
+  y_XTD = y_flat.reshape(k, t, -1)
+  y = jnp.einsum("xtd,tx->td", y_XTD.astype(jnp.float32), w_TX)
+  return y.astype(dt), {"dropped_tokens": jnp.sum(~keep).astype(jnp.float32)}
+
+
+DISPATCH: dict[str, Callable] = {
+    "dense": dispatch_dense,
+    "ragged": dispatch_ragged,
+    "capacity": dispatch_capacity,
+}
+
+
+def register_dispatch(name: str, fn: Callable):
+  """Adds a dispatch implementation (same signature as dispatch_ragged)."""
+  DISPATCH[name] = fn
+
+
+class MoE(nn.Module):
+  """x [B, S, D] -> [B, S, D]: routed experts (top-k of E) + shared experts."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BSD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    w_BSX, idx_BSX = Router(cfg, name="router")(x_BSD)
+    gate = weight(self, cfg, "gate", (e, d, f), ("exp", "embed", "exp_mlp"))
+    up = weight(self, cfg, "up", (e, d, f), ("exp", "embed", "exp_mlp"))
+    down = weight(self, cfg, "down", (e, f, d), ("exp", "exp_mlp", "embed"))
+
+    b, s, _ = x_BSD.shape
+    if cfg.moe_impl not in DISPATCH:
+      if cfg.moe_impl == "ep":
+        import moe_jax.layers.ep  # noqa: F401  (registers 'ep')
+      else:
+        raise ValueError(f"ModelConfig.moe_impl: unknown dispatch {cfg.moe_impl!r}; known {sorted(DISPATCH)}")
+    routed, stats = DISPATCH[cfg.moe_impl](
+        x_BSD.reshape(b * s, d), w_BSX.reshape(b * s, -1), idx_BSX.reshape(b * s, -1), gate, up, down, cfg)
+    for name, value in stats.items():
+      self.sow("intermediates", name, value, init_fn=lambda: jnp.zeros((), jnp.float32),
+               reduce_fn=lambda a, b: a + b)
+    out = routed.reshape(b, s, d)
+    if cfg.n_shared_experts:
+      out = out + MLP(cfg, cfg.n_shared_experts * f, name="shared")(x_BSD)
+    return out

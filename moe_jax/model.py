@@ -1,0 +1,153 @@
+"""Transformer: embed -> blocks (dense | MoE) -> final norm -> head (+ multi-token prediction).
+
+A token's way (shape letters in moe_jax/layers/common.py):
+  tokens [B, S] -> embed [B, S, D]
+  per block:  x = x + MLA(RMSNorm(x));  x = x + (MLP | MoE)(RMSNorm(x))
+  -> RMSNorm -> head -> logits [B, S, vocab]
+  MTP depth k (DeepSeek-V3 section 2.2): h = eh_proj([enorm(embed(token_{i+k})); hnorm(h_{k-1})])
+  -> one block -> shared_head_norm -> the same head -> logits predicting token i+k+1.
+
+Variables: `params` (trained), `router` (e_score_correction_bias per MoE layer),
+`cache` (decode), and sown `intermediates` (expert_counts, expert_scores, dropped_tokens)
+and `losses` (balance_loss).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moe_jax.config import ModelConfig
+from moe_jax.layers.common import MLP, RMSNorm, project, weight
+from moe_jax.layers.mla import MLA
+from moe_jax.layers.moe import MoE
+
+BLOCK_BOUNDARY = ("batch", "length", "embed")
+SCANNED_COLLECTIONS = ("params", "router", "cache", "intermediates", "losses")
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: MLA then a dense SwiGLU MLP or a DeepSeekMoE layer."""
+
+  cfg: ModelConfig
+  moe: bool
+
+  @nn.compact
+  def __call__(self, x_BSD, positions_BS, segment_ids_BS=None, decode: bool = False, absorb: bool = True):
+    cfg = self.cfg
+    h = x_BSD + MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x_BSD), positions_BS, segment_ids_BS,
+                                      decode, absorb)
+    ffn = MoE(cfg, name="moe") if self.moe else MLP(cfg, cfg.intermediate_size, name="mlp")
+    out = h + ffn(RMSNorm(cfg, name="ffn_norm")(h))
+    return nn.with_logical_constraint(out, BLOCK_BOUNDARY)
+
+
+class ScanBlock(Block):
+  """Block with the (carry, x) -> (carry, y) signature that nn.scan wants."""
+
+  @nn.compact
+  def __call__(self, x_BSD, positions_BS, segment_ids_BS=None, decode: bool = False, absorb: bool = True):
+    return super().__call__(x_BSD, positions_BS, segment_ids_BS, decode, absorb), None
+
+
+def _block_class(cfg: ModelConfig, scanned: bool):
+  cls = ScanBlock if scanned else Block
+  if cfg.remat_policy == "none":
+    return cls
+  return nn.remat(cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not scanned,
+                  static_argnums=(4, 5))  # decode, absorb (self is argnum 0)
+
+
+class MTPLayer(nn.Module):
+  """One multi-token-prediction depth: combine the next token's embedding with h, one block."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, emb_BSD, h_BSD, positions_BS, segment_ids_BS=None):
+    cfg = self.cfg
+    eh = weight(self, cfg, "eh_proj", (2 * cfg.hidden_size, cfg.hidden_size), (None, "embed"))
+    joined = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb_BSD), RMSNorm(cfg, name="hnorm")(h_BSD)], -1)
+    h = project("bse,ed->bsd", joined, eh, cfg)
+    h = Block(cfg, moe=cfg.is_moe_layer(cfg.num_hidden_layers), name="block")(h, positions_BS, segment_ids_BS)
+    return h, RMSNorm(cfg, name="head_norm")(h)
+
+
+class Transformer(nn.Module):
+  """DeepSeek-V2/V3 causal LM. `apply(variables, tokens [B, S] int32) -> logits [B, S, vocab] fp32`."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = weight(self, cfg, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                        init=nn.initializers.normal(stddev=1.0))
+    if cfg.scan_layers:
+      def stack(moe, n, name):
+        return nn.scan(_block_class(cfg, True), variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
+                       split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4, length=n,
+                       metadata_params={nn.PARTITION_NAME: "layers"})(cfg, moe, name=name)
+      k = cfg.first_k_dense_replace
+      self.dense_layers = stack(False, k, "dense_layers") if k else None
+      n_moe = cfg.num_hidden_layers - k
+      self.moe_layers = stack(True, n_moe, "moe_layers") if n_moe else None
+    else:
+      block = _block_class(cfg, False)
+      self.layers = [block(cfg, cfg.is_moe_layer(i), name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_word_embeddings:
+      self.head = weight(self, cfg, "head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+    self.mtp = [MTPLayer(cfg, name=f"mtp_{k}") for k in range(cfg.num_nextn_predict_layers)]
+
+  def embed_tokens(self, tokens_BS):
+    x = jnp.take(self.embed, tokens_BS, axis=0).astype(self.cfg.compute_dtype)
+    return nn.with_logical_constraint(x, BLOCK_BOUNDARY)
+
+  def logits(self, h_normed_BSD):
+    w = self.embed.T if self.cfg.tie_word_embeddings else self.head
+    return project("bsd,dv->bsv", h_normed_BSD, w, self.cfg).astype(jnp.float32)
+
+  def __call__(self, tokens_BS: jax.Array, positions_BS: Optional[jax.Array] = None,
+               segment_ids_BS: Optional[jax.Array] = None, decode: bool = False, absorb: bool = True,
+               return_mtp: bool = False):
+    """Logits [B, S, V]; with return_mtp, (logits, mtp_logits [num_nextn_predict_layers, B, S, V]).
+
+    positions default to 0..S-1; segment_ids (packed documents) restrict attention to
+    tokens of the same id. decode/absorb: see MLA.__call__. MTP logits at position i of
+    depth k predict token i+k+1 (positions within k of the end see padding and are not
+    meaningful; the loss masks them).
+    """
+    cfg = self.cfg
+    b, s = tokens_BS.shape
+    if positions_BS is None:
+      positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    x = self.embed_tokens(tokens_BS)
+    if cfg.scan_layers:
+      for stack in (self.dense_layers, self.moe_layers):
+        if stack is not None:
+          x, _ = stack(x, positions_BS, segment_ids_BS, decode, absorb)
+    else:
+      for layer in self.layers:
+        x = layer(x, positions_BS, segment_ids_BS, decode, absorb)
+    h = self.final_norm(x)
+    logits = self.logits(h)
+    if not (return_mtp or self.is_initializing()):
+      return logits
+    mtp_logits = []
+    for k, layer in enumerate(self.mtp, start=1):
+      # Token i+k's embedding at position i; the last k positions see token 0 (masked in the loss).
+      shifted = jnp.concatenate([tokens_BS[:, k:], jnp.zeros((b, k), tokens_BS.dtype)], axis=1)
+      h, h_normed = layer(self.embed_tokens(shifted), h, positions_BS, segment_ids_BS)
+      mtp_logits.append(self.logits(h_normed))
+    if not return_mtp:
+      return logits
+    return logits, jnp.stack(mtp_logits) if mtp_logits else jnp.zeros((0, b, s, cfg.vocab_size), jnp.float32)
