@@ -76,6 +76,7 @@ class ModelConfig:
   balance_loss: str = "sequence"  # V3 sequence-wise | V2 expert-level
   moe_impl: str = "ragged"  # dense (reference) | ragged (dropless) | capacity | ep
   capacity_factor: float = 1.25  # only for moe_impl='capacity'
+  moe_gmm: str = "auto"  # grouped matmul for ragged/ep: auto | ragged_dot (GPU/TPU) | tiled (CPU)
   dtype: str = "float32"  # compute dtype (bfloat16 for training at scale)
   param_dtype: str = "float32"  # master weights
   scan_layers: bool = False  # nn.scan over the dense and the MoE stacks
@@ -105,6 +106,8 @@ class ModelConfig:
       _fail("topk_method", f"{self.topk_method!r} is not one of {TOPK_METHODS}")
     if self.moe_impl not in MOE_IMPLS:
       _fail("moe_impl", f"{self.moe_impl!r} is not one of {MOE_IMPLS}")
+    if self.moe_gmm not in ("auto", "ragged_dot", "tiled"):
+      _fail("moe_gmm", f"{self.moe_gmm!r} is not one of ('auto', 'ragged_dot', 'tiled')")
     if self.balance_loss not in BALANCE_LOSSES:
       _fail("balance_loss", f"{self.balance_loss!r} is not one of {BALANCE_LOSSES}")
     if self.remat_policy not in REMAT_POLICIES:
@@ -189,7 +192,7 @@ class ModelConfig:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     if self.rope_scaling is not None:
-      d["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+      d["rope_scaling"] = self.rope_scaling.to_hf()  # with its type, so from_dict can read it back
     return d
 
   @classmethod

@@ -4,7 +4,13 @@ Modules name every parameter axis (moe_jax/layers); this table maps those names 
 mesh axes ('data', 'fsdp', 'expert', 'tensor'). Rules are tried in order and a mesh axis
 is used at most once per array (flax's priority rule), so activations [batch, length,
 embed] put batch on data x fsdp x expert and leave embed unsharded, while parameters put
-embed on fsdp. Outside the MoE layer `expert` acts as one more data axis.
+embed on fsdp x expert (ZeRO-3 over every data-like axis). Outside the MoE layer `expert`
+acts as one more data axis; routed-expert weights [exp, embed, exp_mlp] put exp on
+`expert`, so their embed falls through to the second `embed` rule (fsdp alone).
+
+Override in a config as a list of (logical_name, mesh_axes) pairs (`merge_rules`): a name
+given there replaces every default rule of that name, e.g.
+  rules = [("exp_mlp", None), ("embed", "fsdp")]   # no tensor parallel inside experts
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("exp_mlp", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),  # non-expert weights: sharded over every data-like axis
+    ("embed", "fsdp"),  # expert weights: 'expert' already holds their exp dimension
     ("q_lora", None),
     ("kv_lora", None),
     ("qk_head", None),
@@ -58,11 +65,17 @@ def check_rules(rules: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]
 
 
 def merge_rules(overrides: Optional[Iterable[tuple[str, Any]]]) -> tuple[tuple[str, Any], ...]:
-  """Default rules with some names remapped (an override replaces that name's rule in place)."""
+  """Default rules with some names remapped (overrides replace all of that name's rules, in place)."""
   overrides = check_rules(list(overrides or ()))
-  new = dict(overrides)
-  merged = [(name, new.pop(name)) if name in new else (name, axes) for name, axes in DEFAULT_RULES]
-  return check_rules(merged + list(new.items()))
+  names = {name for name, _ in overrides}
+  merged, placed = [], set()
+  for name, axes in DEFAULT_RULES:
+    if name not in names:
+      merged.append((name, axes))
+    elif name not in placed:  # the overrides of a name take its first default's place
+      merged += [o for o in overrides if o[0] == name]
+      placed.add(name)
+  return check_rules(merged + [o for o in overrides if o[0] not in placed])
 
 
 def mesh_shape(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,

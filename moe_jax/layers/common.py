@@ -36,12 +36,14 @@ class RMSNorm(nn.Module):
 
   cfg: ModelConfig
   axis_name: str = "embed"
+  eps: float | None = None  # None: cfg.rms_norm_eps
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    eps = self.cfg.rms_norm_eps if self.eps is None else self.eps
     scale = weight(self, self.cfg, "scale", (x.shape[-1],), (self.axis_name,), init=nn.initializers.ones)
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return scale.astype(self.cfg.compute_dtype) * x32.astype(self.cfg.compute_dtype)
 
 

@@ -24,6 +24,8 @@ from moe_jax.config import ModelConfig
 from moe_jax.layers.common import RMSNorm, project, weight
 from moe_jax.layers.rope import apply_rope, cos_sin
 
+# DeepSeek's reference and transformers build the latent norms with the default eps, not rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
 
 
@@ -77,12 +79,12 @@ class MLA(nn.Module):
     d, h, k, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     if cfg.q_lora_rank:
       self.q_a = weight(self, cfg, "q_a", (d, cfg.q_lora_rank), ("embed", "q_lora"))
-      self.q_norm = RMSNorm(cfg, axis_name="q_lora")
+      self.q_norm = RMSNorm(cfg, axis_name="q_lora", eps=LATENT_NORM_EPS)
       self.q_b = weight(self, cfg, "q_b", (cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"))
     else:
       self.q = weight(self, cfg, "q", (d, h, cfg.qk_head_dim), ("embed", "heads", "qk_head"))
     self.kv_a = weight(self, cfg, "kv_a", (d, k + r), ("embed", "kv_lora"))
-    self.kv_norm = RMSNorm(cfg, axis_name="kv_lora")
+    self.kv_norm = RMSNorm(cfg, axis_name="kv_lora", eps=LATENT_NORM_EPS)
     self.k_b = weight(self, cfg, "k_b", (k, h, cfg.qk_nope_head_dim), ("kv_lora", "heads", "qk_head"))
     self.v_b = weight(self, cfg, "v_b", (k, h, cfg.v_head_dim), ("kv_lora", "heads", "v_head"))
     self.o = weight(self, cfg, "o", (h, cfg.v_head_dim, d), ("heads", "v_head", "embed"))

@@ -5,7 +5,8 @@ Routed expert weights are stacked: gate, up [E, D, F] and down [E, F, D] (logica
   y_t = sum_{x < X} w_{t,x} * down(silu(gate(h)) * up(h)),  h = x_t, expert = idx_{t,x}
 over the same weights; they differ only in how tokens meet their experts:
   dense     reference: every expert on every token, then masked ([T, E, F] materialized).
-  ragged    dropless: sort the T*X assignments by expert, jax.lax.ragged_dot, unsort.
+  ragged    dropless: sort the T*X assignments by expert, grouped matmul (layers/gmm.py:
+            jax.lax.ragged_dot on GPU/TPU, a tiled loop on CPU), unsort.
   capacity  GShard: each expert takes at most C = ceil(T*X/E * capacity_factor) tokens
             into an [E, C, D] buffer, first choices before second; the rest are dropped
             (counted in intermediates/dropped_tokens).
@@ -24,6 +25,7 @@ from flax import linen as nn
 
 from moe_jax.config import ModelConfig
 from moe_jax.layers.common import MLP, weight
+from moe_jax.layers.gmm import grouped_swiglu
 from moe_jax.layers.router import Router
 
 
@@ -42,11 +44,13 @@ def dispatch_dense(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelCon
   return jnp.einsum("ted,te->td", y_TED.astype(jnp.float32), combine_TE).astype(dt), {}
 
 
-def expert_ffn_ragged(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, dt):
-  """Grouped SwiGLU over rows sorted by expert: rows [sum(sizes[:e]), ...) go to expert e."""
-  x = x_MD.astype(dt)
-  h = _swiglu(jax.lax.ragged_dot(x, gate_EDF.astype(dt), sizes_E), jax.lax.ragged_dot(x, up_EDF.astype(dt), sizes_E))
-  return jax.lax.ragged_dot(h, down_EFD.astype(dt), sizes_E)
+def expert_ffn_ragged(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, dt, impl: str = "auto"):
+  """Grouped SwiGLU over rows sorted by expert: rows [sum(sizes[:e]), ...) go to expert e.
+
+  impl: the grouped matmul (layers/gmm.py): 'ragged_dot' (XLA; GPU/TPU), 'tiled' (CPU), 'auto'.
+  """
+  return grouped_swiglu(x_MD.astype(dt), sizes_E, gate_EDF.astype(dt), up_EDF.astype(dt),
+                        down_EFD.astype(dt), impl)
 
 
 def sort_by_expert(idx_TX: jax.Array, num_experts: int):
@@ -63,7 +67,7 @@ def dispatch_ragged(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelCo
   t, k = idx_TX.shape
   order, inverse, sizes = sort_by_expert(idx_TX, cfg.n_routed_experts)
   x_sorted = x_TD[order // k]  # [T*X, D]
-  y_sorted = expert_ffn_ragged(x_sorted, sizes, gate_EDF, up_EDF, down_EFD, cfg.compute_dtype)
+  y_sorted = expert_ffn_ragged(x_sorted, sizes, gate_EDF, up_EDF, down_EFD, cfg.compute_dtype, cfg.moe_gmm)
   y_TXD = y_sorted[inverse].reshape(t, k, -1)
   y = jnp.einsum("txd,tx->td", y_TXD.astype(jnp.float32), w_TX)
   return y.astype(cfg.compute_dtype), {}

@@ -1,0 +1,325 @@
+"""Token data: tokenizers, memory-mapped token files, packing and a stateless sampler.
+
+On disk (`python -m moe_jax.data prepare --input FILES --tokenizer byte|tokenizer.json --out DIR`):
+  DIR/train.bin, DIR/val.bin     token ids, uint16 (vocab <= 65536) or uint32, np.memmap
+  DIR/train.docs.npy, val.docs.npy  int64 start offset of every document
+  DIR/meta.json                  dtype, vocab_size, max_token_id, eos_id, tokenizer, n_tokens
+A text file is one document; a JSONL file holds one document per line (its `text` field).
+Without a path, the embedded corpus is the running Python's standard library (*.py files
+in sorted order, byte tokenizer), so `python train.py` needs no download.
+
+Packing: a row is a window of S+1 consecutive tokens that may span documents; its
+segment_ids [S+1] number the documents inside the window and positions [S+1] restart at 0
+at every document start, so attention stays within a document and rope sees in-document
+positions. Targets that cross a document boundary are masked in the loss.
+
+Sampling is stateless: the global batch at a step is a function of (seed, step) only, and
+each process materializes just the rows its devices hold (a function of (seed, step,
+process index)), so resuming needs only the step and a host never reads another's slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import sysconfig
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from moe_jax.errors import UserError
+
+BYTE_EOS = 256
+BYTE_VOCAB = 257  # 256 bytes + end-of-document
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>", "<|end_of_text|>")
+
+
+# --- tokenizers -----------------------------------------------------------------------
+class ByteTokenizer:
+  """UTF-8 bytes are ids 0..255; 256 ends a document."""
+
+  name = "byte"
+  vocab_size = BYTE_VOCAB
+  eos_id = BYTE_EOS
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (the `tokenizers` package)."""
+
+  def __init__(self, path: str):
+    try:
+      from tokenizers import Tokenizer
+    except ImportError as e:
+      raise UserError("a tokenizer.json needs the `tokenizers` package: pip install tokenizers") from e
+    self.name = path
+    self._tok = Tokenizer.from_file(path)
+    self.vocab_size = self._tok.get_vocab_size()
+    ids = [self._tok.token_to_id(n) for n in _EOS_NAMES]
+    self.eos_id = next((i for i in ids if i is not None), None)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids])
+
+
+def load_tokenizer(spec: str):
+  """'byte' or a path to a Hugging Face tokenizer.json."""
+  if spec in ("byte", "", None):
+    return ByteTokenizer()
+  if not os.path.isfile(spec):
+    raise UserError(f"tokenizer {spec!r}: no such file (use 'byte' or a path to tokenizer.json)")
+  return HFTokenizer(spec)
+
+
+# --- token stores ---------------------------------------------------------------------
+@dataclasses.dataclass
+class TokenStore:
+  """One split: a flat token array (memmap) and the start offset of each document."""
+
+  tokens: np.ndarray  # [N] uint16 | uint32
+  doc_starts: np.ndarray  # [n_docs] int64, doc_starts[0] == 0
+
+  def __len__(self) -> int:
+    return int(self.tokens.shape[0])
+
+  def windows(self, starts: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    """Rows of `length` tokens from each start -> tokens, segment_ids, positions [R, length] int32."""
+    offs = starts[:, None] + np.arange(length)[None, :]
+    doc = np.searchsorted(self.doc_starts, offs, side="right") - 1
+    return {"tokens": self.tokens[offs].astype(np.int32),
+            "segment_ids": (doc - doc[:, :1]).astype(np.int32),
+            "positions": (offs - self.doc_starts[doc]).astype(np.int32)}
+
+
+def _dtype_for(vocab_size: int):
+  return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
+
+
+def _val_doc(i: int, val_fraction: float) -> bool:
+  """Every k-th document (k = 1/val_fraction) is held out; deterministic, spread over the corpus."""
+  if val_fraction <= 0:
+    return False
+  k = max(2, round(1.0 / val_fraction))
+  return i % k == k - 1
+
+
+def stdlib_documents() -> Iterator[bytes]:
+  """The running Python's standard library *.py files, in sorted path order (no site-packages)."""
+  root = sysconfig.get_paths()["stdlib"]
+  paths = []
+  for d, dirs, files in os.walk(root):
+    dirs[:] = [x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__")]
+    paths += [os.path.join(d, f) for f in files if f.endswith(".py")]
+  for p in sorted(paths, key=lambda p: os.path.relpath(p, root)):
+    with open(p, "rb") as f:
+      data = f.read()
+    if data:
+      yield data
+
+
+def embedded_corpus(val_fraction: float) -> tuple[TokenStore, TokenStore, dict]:
+  """Byte-tokenized standard library, split by document, held in memory (~30M tokens)."""
+  parts = {"train": [], "val": []}
+  for i, doc in enumerate(stdlib_documents()):
+    arr = np.frombuffer(doc, np.uint8).astype(np.uint16)
+    parts["val" if _val_doc(i, val_fraction) else "train"].append(np.append(arr, BYTE_EOS).astype(np.uint16))
+  if not parts["train"]:
+    raise UserError(f"the embedded corpus is empty: no *.py files under {sysconfig.get_paths()['stdlib']}")
+  stores = {}
+  for split, docs in parts.items():
+    lens = np.array([len(d) for d in docs], np.int64)
+    stores[split] = TokenStore(np.concatenate(docs) if docs else np.zeros(0, np.uint16),
+                               np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64))
+  meta = {"dtype": "uint16", "vocab_size": BYTE_VOCAB, "max_token_id": BYTE_EOS, "eos_id": BYTE_EOS,
+          "tokenizer": "byte"}
+  return stores["train"], stores["val"], meta
+
+
+def load_meta(path: str) -> dict:
+  meta_path = os.path.join(path, "meta.json")
+  if not os.path.isdir(path):
+    raise UserError(f"data.path {path!r} does not exist (prepare it with `python -m moe_jax.data prepare`)")
+  if not os.path.isfile(meta_path):
+    raise UserError(f"data.path {path!r} has no meta.json; it is not a prepared token directory")
+  with open(meta_path) as f:
+    return json.load(f)
+
+
+def open_split(path: str, split: str, meta: Optional[dict] = None) -> TokenStore:
+  """Memory-maps DIR/{split}.bin with its document offsets."""
+  meta = meta or load_meta(path)
+  bin_path = os.path.join(path, f"{split}.bin")
+  n = meta["n_tokens"].get(split, 0)
+  if n == 0 or not os.path.isfile(bin_path):
+    return TokenStore(np.zeros(0, meta["dtype"]), np.zeros(1, np.int64))
+  tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(n,))
+  return TokenStore(tokens, np.load(os.path.join(path, f"{split}.docs.npy")))
+
+
+# --- prepare ------------------------------------------------------------------------------
+def read_documents(paths: Sequence[str]) -> Iterator[str]:
+  """Text files are one document each; .jsonl files one per line (the `text` field)."""
+  for p in paths:
+    if not os.path.isfile(p):
+      raise UserError(f"--input {p!r}: no such file")
+    if p.endswith((".jsonl", ".json")):
+      with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+          if line.strip():
+            try:
+              text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+              raise UserError(f"{p}:{lineno}: not a JSON object with a 'text' field ({e})") from None
+            yield text
+    else:
+      with open(p, encoding="utf-8", errors="replace") as f:
+        yield f.read()
+
+
+def prepare(inputs: Sequence[str], tokenizer: str, out: str, val_fraction: float = 0.01) -> dict:
+  """Tokenizes documents into DIR/{train,val}.bin (+ .docs.npy, meta.json); returns the metadata."""
+  tok = load_tokenizer(tokenizer)
+  dtype = _dtype_for(tok.vocab_size)
+  os.makedirs(out, exist_ok=True)
+  files = {s: open(os.path.join(out, f"{s}.bin"), "wb") for s in ("train", "val")}
+  starts = {"train": [], "val": []}
+  count = {"train": 0, "val": 0}
+  max_id = -1
+  try:
+    for i, text in enumerate(read_documents(inputs)):
+      ids = tok.encode(text)
+      if not ids:
+        continue
+      if tok.eos_id is not None:
+        ids = ids + [tok.eos_id]
+      arr = np.asarray(ids, dtype=np.int64)
+      max_id = max(max_id, int(arr.max()))
+      split = "val" if _val_doc(i, val_fraction) else "train"
+      starts[split].append(count[split])
+      count[split] += len(arr)
+      files[split].write(arr.astype(dtype).tobytes())
+  finally:
+    for f in files.values():
+      f.close()
+  if count["train"] == 0:
+    raise UserError(f"no tokens in {list(inputs)}: the inputs are empty")
+  if count["val"] == 0 and val_fraction > 0:
+    _carve_val(out, dtype, starts, count, val_fraction)
+  for split in ("train", "val"):
+    np.save(os.path.join(out, f"{split}.docs.npy"), np.asarray(starts[split] or [0], np.int64))
+  meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "max_token_id": max_id,
+          "eos_id": tok.eos_id, "tokenizer": tokenizer, "n_tokens": count,
+          "n_docs": {s: len(v) for s, v in starts.items()}}
+  with open(os.path.join(out, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  return meta
+
+
+def _carve_val(out, dtype, starts, count, val_fraction):
+  """Too few documents for a held-out one: move the train stream's tail into val."""
+  n = count["train"]
+  k = max(2, int(np.ceil(n * val_fraction)))
+  if k >= n:
+    return
+  train_path = os.path.join(out, "train.bin")
+  tail = np.fromfile(train_path, dtype=dtype)[n - k:]
+  tail.tofile(os.path.join(out, "val.bin"))
+  with open(train_path, "r+b") as f:
+    f.truncate((n - k) * np.dtype(dtype).itemsize)
+  starts["train"] = [s for s in starts["train"] if s < n - k]
+  starts["val"] = [0]
+  count["train"], count["val"] = n - k, k
+
+
+# --- the training source ----------------------------------------------------------------
+class Source:
+  """Train/val rows for the loop: `rows(split, step, row_ids)` -> dict of [R, S+1] int32."""
+
+  def __init__(self, train: TokenStore, val: TokenStore, seq_len: int, batch_size: int, seed: int, meta: dict):
+    self.splits = {"train": train, "val": val}
+    self.seq_len, self.batch_size, self.seed, self.meta = seq_len, batch_size, seed, meta
+
+  def starts(self, split: str, step: int) -> np.ndarray:
+    """Window starts of the whole global batch [B]: a function of (seed, split, step) only."""
+    store = self.splits[split]
+    rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
+    return rng.integers(0, len(store) - self.seq_len, size=self.batch_size)
+
+  def rows(self, split: str, step: int, row_ids: Sequence[int]) -> dict[str, np.ndarray]:
+    return self.splits[split].windows(self.starts(split, step)[np.asarray(row_ids)], self.seq_len + 1)
+
+
+class CopySource:
+  """Synthetic copy task for tests: row = [x_1..x_L, SEP, x_1..x_L] (+pad); tokens x in [1, n_symbols]."""
+
+  def __init__(self, seq_len: int, batch_size: int, seed: int, n_symbols: int = 16):
+    self.seq_len, self.batch_size, self.seed, self.n_symbols = seq_len, batch_size, seed, n_symbols
+    self.half = seq_len // 2  # L: the copy target spans positions L+1 .. 2L of the S+1 window
+    self.sep = n_symbols + 1
+    self.meta = {"vocab_size": n_symbols + 2, "max_token_id": self.sep, "tokenizer": "synthetic:copy"}
+
+  def rows(self, split: str, step: int, row_ids: Sequence[int]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
+    x = rng.integers(1, self.n_symbols + 1, size=(self.batch_size, self.half))[np.asarray(row_ids)]
+    r, s1 = len(row_ids), self.seq_len + 1
+    tokens = np.zeros((r, s1), np.int32)
+    tokens[:, :self.half] = x
+    tokens[:, self.half] = self.sep
+    tokens[:, self.half + 1:2 * self.half + 1] = x
+    return {"tokens": tokens, "segment_ids": np.zeros((r, s1), np.int32),
+            "positions": np.broadcast_to(np.arange(s1, dtype=np.int32), (r, s1)).copy()}
+
+
+def make_source(data_cfg, seq_len: int, batch_size: int, seed: int, vocab_size: int):
+  """The configured data: '' (embedded corpus), 'synthetic:copy', or a prepared directory."""
+  path = data_cfg.path
+  if path == "synthetic:copy":
+    src = CopySource(seq_len, batch_size, seed)
+  elif path:
+    meta = load_meta(path)
+    train, val = open_split(path, "train", meta), open_split(path, "val", meta)
+    if len(train) == 0:
+      raise UserError(f"data.path {path!r}: the train split is empty")
+    src = Source(train, val if len(val) > seq_len else train, seq_len, batch_size, seed, meta)
+  else:
+    train, val, meta = embedded_corpus(data_cfg.val_fraction)
+    src = Source(train, val if len(val) > seq_len else train, seq_len, batch_size, seed, meta)
+  if src.meta["max_token_id"] >= vocab_size:
+    raise UserError(f"data: token id {src.meta['max_token_id']} >= model.vocab_size {vocab_size} "
+                    f"(tokenizer {src.meta.get('tokenizer')!r}); raise model.vocab_size or re-tokenize")
+  if isinstance(src, Source) and len(src.splits["train"]) <= seq_len:
+    raise UserError(f"data: {len(src.splits['train'])} train tokens, fewer than seq_len + 1 = {seq_len + 1}")
+  return src
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m moe_jax.data", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="cmd", required=True)
+  p = sub.add_parser("prepare", help="tokenize text/JSONL files into a token directory")
+  p.add_argument("--input", nargs="+", required=True, help="text files (one document each) or .jsonl")
+  p.add_argument("--tokenizer", default="byte", help="'byte' or PATH/tokenizer.json")
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--val_fraction", type=float, default=0.01)
+  args = parser.parse_args(argv)
+  try:
+    meta = prepare(args.input, args.tokenizer, args.out, args.val_fraction)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(meta))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

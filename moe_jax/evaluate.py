@@ -1,0 +1,260 @@
+"""Scoring checkpoints: language modelling, multiple choice, generation, lm-evaluation-harness.
+
+Tasks are given as KIND:PATH, comma-separated (`lm:val.txt,mc:arc.jsonl,gen:qa.jsonl`):
+  lm   a text file (.txt, scored as UTF-8 bytes through the tokenizer) or a token file
+       written by `python -m moe_jax.data prepare` -> loss (nats/token), perplexity,
+       bits_per_byte. The stream is cut into disjoint windows of max_len + 1 tokens that
+       overlap by one, so every token but the first is predicted once.
+  mc   JSONL {"context": str, "choices": [str, ...], "gold": int | str} -> acc (argmax of
+       summed log p(choice | context)) and acc_norm (the same divided by the choice's length
+       in characters), as lm-evaluation-harness computes them.
+  gen  JSONL {"prompt": str, "answer": str | [str, ...], "stop": [str, ...] optional} ->
+       exact_match after normalization (lowercase, no punctuation or articles, single
+       spaces); generation stops at EOS or the first stop sequence (default "\\n").
+The report (`run`) lists one row per (task, metric) with the model, checkpoint step and
+number of examples, printed as a table and written as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import string
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from moe_jax import data, scoring
+from moe_jax.data import load_tokenizer
+from moe_jax.errors import UserError
+
+TASK_KINDS = ("lm", "mc", "gen")
+
+
+# --- inputs -------------------------------------------------------------------------
+def parse_tasks(spec: str) -> list[tuple[str, str]]:
+  """'lm:a.txt,mc:b.jsonl' -> [('lm', 'a.txt'), ('mc', 'b.jsonl')]."""
+  tasks = []
+  for item in filter(None, (s.strip() for s in (spec or "").split(","))):
+    kind, sep, path = item.partition(":")
+    if not sep or kind not in TASK_KINDS or not path:
+      raise UserError(f"task {item!r} is not KIND:PATH with KIND one of {', '.join(TASK_KINDS)}")
+    if not os.path.exists(path):
+      raise UserError(f"task {item!r}: no such file {path}")
+    tasks.append((kind, path))
+  return tasks
+
+
+def read_jsonl(path: str, fields: Sequence[str]) -> list[tuple[int, dict]]:
+  """(line number, record) for every non-blank line; names the line of any malformed record."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+      if not isinstance(rec, dict):
+        raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+      missing = [k for k in fields if k not in rec]
+      if missing:
+        raise UserError(f"{path}:{lineno}: missing field(s) {missing}; expected {list(fields)}")
+      out.append((lineno, rec))
+  if not out:
+    raise UserError(f"{path}: no examples")
+  return out
+
+
+def normalize_answer(text: str) -> str:
+  """SQuAD-style: lowercase, drop punctuation and articles, collapse whitespace."""
+  text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+  text = re.sub(r"\b(a|an|the)\b", " ", text)
+  return " ".join(text.split())
+
+
+def split_context(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """Token ids of context and continuation as lm-eval splits them: trailing spaces of the
+  context move to the continuation, and the continuation is what encoding both adds."""
+  n = len(context) - len(context.rstrip())
+  if n:
+    context, continuation = context[:-n], context[-n:] + continuation
+  whole = tok.encode(context + continuation)
+  ctx = tok.encode(context)
+  if whole[:len(ctx)] != ctx:  # a merge across the boundary: fall back to separate encodings
+    return ctx, tok.encode(continuation)
+  return ctx, whole[len(ctx):]
+
+
+def with_prefix(tok, ctx: list[int], where: str) -> list[int]:
+  """An empty context is conditioned on the tokenizer's BOS/EOS token (as lm-eval does)."""
+  if ctx:
+    return ctx
+  if tok.eos_id is None:
+    raise UserError(f"{where}: empty context and the tokenizer has no EOS token to start from")
+  return [tok.eos_id]
+
+
+def read_lm_tokens(tok, path: str) -> list[int]:
+  """A prepared token directory (its val split), one of its DIR/SPLIT.bin files, or a text file."""
+  directory, split = path, "val"
+  if path.endswith(".bin"):
+    directory, split = os.path.dirname(path) or ".", os.path.basename(path)[:-len(".bin")]
+  if os.path.isfile(os.path.join(directory, "meta.json")):
+    meta = data.load_meta(directory)
+    if meta.get("tokenizer") != tok.name:
+      raise UserError(f"{path}: tokenized with {meta.get('tokenizer')!r}, but evaluating with tokenizer "
+                      f"{tok.name!r}; pass --tokenizer={meta.get('tokenizer')}")
+    return np.asarray(data.open_split(directory, split, meta).tokens).astype(np.int64).tolist()
+  with open(path, "rb") as f:
+    return tok.encode(f.read().decode("utf-8", errors="replace"))
+
+
+# --- tasks --------------------------------------------------------------------------
+def eval_lm(scorer: scoring.Scorer, tok, path: str) -> tuple[dict[str, float], int]:
+  """-> ({loss, perplexity, bits_per_byte}, number of predicted tokens)."""
+  tokens = read_lm_tokens(tok, path)
+  if len(tokens) < 2:
+    raise UserError(f"{path}: needs at least 2 tokens to score, has {len(tokens)}")
+  if max(tokens) >= scorer.model.cfg.vocab_size:
+    raise UserError(f"{path}: token id {max(tokens)} >= the model's vocab_size {scorer.model.cfg.vocab_size}")
+  width = scorer.max_len
+  windows = [tokens[s:s + width + 1] for s in range(0, len(tokens) - 1, width)]
+  requests = [(w[:1], w[1:]) for w in windows]
+  total = sum(ll for ll, _ in scorer.loglikelihood(requests, desc=f"lm {os.path.basename(path)}"))
+  n = len(tokens) - 1
+  n_bytes = len(tok.decode(tokens[1:]).encode("utf-8"))
+  loss = -total / n
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+          "bits_per_byte": -total / math.log(2) / max(n_bytes, 1)}, n
+
+
+def eval_mc(scorer: scoring.Scorer, tok, path: str) -> tuple[dict[str, float], int]:
+  """-> ({acc, acc_norm}, number of examples)."""
+  examples, requests = [], []
+  for lineno, rec in read_jsonl(path, ("context", "choices", "gold")):
+    where = f"{path}:{lineno}"
+    choices, gold = rec["choices"], rec["gold"]
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+      raise UserError(f"{where}: 'choices' must be a non-empty list of strings, got {choices!r}")
+    if isinstance(gold, str) and gold in choices:
+      gold = choices.index(gold)
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+      raise UserError(f"{where}: 'gold' must index the {len(choices)} choices (or equal one), got {rec['gold']!r}")
+    first = len(requests)
+    for choice in choices:
+      ctx, cont = split_context(tok, str(rec["context"]), choice)
+      ctx = with_prefix(tok, ctx, where)
+      if not cont:
+        raise UserError(f"{where}: choice {choice!r} encodes to no tokens")
+      if len(ctx) + len(cont) - 1 > scorer.max_len:
+        raise UserError(f"{where}: context + choice is {len(ctx) + len(cont)} tokens, longer than the context "
+                        f"window of {scorer.max_len + 1}")
+      requests.append((ctx, cont))
+    examples.append((first, choices, gold))
+  scores = scorer.loglikelihood(requests, desc=f"mc {os.path.basename(path)}")
+  acc = acc_norm = 0
+  for first, choices, gold in examples:
+    ll = np.array([s for s, _ in scores[first:first + len(choices)]])
+    acc += int(np.argmax(ll) == gold)
+    acc_norm += int(np.argmax(ll / np.array([max(len(c), 1) for c in choices])) == gold)
+  return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}, len(examples)
+
+
+def eval_gen(scorer: scoring.Scorer, tok, path: str, *, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = ("\n",), seed: int = 0
+             ) -> tuple[dict[str, float], int]:
+  """-> ({exact_match}, number of examples)."""
+  prompts, answers, stops = [], [], []
+  room = scorer.max_len - max_new_tokens
+  for lineno, rec in read_jsonl(path, ("prompt", "answer")):
+    where = f"{path}:{lineno}"
+    answer = rec["answer"] if isinstance(rec["answer"], list) else [rec["answer"]]
+    ex_stop = rec.get("stop", list(stop))
+    if not isinstance(ex_stop, list) or not all(isinstance(s, str) and s for s in ex_stop):
+      raise UserError(f"{where}: 'stop' must be a list of non-empty strings, got {ex_stop!r}")
+    ids = with_prefix(tok, tok.encode(str(rec["prompt"])), where)
+    if len(ids) > room:
+      raise UserError(f"{where}: prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the context "
+                      f"window of {scorer.max_len} leaves room for {room}")
+    prompts.append(ids)
+    answers.append([str(a) for a in answer])
+    stops.append(ex_stop)
+  # Stop sequences that are one token also end decoding early; all are applied to the text after.
+  stop_ids = {tok.eos_id} - {None}
+  for s in set().union(*map(set, stops)):
+    ids = tok.encode(s)
+    if len(ids) == 1:
+      stop_ids.add(ids[0])
+  outs = scorer.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         stop_tokens=sorted(stop_ids), seed=seed, desc=f"gen {os.path.basename(path)}")
+  hits = 0
+  for ids, answer, ex_stop in zip(outs, answers, stops):
+    text = tok.decode([t for t in ids if t != tok.eos_id])
+    for s in ex_stop:
+      text = text.split(s)[0]
+    hits += int(normalize_answer(text) in {normalize_answer(a) for a in answer})
+  return {"exact_match": hits / len(prompts)}, len(prompts)
+
+
+# --- the run ------------------------------------------------------------------------
+def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks: str = "",
+        lm_eval_tasks: str = "", lm_eval_include: Optional[str] = None, lm_eval_limit: Optional[int] = None,
+        tokenizer: str = "byte", output: Optional[str] = None, batch_size: int = 8,
+        max_len: Optional[int] = None, mesh=None, rules=None, max_new_tokens: int = 32,
+        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = ("\n",),
+        seed: int = 0, progress: bool = True, printer=print) -> dict[str, Any]:
+  """Scores `tasks` (module docstring) and lm-eval tasks -> report dict; writes JSON to `output`."""
+  task_list = parse_tasks(tasks)
+  harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+  if not task_list and not harness:
+    raise UserError("nothing to evaluate: give --tasks=KIND:PATH,... and/or --lm_eval_tasks=NAME,...")
+  tok = load_tokenizer(tokenizer)
+  if tok.vocab_size > model.cfg.vocab_size:
+    raise UserError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids but the model's vocab_size is "
+                    f"{model.cfg.vocab_size}")
+  scorer = scoring.Scorer(model, variables, batch_size=batch_size, max_len=max_len, mesh=mesh, rules=rules,
+                          pad_id=0, progress=progress)
+  rows = []
+  for kind, path in task_list:
+    start = time.time()
+    if kind == "lm":
+      metrics, n = eval_lm(scorer, tok, path)
+    elif kind == "mc":
+      metrics, n = eval_mc(scorer, tok, path)
+    else:
+      metrics, n = eval_gen(scorer, tok, path, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, stop=stop, seed=seed)
+    name = f"{kind}:{os.path.basename(path)}"
+    rows += [dict(task=name, metric=m, value=v, n=n, seconds=round(time.time() - start, 2))
+             for m, v in metrics.items()]
+  if harness:
+    from moe_jax import lm_eval_adapter
+    rows += lm_eval_adapter.evaluate_tasks(scorer, tok, harness, include_path=lm_eval_include, limit=lm_eval_limit,
+                                           max_new_tokens=max_new_tokens)
+  report = dict(model=model_name, checkpoint_step=step, tokenizer=tokenizer, max_len=scorer.max_len,
+                batch_size=scorer.batch_size, devices=jax.device_count(), jax_version=jax.__version__,
+                results=rows)
+  printer(format_table(report))
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+      json.dump(report, f, indent=2)
+  return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+  """The results as an aligned text table, headed by the model and step."""
+  head = f"model: {report['model']}   step: {report['checkpoint_step']}"
+  rows = [("task", "metric", "value", "n")] + [
+      (r["task"], r["metric"], f"{r['value']:.4f}" if isinstance(r["value"], float) else str(r["value"]), str(r["n"]))
+      for r in report["results"]]
+  widths = [max(len(r[i]) for r in rows) for i in range(4)]
+  lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join([head] + lines)
