@@ -81,6 +81,7 @@ class ModelConfig:
   param_dtype: str = "float32"  # master weights
   scan_layers: bool = False  # nn.scan over the dense and the MoE stacks
   remat_policy: str = "none"  # see REMAT_POLICIES
+  fp8: bool = False  # DeepSeek-V3 fine-grained FP8 projections and experts (layers/fp8.py)
 
   def __post_init__(self):
     if self.q_lora_rank == 0:
@@ -112,6 +113,8 @@ class ModelConfig:
       _fail("balance_loss", f"{self.balance_loss!r} is not one of {BALANCE_LOSSES}")
     if self.remat_policy not in REMAT_POLICIES:
       _fail("remat_policy", f"{self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    if not isinstance(self.fp8, bool):
+      _fail("fp8", f"must be True or False, got {self.fp8!r}")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))

@@ -1,10 +1,11 @@
 """Scoring checkpoints: language modelling, multiple choice, generation, lm-evaluation-harness.
 
 Tasks are given as KIND:PATH, comma-separated (`lm:val.txt,mc:arc.jsonl,gen:qa.jsonl`):
-  lm   a text file (.txt, scored as UTF-8 bytes through the tokenizer) or a token file
-       written by `python -m moe_jax.data prepare` -> loss (nats/token), perplexity,
-       bits_per_byte. The stream is cut into disjoint windows of max_len + 1 tokens that
-       overlap by one, so every token but the first is predicted once.
+  lm   a text file (tokenized as one stream), or a token directory written by
+       `python -m moe_jax.data prepare` (its val split; DIR/train.bin picks a split)
+       -> loss (nats/token), perplexity, bits_per_byte (decoded UTF-8 bytes). The stream
+       is cut into windows of max_len + 1 tokens that overlap by one, so every token but
+       the first is predicted once, with the context since its window's start.
   mc   JSONL {"context": str, "choices": [str, ...], "gold": int | str} -> acc (argmax of
        summed log p(choice | context)) and acc_norm (the same divided by the choice's length
        in characters), as lm-evaluation-harness computes them.
@@ -28,7 +29,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from moe_jax import data, scoring
+from moe_jax import data, scoring, sharding
 from moe_jax.data import load_tokenizer
 from moe_jax.errors import UserError
 
@@ -200,6 +201,96 @@ def eval_gen(scorer: scoring.Scorer, tok, path: str, *, max_new_tokens: int = 32
       text = text.split(s)[0]
     hits += int(normalize_answer(text) in {normalize_answer(a) for a in answer})
   return {"exact_match": hits / len(prompts)}, len(prompts)
+
+
+# --- models -----------------------------------------------------------------------
+def make_mesh(shape: Optional[Sequence[int]] = None, config=None):
+  """-> (mesh, rules): `shape` (data, fsdp, expert, tensor), else the training config's mesh
+  when it fits this machine's devices, else every device on 'data'."""
+  rules = sharding.DEFAULT_RULES
+  if config is not None and "mesh" in config:
+    rules = sharding.merge_rules([tuple(r) for r in config.mesh.get("rules", ())])
+    if shape is None:
+      m = config.mesh
+      try:
+        return sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor), rules
+      except ValueError:  # trained on another machine: fall back to data parallelism
+        pass
+  try:
+    return sharding.make_mesh(*(shape or (-1,))), rules
+  except ValueError as e:
+    raise UserError(f"--mesh={','.join(map(str, shape or ()))}: {e}") from None
+
+
+def _run_config(path: str):
+  """The run's WORKDIR/config.json (for its mesh and rules) from a workdir or step path, or None."""
+  import ml_collections
+  path = os.path.abspath(path)
+  for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+    if os.path.isfile(os.path.join(candidate, "config.json")) and os.path.isdir(os.path.join(candidate, "checkpoints")):
+      with open(os.path.join(candidate, "config.json")) as f:
+        return ml_collections.ConfigDict(json.load(f))
+  return None
+
+
+def load_model(*, workdir: Optional[str] = None, checkpoint: Optional[str] = None, hf: Optional[str] = None,
+               preset: Optional[str] = None, vocab_size: Optional[int] = None, dtype: Optional[str] = None,
+               seed: int = 0, mesh_shape: Optional[Sequence[int]] = None):
+  """Exactly one source -> (model, variables {'params', 'router'}, info {name, step, mesh, rules}).
+
+  workdir: a train.py run (latest checkpoint); checkpoint: one step directory; hf: a
+  Hugging Face DeepSeek-V2/V3 directory; preset: a randomly initialized ModelConfig preset
+  (vocab_size overrides its vocabulary), for chance-level baselines. Variables are placed
+  on the mesh (make_mesh) with the training shardings.
+  """
+  given = {k: v for k, v in dict(workdir=workdir, checkpoint=checkpoint, hf=hf, preset=preset).items() if v}
+  if len(given) != 1:
+    raise UserError(f"give exactly one of --workdir, --checkpoint, --hf, --preset (got {sorted(given) or 'none'})")
+  if workdir or checkpoint:
+    path = workdir or checkpoint
+    if not os.path.exists(path):
+      raise UserError(f"no checkpoint at {path}: the path does not exist")
+    from moe_jax import checkpoint as ckpt_lib
+    mesh, rules = make_mesh(mesh_shape, _run_config(path))
+    config, model, variables, step = ckpt_lib.restore_for_eval(path, mesh=mesh, rules=rules)
+    tokenizer = config.get("data", {}).get("tokenizer", "byte") if config is not None else "byte"
+    return for_eval(model), variables, {"name": os.path.abspath(path), "step": step, "mesh": mesh, "rules": rules,
+                                        "tokenizer": tokenizer}
+  mesh, rules = make_mesh(mesh_shape)
+  if hf:
+    if not os.path.isfile(os.path.join(hf, "config.json")):
+      raise UserError(f"--hf={hf}: not a Hugging Face model directory (no config.json)")
+    from moe_jax import hf as hf_lib
+    try:
+      model, variables = hf_lib.load_pretrained(hf, **({"dtype": dtype} if dtype else {}))
+    except ValueError as e:  # config/tensor mismatches, named by hf.py
+      raise UserError(f"--hf={hf}: {e}") from None
+    name, step = os.path.abspath(hf), None
+    tokenizer = os.path.join(hf, "tokenizer.json") if os.path.isfile(os.path.join(hf, "tokenizer.json")) else "byte"
+  else:
+    from moe_jax.config import PRESETS
+    from moe_jax.model import Transformer
+    if preset not in PRESETS:
+      raise UserError(f"--preset={preset!r} is not one of {sorted(PRESETS)}")
+    overrides = {"vocab_size": vocab_size} if vocab_size else {}
+    if dtype:
+      overrides["dtype"] = dtype
+    model = Transformer(PRESETS[preset](**overrides))
+    variables, _ = sharding.init_variables(model, jax.random.key(seed), (sharding.data_parallel_size(mesh, rules), 1),
+                                           mesh, rules)
+    return for_eval(model), variables, {"name": f"{preset} (random init, seed {seed})", "step": 0, "mesh": mesh,
+                                        "rules": rules, "tokenizer": "byte"}
+  variables = scoring.place(model, {k: variables[k] for k in ("params", "router") if k in variables}, mesh, rules)
+  return for_eval(model), variables, {"name": name, "step": step, "mesh": mesh, "rules": rules,
+                                      "tokenizer": tokenizer}
+
+
+def for_eval(model):
+  """The same weights with a dropless MoE: capacity dispatch would make a score depend on the
+  other rows of its batch (dropped tokens), so evaluation swaps it for 'ragged'."""
+  if model.cfg.moe_impl != "capacity":
+    return model
+  return type(model)(model.cfg.replace(moe_impl="ragged"))
 
 
 # --- the run ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from moe_jax.layers.mla import MLA
 from moe_jax.layers.moe import MoE
 
 BLOCK_BOUNDARY = ("batch", "length", "embed")
-SCANNED_COLLECTIONS = ("params", "router", "cache", "intermediates", "losses")
+SCANNED_COLLECTIONS = ("params", "router", "cache", "intermediates", "losses", "fp8_scales")
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the block
@@ -114,7 +114,7 @@ class Transformer(nn.Module):
 
   def logits(self, h_normed_BSD):
     w = self.embed.T if self.cfg.tie_word_embeddings else self.head
-    return project("bsd,dv->bsv", h_normed_BSD, w, self.cfg).astype(jnp.float32)
+    return project("bsd,dv->bsv", h_normed_BSD, w, self.cfg, fp8=False).astype(jnp.float32)  # head stays bf16/fp32
 
   def __call__(self, tokens_BS: jax.Array, positions_BS: Optional[jax.Array] = None,
                segment_ids_BS: Optional[jax.Array] = None, decode: bool = False, absorb: bool = True,

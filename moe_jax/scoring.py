@@ -49,7 +49,7 @@ class Scorer:
     self.model, self.pad_id, self.progress = model, pad_id, progress
     self.max_len = min(max_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
     self.mesh, self.rules = mesh, rules or sharding.DEFAULT_RULES
-    dp = sharding.data_parallel_size(mesh) if mesh is not None else 1
+    dp = sharding.data_parallel_size(mesh, self.rules) if mesh is not None else 1
     self.batch_size = -(-batch_size // dp) * dp
     self.variables = {k: v for k, v in variables.items() if k in ("params", "router")}
     if mesh is not None:
@@ -62,7 +62,7 @@ class Scorer:
     x = np.asarray(x)
     if self.mesh is None:
       return jnp.asarray(x)
-    return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
+    return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, self.rules))
 
   def _batches(self, lengths: Sequence[int], desc: str):
     """Yields index lists, longest first, with a progress bar over requests."""
@@ -144,7 +144,7 @@ class Scorer:
 
 def place(model: nn.Module, variables, mesh, rules):
   """Puts params/router on `mesh` with the shardings training uses (from the modules' logical axes)."""
-  tokens = jnp.zeros((1, 1), jnp.int32)
+  tokens = jnp.zeros((sharding.data_parallel_size(mesh, rules), 1), jnp.int32)
   with sharding.activation_rules(mesh, rules):
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
   shardings = nn.unbox(sharding.named_shardings({k: abstract[k] for k in variables}, mesh, rules))

@@ -10,13 +10,19 @@ acts as one more data axis; routed-expert weights [exp, embed, exp_mlp] put exp 
 
 Override in a config as a list of (logical_name, mesh_axes) pairs (`merge_rules`): a name
 given there replaces every default rule of that name, e.g.
-  rules = [("exp_mlp", None), ("embed", "fsdp")]   # no tensor parallel inside experts
+  [("exp_mlp", None)]             no tensor parallelism inside experts
+  [("embed", "fsdp")]             non-expert weights replicated over `expert` (ZeRO over fsdp only)
+
+Also here: mesh construction (one slice, or ICI x DCN over slices / nodes), validation
+that names the numbers before anything compiles, and the multi-host helpers
+(`initialize_distributed`, `global_batch`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any, Iterable, Optional, Sequence
 
 import jax
@@ -102,16 +108,53 @@ def mesh_shape(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
   return tuple(sizes[a] for a in MESH_AXES)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A ('data', 'fsdp', 'expert', 'tensor') mesh with Auto axis types over `devices` (default: all)."""
-  devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(data, fsdp, expert, tensor, len(devices))
+def hybrid_mesh_shape(ici: Sequence[int], dcn: Sequence[int], num_devices: int):
+  """(ici, dcn) 4-tuples: dcn multiplies each axis across slices / nodes, ici resolves within one.
+
+  The mesh axis sizes are ici * dcn elementwise; each slice holds num_devices / prod(dcn)
+  devices, and a -1 in ici fills that.
+  """
+  dcn = tuple(int(v) for v in dcn)
+  if len(dcn) != len(MESH_AXES) or any(v < 1 for v in dcn):
+    raise ValueError(f"mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} must all be >= 1 (no -1 across slices)")
+  slices = math.prod(dcn)
+  if num_devices % slices:
+    raise ValueError(f"mesh: {num_devices} devices do not split into dcn_data*dcn_fsdp*dcn_expert*dcn_tensor = "
+                     f"{slices} slices/nodes of equal size")
   try:
-    from jax.experimental import mesh_utils
-    grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-  except Exception:  # CPU / odd topologies: plain row-major order is fine
-    grid = np.asarray(devices).reshape(shape)
+    ici = mesh_shape(*ici, num_devices=num_devices // slices)
+  except ValueError as e:
+    if slices == 1:
+      raise
+    raise ValueError(f"{e} (within each of the {slices} slices/nodes, {num_devices} devices in all)") from None
+  return ici, dcn
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
+              devices: Optional[Sequence[jax.Device]] = None, *, dcn_data: int = 1, dcn_fsdp: int = 1,
+              dcn_expert: int = 1, dcn_tensor: int = 1, process_is_granule: Optional[bool] = None) -> Mesh:
+  """A ('data', 'fsdp', 'expert', 'tensor') mesh with Auto axis types over `devices` (default: all).
+
+  data..tensor are the sizes within one slice (TPU) or node (GPU); dcn_* multiply an axis
+  across slices / nodes (mesh axis = size * dcn_size), built with
+  mesh_utils.create_hybrid_device_mesh so only the dcn_* axes cross the slow network.
+  Granules are TPU slices (`slice_index`), else processes (one per GPU node), unless
+  process_is_granule says otherwise.
+  """
+  from jax.experimental import mesh_utils
+  devices = list(jax.devices() if devices is None else devices)
+  ici, dcn = hybrid_mesh_shape((data, fsdp, expert, tensor), (dcn_data, dcn_fsdp, dcn_expert, dcn_tensor),
+                               len(devices))
+  if math.prod(dcn) > 1:
+    if process_is_granule is None:
+      process_is_granule = getattr(devices[0], "slice_index", None) is None
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=process_is_granule,
+                                                allow_split_physical_axes=True)
+  else:
+    try:
+      grid = mesh_utils.create_device_mesh(ici, devices=devices, allow_split_physical_axes=True)
+    except Exception:  # CPU / odd topologies: plain row-major order is fine
+      grid = np.asarray(devices).reshape(ici)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -131,18 +174,82 @@ def named_shardings(abstract_variables, mesh: Mesh, rules) -> Any:
                       is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Sharding of a [B, S, ...] input batch: B over data x fsdp x expert."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def spec_axes(entry) -> tuple[str, ...]:
+  """One PartitionSpec entry (None, 'axis' or a tuple of axes) -> tuple of mesh axes."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+def batch_axes(rules=None) -> tuple[str, ...]:
+  """Mesh axes the rules put the batch dimension on (default rules: data x fsdp x expert)."""
+  return spec_axes(nn.logical_to_mesh_axes(("batch",), DEFAULT_RULES if rules is None else rules)[0])
+
+
+def moe_axes(rules=None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(expert axes, expert-hidden axes): where routed-expert weights put E and F."""
+  exp, _, mlp = nn.logical_to_mesh_axes(("exp", "embed", "exp_mlp"), DEFAULT_RULES if rules is None else rules)
+  return spec_axes(exp), spec_axes(mlp)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=None) -> NamedSharding:
+  """Sharding of a [B, S, ...] input batch: B over data x fsdp x expert (or the rules' batch axes)."""
+  return NamedSharding(mesh, P(batch_axes(rules) or None, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh, rules=None) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def _axes_str(axes, sizes) -> str:
+  return "x".join(f"{a}={sizes[a]}" for a in axes) or "none"
+
+
+def check_moe_layout(cfg, rules, sizes: dict[str, int]):
+  """Errors naming the numbers when routed experts cannot be laid out as the rules say."""
+  if not cfg.num_moe_layers:
+    return
+  exp, mlp = moe_axes(rules)
+  ep = math.prod(sizes[a] for a in exp)
+  if cfg.n_routed_experts % ep:
+    raise ValueError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by the expert-parallel size {ep} "
+                     f"(mesh axes {_axes_str(exp, sizes)}); pick an expert axis that divides "
+                     f"{cfg.n_routed_experts}")
+  if cfg.moe_impl == "ep":
+    tokens = batch_axes(rules)
+    if not set(exp) <= set(tokens):
+      raise ValueError(f"moe_impl='ep': the expert axes {exp} must also shard the batch (rules put batch on "
+                       f"{tokens}); outside the MoE layer the expert axis is a data axis")
+    if set(mlp) & set(tokens):
+      raise ValueError(f"moe_impl='ep': exp_mlp is sharded over {mlp}, which also shards the batch {tokens}; "
+                       "tensor parallelism inside experts needs an axis the batch is replicated over")
+
+
+def validate(cfg, batch_size: int, mesh: Mesh, rules=None):
+  """Checks before compiling that the model and batch fit the mesh; errors name the numbers.
+
+  Rules: known names and axes. Batch: divisible by the data-parallel size. Experts:
+  divisible by the expert-parallel size (and, for moe_impl='ep', a layout shard_map can run).
+  """
+  rules = check_rules(DEFAULT_RULES if rules is None else rules)
+  sizes = dict(mesh.shape)
+  missing = [a for a in MESH_AXES if a not in sizes]
+  if missing:
+    raise ValueError(f"mesh has axes {tuple(sizes)}; the rules need {MESH_AXES} (missing {missing})")
+  dp_axes = batch_axes(rules)
+  dp = math.prod(sizes[a] for a in dp_axes)
+  if batch_size % dp:
+    raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel size {dp} "
+                     f"(mesh axes {_axes_str(dp_axes, sizes)}); use a multiple of {dp}")
+  check_moe_layout(cfg, rules, sizes)
 
 
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh, rules):
-  """Context in which the modules' `with_logical_constraint` calls take effect (trace under it)."""
+  """Context in which the modules' `with_logical_constraint` calls take effect (trace under it).
+
+  The expert-parallel dispatch (layers/ep.py) reads the mesh and rules from this context too.
+  """
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
 
@@ -162,3 +269,49 @@ def init_variables(model: nn.Module, rng: jax.Array, tokens_shape: tuple[int, in
     shardings = named_shardings(abstract, mesh, rules)
     variables = jax.jit(init, out_shardings=shardings)(rng)
   return nn.unbox(variables), nn.unbox(shardings)
+
+
+# --- multi-host ---------------------------------------------------------------------
+def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, enable: Optional[bool] = None) -> bool:
+  """Calls jax.distributed.initialize() when asked; returns whether it did.
+
+  Asked by: a coordinator address (argument or JAX_COORDINATOR_ADDRESS, with
+  JAX_NUM_PROCESSES / JAX_PROCESS_ID), or enable=True (cluster auto-detection: TPU pods,
+  SLURM, Open MPI). Call it first, before anything touches a device. Idempotent.
+  """
+  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not (enable or coordinator):
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  env = lambda k: int(os.environ[k]) if k in os.environ else None  # noqa: E731
+  jax.distributed.initialize(
+      coordinator_address=coordinator,
+      num_processes=num_processes if num_processes is not None else env("JAX_NUM_PROCESSES"),
+      process_id=process_id if process_id is not None else env("JAX_PROCESS_ID"))
+  return True
+
+
+def process_batch_rows(mesh: Mesh, global_batch_size: int, rules=None) -> slice:
+  """The rows of the global batch this process feeds (contiguous; what its data loader reads)."""
+  sharding = batch_sharding(mesh, 1, rules)
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
+    rows.update(range(global_batch_size)[index[0]])
+  lo, hi = min(rows), max(rows) + 1
+  if hi - lo != len(rows):
+    raise ValueError(f"process {jax.process_index()} holds batch rows {sorted(rows)}, not one contiguous block; "
+                     "order the mesh so each process's devices are adjacent along the batch axes")
+  return slice(lo, hi)
+
+
+def global_batch(local_batch, mesh: Mesh, rules=None):
+  """Process-local rows (a pytree of [b, ...] arrays) -> global jax.Arrays sharded over the batch axes.
+
+  Each process passes only its rows (process_batch_rows); the global batch is the
+  processes' rows stacked, b * process_count.
+  """
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x), rules), np.asarray(x)),
+      local_batch)

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from moe_jax.config import ModelConfig
+from moe_jax.layers import fp8 as fp8_lib
+
+FP8_SCALES = "fp8_scales"  # collection: block scales of an FP8 checkpoint kept as it is
 
 
 def weight(mod: nn.Module, cfg: ModelConfig, name: str, shape: Sequence[int], axes: Sequence[str | None],
@@ -22,13 +25,22 @@ def weight(mod: nn.Module, cfg: ModelConfig, name: str, shape: Sequence[int], ax
   """Declares a parameter with logical axis names (one name per dimension)."""
   assert len(shape) == len(axes), (name, shape, axes)
   init = init or nn.initializers.normal(stddev=cfg.initializer_range)
-  return mod.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), cfg.weight_dtype)
+  w = mod.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), cfg.weight_dtype)
+  if mod.has_variable(FP8_SCALES, name):  # e4m3 params with their block scales (hf.py, keep_fp8)
+    return fp8_lib.Fp8Weight(w, mod.get_variable(FP8_SCALES, name))
+  return w
 
 
-def project(equation: str, x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """x @ w in the compute dtype (the one place a projection happens, so precision changes live here)."""
+def project(equation: str, x: jax.Array, w, cfg: ModelConfig, fp8: bool = True) -> jax.Array:
+  """x @ w in the compute dtype (the one place a projection happens, so precision changes live here).
+
+  cfg.fp8: DeepSeek-V3 fine-grained FP8 (layers/fp8.py); fp8=False keeps this projection out
+  of it (the output head). w may be an fp8_lib.Fp8Weight (dequantized when not in FP8).
+  """
   dtype = cfg.compute_dtype
-  return jnp.einsum(equation, x.astype(dtype), w.astype(dtype))
+  if fp8 and cfg.fp8:
+    return fp8_lib.einsum(equation, x, w, dtype)
+  return jnp.einsum(equation, x.astype(dtype), fp8_lib.dense(w, dtype))
 
 
 class RMSNorm(nn.Module):

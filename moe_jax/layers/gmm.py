@@ -5,12 +5,17 @@ zeros, as jax.lax.ragged_dot), two implementations:
   ragged_dot  XLA's grouped GEMM. TPU and GPU lower it to a grouped kernel; the CPU backend
               lowers it to a dense masked product ([M, E*D] x [E*D, F]): E times the FLOPs
               and an [M, E, D] intermediate, which is what fine-grained MoE cannot afford.
-  tiled       a loop over the tiles actually in use (sum_e ceil(sizes[e] / tile), a dynamic
-              count), one [tile, D] x [D, F] matmul per tile on its group's weights, in place.
-              The backward pass is the same loop on transposed weights (input gradient) and a
+  tiled       loops over the tiles actually in use, one [tile, D] x [D, F] matmul per tile on
+              its group's weights, written in place. Tiles come in sizes bulk, bulk/2, ..., 16:
+              a group of s rows takes s // bulk bulk tiles and one tail tile, the smallest
+              size >= the remainder, so padding is under a quarter of the tail on average
+              (bulk tiles alone waste half a tile per group). One loop per tile size, each
+              over a dynamic count; the tile -> (group, first row) table is computed up front.
+              The backward pass is the same loops on transposed weights (input gradient) and
               per-tile x^T dy accumulated into its group (weight gradient), via custom_vjp,
               because reverse-mode cannot differentiate a loop with a dynamic trip count.
-              Waste: under one tile of padding rows per group; nothing of size E x M.
+`grouped_swiglu` runs down(silu(x @ gate) * (x @ up)) as one pass of these loops (the three
+matmuls of a tile back to back, one set of loops forward and one backward) instead of three.
 'auto' picks tiled on CPU and ragged_dot on GPU/TPU.
 """
 
@@ -20,6 +25,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+MIN_TILE = 16
 
 
 def choose(impl: str) -> str:
@@ -31,91 +38,203 @@ def choose(impl: str) -> str:
 
 
 def tile_size(num_rows: int, num_groups: int) -> int:
-  """About half the mean group size, a power of two in [16, 128]: padding < ~half a tile per group."""
-  half_mean = max(num_rows // max(num_groups, 1) // 2, 1)
-  t = 16
-  while t * 2 <= half_mean and t < 128:
+  """Bulk tile: the largest power of two <= the mean group size, in [16, 128] (bigger tiles, fewer steps)."""
+  mean = max(num_rows // max(num_groups, 1), 1)
+  t = MIN_TILE
+  while t * 2 <= mean and t < 128:
     t *= 2
   return t
 
 
-def _tile(i, sizes_E, tile):
-  """Tile i (in group order) -> (group, first row, rows of it that belong to the group)."""
-  per_group = -(-sizes_E // tile)
-  tile_ends = jnp.cumsum(per_group)
-  g = jnp.minimum(jnp.searchsorted(tile_ends, i, side="right"), sizes_E.shape[0] - 1)
-  j = i - (tile_ends[g] - per_group[g])
-  first = (jnp.cumsum(sizes_E) - sizes_E)[g] + j * tile
-  return g, first, sizes_E[g] - j * tile
+def _levels(bulk: int) -> tuple[int, ...]:
+  sizes = [bulk]
+  while sizes[-1] // 2 >= MIN_TILE:
+    sizes.append(sizes[-1] // 2)
+  return tuple(sizes)
 
 
-def _num_tiles(sizes_E, tile):
-  return jnp.sum(-(-sizes_E // tile))
+def _schedule(sizes_E, num_rows: int, bulk: int):
+  """[(tile, count, group [n], first row [n], rows of the tile in its group [n])] per tile size.
+
+  n is a static bound (num_rows // tile + E for bulk tiles, E for tail tiles); the loops run
+  `count` (dynamic) of them, in group order within each size.
+  """
+  e = sizes_E.shape[0]
+  starts = jnp.cumsum(sizes_E) - sizes_E
+  full = sizes_E // bulk
+  rest = sizes_E - full * bulk
+  tail = jnp.zeros_like(sizes_E)
+  for t in reversed(_levels(bulk)):  # the smallest size that holds the remainder
+    tail = jnp.where((rest > 0) & (rest <= t) & (tail == 0), t, tail)
+  out = []
+  for t in _levels(bulk):
+    if t == bulk:
+      per_group, offset, bound = full + (tail == t), jnp.zeros_like(full), num_rows // t + e
+    else:
+      per_group, offset, bound = (tail == t).astype(full.dtype), full * bulk, e
+    ends = jnp.cumsum(per_group)
+    i = jnp.arange(bound, dtype=ends.dtype)
+    g = jnp.minimum(jnp.searchsorted(ends, i, side="right"), e - 1).astype(jnp.int32)
+    j = i - (ends[g] - per_group[g])
+    first = starts[g] + offset[g] + j * t
+    out.append((t, ends[-1], g, first, sizes_E[g] - offset[g] - j * t))
+  return out
 
 
-def _gmm_loop(x_MD, w_EDF, sizes_E, tile):
-  m, d = x_MD.shape
+def _zeros_varying_like(shape, dtype, *arrays):
+  """Zeros that vary over the shard_map axes `arrays` vary over (a loop carry must match its body's type)."""
+  probe = sum(jnp.zeros_like(a, shape=(), dtype=dtype) for a in arrays)
+  return jnp.zeros_like(probe, shape=shape)
+
+
+def _pad(a, rows: int):
+  return jnp.concatenate([a, jnp.zeros((rows, a.shape[1]), a.dtype)])  # tile slices never clamp
+
+
+def _put(buf, rows, first, keep):
+  """Writes the kept rows of a tile at `first`; rows past its group belong to the next one."""
+  old = jax.lax.dynamic_slice_in_dim(buf, first, rows.shape[0])
+  return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(keep, rows.astype(buf.dtype), old), first, 0)
+
+
+def _tile_loops(sizes_E, num_rows: int, bulk: int, body, carry):
+  """Runs body(tile, group, first, keep [tile, 1], carry) -> carry over every tile in use."""
+  for t, count, g, first, valid in _schedule(sizes_E, num_rows, bulk):
+    def step(i, c, t=t, g=g, first=first, valid=valid):
+      return body(t, g[i], first[i], (jnp.arange(t) < valid[i])[:, None], c)
+    carry = jax.lax.fori_loop(0, count, step, carry)
+  return carry
+
+
+def _gmm_loop(x_MD, w_EDF, sizes_E, bulk):
+  m = x_MD.shape[0]
   out_dtype = jnp.result_type(x_MD.dtype, w_EDF.dtype)
-  xp = jnp.concatenate([x_MD, jnp.zeros((tile, d), x_MD.dtype)])  # slices never clamp
+  xp = _pad(x_MD, bulk)
 
-  def body(i, yp):
-    g, first, valid = _tile(i, sizes_E, tile)
-    xs = jax.lax.dynamic_slice_in_dim(xp, first, tile)
-    ys = (xs @ jax.lax.dynamic_index_in_dim(w_EDF, g, keepdims=False)).astype(out_dtype)
-    keep = (jnp.arange(tile) < valid)[:, None]  # rows past the group belong to the next one
-    ys = jnp.where(keep, ys, jax.lax.dynamic_slice_in_dim(yp, first, tile))
-    return jax.lax.dynamic_update_slice_in_dim(yp, ys, first, 0)
+  def body(t, g, first, keep, yp):
+    return _put(yp, jax.lax.dynamic_slice_in_dim(xp, first, t) @ w_EDF[g], first, keep)
 
-  yp = jax.lax.fori_loop(0, _num_tiles(sizes_E, tile), body, jnp.zeros((m + tile, w_EDF.shape[-1]), out_dtype))
-  return yp[:m]
+  yp0 = _zeros_varying_like((m + bulk, w_EDF.shape[-1]), out_dtype, x_MD, w_EDF, sizes_E)
+  return _tile_loops(sizes_E, m, bulk, body, yp0)[:m]
 
 
-def _tgmm_loop(x_MD, dy_MF, sizes_E, tile, num_groups, w_dtype):
+def _tgmm_loop(x_MD, dy_MF, sizes_E, bulk, num_groups, w_dtype):
   """Per-group x^T dy -> [E, D, F]."""
-  d, f = x_MD.shape[1], dy_MF.shape[1]
-  xp = jnp.concatenate([x_MD, jnp.zeros((tile, d), x_MD.dtype)])
-  dyp = jnp.concatenate([dy_MF, jnp.zeros((tile, f), dy_MF.dtype)])
+  xp, dyp = _pad(x_MD, bulk), _pad(dy_MF, bulk)
 
-  def body(i, dw):
-    g, first, valid = _tile(i, sizes_E, tile)
-    keep = (jnp.arange(tile) < valid)[:, None]
-    xs = jnp.where(keep, jax.lax.dynamic_slice_in_dim(xp, first, tile), 0)
-    contrib = jnp.einsum("td,tf->df", xs, jax.lax.dynamic_slice_in_dim(dyp, first, tile),
-                         preferred_element_type=jnp.float32)
-    cur = jax.lax.dynamic_index_in_dim(dw, g, keepdims=True)
-    return jax.lax.dynamic_update_index_in_dim(dw, cur + contrib[None], g, 0)
+  def body(t, g, first, keep, dw):
+    xs = jnp.where(keep, jax.lax.dynamic_slice_in_dim(xp, first, t), 0)
+    return dw.at[g].add(jnp.einsum("td,tf->df", xs, jax.lax.dynamic_slice_in_dim(dyp, first, t),
+                                   preferred_element_type=jnp.float32))
 
-  dw = jax.lax.fori_loop(0, _num_tiles(sizes_E, tile), body, jnp.zeros((num_groups, d, f), jnp.float32))
-  return dw.astype(w_dtype)
+  dw0 = _zeros_varying_like((num_groups, x_MD.shape[1], dy_MF.shape[1]), jnp.float32, x_MD, dy_MF, sizes_E)
+  return _tile_loops(sizes_E, x_MD.shape[0], bulk, body, dw0).astype(w_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm_tiled(x_MD, w_EDF, sizes_E, tile):
-  return _gmm_loop(x_MD, w_EDF, sizes_E, tile)
+def _gmm_tiled(x_MD, w_EDF, sizes_E, bulk):
+  return _gmm_loop(x_MD, w_EDF, sizes_E, bulk)
 
 
-def _gmm_tiled_fwd(x_MD, w_EDF, sizes_E, tile):
-  return _gmm_loop(x_MD, w_EDF, sizes_E, tile), (x_MD, w_EDF, sizes_E)
+def _gmm_tiled_fwd(x_MD, w_EDF, sizes_E, bulk):
+  return _gmm_loop(x_MD, w_EDF, sizes_E, bulk), (x_MD, w_EDF, sizes_E)
 
 
-def _gmm_tiled_bwd(tile, residuals, dy_MF):
+def _gmm_tiled_bwd(bulk, residuals, dy_MF):
   x_MD, w_EDF, sizes_E = residuals
-  dx = _gmm_loop(dy_MF, jnp.swapaxes(w_EDF, 1, 2), sizes_E, tile).astype(x_MD.dtype)
-  dw = _tgmm_loop(x_MD, dy_MF, sizes_E, tile, w_EDF.shape[0], w_EDF.dtype)
+  dx = _gmm_loop(dy_MF, jnp.swapaxes(w_EDF, 1, 2), sizes_E, bulk).astype(x_MD.dtype)
+  dw = _tgmm_loop(x_MD, dy_MF, sizes_E, bulk, w_EDF.shape[0], w_EDF.dtype)
   return dx, dw, None
 
 
 _gmm_tiled.defvjp(_gmm_tiled_fwd, _gmm_tiled_bwd)
 
 
+# --- SwiGLU in one pass: per tile a = x @ gate, b = x @ up, y = (silu(a) * b) @ down --------
+def _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, save: bool):
+  """-> (y [M, D], the pre-activations [a, b] [M, 2F] when save, for the backward pass)."""
+  m, d = x_MD.shape
+  f = gate_EDF.shape[-1]
+  dt = x_MD.dtype
+  xp = _pad(x_MD, bulk)
+
+  def body(t, g, first, keep, carry):
+    yp, abp = carry
+    xs = jax.lax.dynamic_slice_in_dim(xp, first, t)
+    a, b = xs @ gate_EDF[g], xs @ up_EDF[g]
+    yp = _put(yp, (jax.nn.silu(a) * b).astype(dt) @ down_EFD[g], first, keep)
+    if save:
+      abp = _put(abp, jnp.concatenate([a, b], -1), first, keep)
+    return yp, abp
+
+  zeros = functools.partial(_zeros_varying_like, dtype=dt)
+  carry = (zeros((m + bulk, d), x_MD, gate_EDF, sizes_E), zeros((m + bulk if save else 0, 2 * f), x_MD, gate_EDF, sizes_E))
+  yp, abp = _tile_loops(sizes_E, m, bulk, body, carry)
+  return yp[:m], abp[:m]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _swiglu_tiled(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk):
+  return _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, save=False)[0]
+
+
+def _swiglu_tiled_fwd(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk):
+  y, ab = _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, save=True)
+  return y, (x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, ab)
+
+
+def _swiglu_tiled_bwd(bulk, residuals, dy_MD):
+  x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, ab_MF2 = residuals
+  m, d = x_MD.shape
+  f = gate_EDF.shape[-1]
+  dt = x_MD.dtype
+  xp, dyp, abp = _pad(x_MD, bulk), _pad(dy_MD.astype(dt), bulk), _pad(ab_MF2, bulk)
+  outer = lambda p, q: jnp.einsum("tp,tq->pq", p, q, preferred_element_type=jnp.float32)  # noqa: E731
+
+  def body(t, g, first, keep, carry):
+    dxp, dgate, dup, ddown = carry
+    xs = jax.lax.dynamic_slice_in_dim(xp, first, t)
+    dys = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dyp, first, t), 0)  # the next group's rows: no grad
+    ab = jax.lax.dynamic_slice_in_dim(abp, first, t).astype(jnp.float32)
+    a, b = ab[:, :f], ab[:, f:]
+    sig = jax.nn.sigmoid(a)
+    h = (a * sig * b).astype(dt)
+    dh = (dys @ down_EFD[g].T).astype(jnp.float32)
+    da = (dh * b * sig * (1 + a * (1 - sig))).astype(dt)  # silu'(a) = sig (1 + a (1 - sig))
+    db = (dh * a * sig).astype(dt)
+    dxp = _put(dxp, da @ gate_EDF[g].T + db @ up_EDF[g].T, first, keep)
+    return dxp, dgate.at[g].add(outer(xs, da)), dup.at[g].add(outer(xs, db)), ddown.at[g].add(outer(h, dys))
+
+  zeros = lambda shape, dtype: _zeros_varying_like(shape, dtype, x_MD, dy_MD, sizes_E)  # noqa: E731
+  carry = (zeros((m + bulk, d), dt), zeros(gate_EDF.shape, jnp.float32), zeros(up_EDF.shape, jnp.float32),
+           zeros(down_EFD.shape, jnp.float32))
+  dxp, dgate, dup, ddown = _tile_loops(sizes_E, m, bulk, body, carry)
+  return (dxp[:m], None, dgate.astype(gate_EDF.dtype), dup.astype(up_EDF.dtype), ddown.astype(down_EFD.dtype))
+
+
+_swiglu_tiled.defvjp(_swiglu_tiled_fwd, _swiglu_tiled_bwd)
+
+
+def _vary_together(*arrays):
+  """Inside jax.shard_map: the arrays vary over the union of axes any of them varies over, so the
+  custom_vjp's cotangents match its inputs' types (autodiff then psums dw over the axes w gained)."""
+  union = sum(jnp.zeros_like(a, shape=(), dtype=jnp.float32) for a in arrays)
+  return tuple(a + jnp.zeros_like(union, dtype=a.dtype) for a in arrays[:-1])
+
+
 def grouped_matmul(x_MD, w_EDF, sizes_E, impl: str = "auto", tile: int | None = None):
-  """[M, D] rows sorted by group x [E, D, F] -> [M, F]; sizes_E int32 rows per group."""
+  """[M, D] rows sorted by group x [E, D, F] -> [M, F]; sizes_E int32 rows per group. tile: the bulk tile."""
   if choose(impl) == "ragged_dot":
     return jax.lax.ragged_dot(x_MD, w_EDF, sizes_E)
+  x_MD, w_EDF = _vary_together(x_MD, w_EDF, sizes_E)
   return _gmm_tiled(x_MD, w_EDF, sizes_E.astype(jnp.int32), tile or tile_size(x_MD.shape[0], w_EDF.shape[0]))
 
 
-def grouped_swiglu(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, impl: str = "auto"):
-  """down(silu(x @ gate) * (x @ up)) per group, rows sorted by group."""
-  h = jax.nn.silu(grouped_matmul(x_MD, gate_EDF, sizes_E, impl)) * grouped_matmul(x_MD, up_EDF, sizes_E, impl)
-  return grouped_matmul(h, down_EFD, sizes_E, impl)
+def grouped_swiglu(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, impl: str = "auto", tile: int | None = None):
+  """down(silu(x @ gate) * (x @ up)) per group, rows sorted by group: [M, D] -> [M, D]."""
+  if choose(impl) == "ragged_dot":
+    h = jax.nn.silu(jax.lax.ragged_dot(x_MD, gate_EDF, sizes_E)) * jax.lax.ragged_dot(x_MD, up_EDF, sizes_E)
+    return jax.lax.ragged_dot(h, down_EFD, sizes_E)
+  x_MD, gate_EDF, up_EDF, down_EFD = _vary_together(x_MD, gate_EDF, up_EDF, down_EFD, sizes_E)
+  return _swiglu_tiled(x_MD, sizes_E.astype(jnp.int32), gate_EDF, up_EDF, down_EFD,
+                       tile or tile_size(x_MD.shape[0], gate_EDF.shape[0]))

@@ -16,6 +16,7 @@ over the same weights; they differ only in how tokens meet their experts:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -24,7 +25,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from moe_jax.config import ModelConfig
-from moe_jax.layers.common import MLP, weight
+from moe_jax.layers import fp8 as fp8_lib
+from moe_jax.layers.common import MLP, project, weight
 from moe_jax.layers.gmm import grouped_swiglu
 from moe_jax.layers.router import Router
 
@@ -37,20 +39,26 @@ def dispatch_dense(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelCon
   """Reference: all experts on all tokens, combined with a dense [T, E] weight matrix."""
   dt = cfg.compute_dtype
   x = x_TD.astype(dt)
-  h = _swiglu(jnp.einsum("td,edf->tef", x, gate_EDF.astype(dt)), jnp.einsum("td,edf->tef", x, up_EDF.astype(dt)))
-  y_TED = jnp.einsum("tef,efd->ted", h, down_EFD.astype(dt))
+  # FP8 weight blocks are per expert, so there experts are a batch dim (x broadcast), not part of N.
+  xe, eq = (jnp.broadcast_to(x, (cfg.n_routed_experts, *x.shape)), "etd,edf->tef") if cfg.fp8 else (x, "td,edf->tef")
+  h = _swiglu(project(eq, xe, gate_EDF, cfg), project(eq, xe, up_EDF, cfg))
+  y_TED = project("tef,efd->ted", h, down_EFD, cfg)
   combine_TE = jnp.zeros((x.shape[0], cfg.n_routed_experts), jnp.float32).at[
       jnp.arange(x.shape[0])[:, None], idx_TX].add(w_TX)
   return jnp.einsum("ted,te->td", y_TED.astype(jnp.float32), combine_TE).astype(dt), {}
 
 
-def expert_ffn_ragged(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, dt, impl: str = "auto"):
+def expert_ffn_ragged(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, dt, impl: str = "auto", fp8: bool = False):
   """Grouped SwiGLU over rows sorted by expert: rows [sum(sizes[:e]), ...) go to expert e.
 
   impl: the grouped matmul (layers/gmm.py): 'ragged_dot' (XLA; GPU/TPU), 'tiled' (CPU), 'auto'.
+  fp8: the three grouped matmuls in DeepSeek-V3 FP8 (layers/fp8.py). Weights may be Fp8Weight.
   """
-  return grouped_swiglu(x_MD.astype(dt), sizes_E, gate_EDF.astype(dt), up_EDF.astype(dt),
-                        down_EFD.astype(dt), impl)
+  if fp8:
+    mm = functools.partial(fp8_lib.ragged_dot, sizes_G=sizes_E, dtype=dt, impl=impl)
+    return mm(_swiglu(mm(x_MD, gate_EDF), mm(x_MD, up_EDF)), down_EFD)
+  return grouped_swiglu(x_MD.astype(dt), sizes_E, fp8_lib.dense(gate_EDF, dt), fp8_lib.dense(up_EDF, dt),
+                        fp8_lib.dense(down_EFD, dt), impl)
 
 
 def sort_by_expert(idx_TX: jax.Array, num_experts: int):
@@ -67,7 +75,8 @@ def dispatch_ragged(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelCo
   t, k = idx_TX.shape
   order, inverse, sizes = sort_by_expert(idx_TX, cfg.n_routed_experts)
   x_sorted = x_TD[order // k]  # [T*X, D]
-  y_sorted = expert_ffn_ragged(x_sorted, sizes, gate_EDF, up_EDF, down_EFD, cfg.compute_dtype, cfg.moe_gmm)
+  y_sorted = expert_ffn_ragged(x_sorted, sizes, gate_EDF, up_EDF, down_EFD, cfg.compute_dtype, cfg.moe_gmm,
+                               cfg.fp8)
   y_TXD = y_sorted[inverse].reshape(t, k, -1)
   y = jnp.einsum("txd,tx->td", y_TXD.astype(jnp.float32), w_TX)
   return y.astype(cfg.compute_dtype), {}
@@ -94,9 +103,8 @@ def dispatch_capacity(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: Model
   token = jnp.tile(jnp.arange(t), k)
   buf = jnp.zeros((e * c + 1, x_TD.shape[-1]), dt).at[slot].set(x_TD[token].astype(dt))
   x_ECD = buf[: e * c].reshape(e, c, -1)
-  h = _swiglu(jnp.einsum("ecd,edf->ecf", x_ECD, gate_EDF.astype(dt)),
-              jnp.einsum("ecd,edf->ecf", x_ECD, up_EDF.astype(dt)))
-  y_ECD = jnp.einsum("ecf,efd->ecd", h, down_EFD.astype(dt))
+  h = _swiglu(project("ecd,edf->ecf", x_ECD, gate_EDF, cfg), project("ecd,edf->ecf", x_ECD, up_EDF, cfg))
+  y_ECD = project("ecf,efd->ecd", h, down_EFD, cfg)
   y_flat = jnp.concatenate([y_ECD.reshape(e * c, -1), jnp.zeros((1, y_ECD.shape[-1]), dt)])[slot]
   y_XTD = y_flat.reshape(k, t, -1)
   y = jnp.einsum("xtd,tx->td", y_XTD.astype(jnp.float32), w_TX)

@@ -1,0 +1,148 @@
+"""Shared benchmark plumbing: machine line, JSON-line output, timing, the measured matmul peak.
+
+Every script prints one JSON object a line: first a `machine` record (cpu, cores, jax and
+jaxlib versions, backend, device kind, date, load average), then one record per figure.
+Timings are medians of N calls after warmup, each call ended by block_until_ready; when
+two functions are compared they run interleaved (a, b, a, b, ...) so a busy shared machine
+slows both alike and their ratio holds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return []
+
+
+def machine_info() -> dict:
+  """What a figure was measured on: cpu, cores, versions, backend, device kind, date, load."""
+  import jaxlib
+  dev = jax.devices()[0]
+  return {"cpu": cpu_model(), "cores": os.cpu_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "python": platform.python_version(), "backend": jax.default_backend(), "device_kind": dev.device_kind,
+          "devices": jax.device_count(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "loadavg": load_average(), "argv": " ".join(sys.argv)}
+
+
+def emit(kind: str, **fields) -> dict:
+  """Prints one JSON line {"kind": kind, ...fields} (floats rounded to 4 significant digits)."""
+  rec = {"kind": kind, **{k: _round(v) for k, v in fields.items()}}
+  print(json.dumps(rec), flush=True)
+  return rec
+
+
+def _round(v):
+  if isinstance(v, float):
+    return float(f"{v:.4g}")
+  if isinstance(v, dict):
+    return {k: _round(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_round(x) for x in v]
+  return v
+
+
+def block(x):
+  return jax.block_until_ready(x)
+
+
+def time_once(fn: Callable, *args) -> float:
+  t = time.perf_counter()
+  block(fn(*args))
+  return time.perf_counter() - t
+
+
+def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 10) -> float:
+  """Median seconds of fn(*args) over `iters` calls after `warmup` calls (compilation included there)."""
+  for _ in range(warmup):
+    block(fn(*args))
+  return statistics.median(time_once(fn, *args) for _ in range(iters))
+
+
+def time_interleaved(fns: dict[str, tuple[Callable, Sequence]], warmup: int = 2, iters: int = 10) -> dict[str, float]:
+  """{name: median seconds}, the functions called in turn (a, b, c, a, b, c, ...) so load hits all alike."""
+  for _ in range(warmup):
+    for fn, args in fns.values():
+      block(fn(*args))
+  times = {name: [] for name in fns}
+  for _ in range(iters):
+    for name, (fn, args) in fns.items():
+      times[name].append(time_once(fn, *args))
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_peak(dtype: str = "float32", size: int = 1024, iters: int = 10) -> float:
+  """Measured FLOP/s of one jitted [size, size] x [size, size] matmul of `dtype` (median of iters)."""
+  x = jnp.ones((size, size), dtype)
+  mm = jax.jit(lambda a, b: a @ b)
+  return 2 * size ** 3 / time_fn(mm, x, x, warmup=2, iters=iters)
+
+
+def interleaved_with_peak(fns: dict[str, tuple[Callable, Sequence]], dtype: str, size: int = 1024, warmup: int = 2,
+                          iters: int = 10) -> tuple[dict[str, float], float]:
+  """time_interleaved with the dense matmul peak as one more contender: (times, peak FLOP/s)."""
+  x = jnp.ones((size, size), dtype)
+  mm = jax.jit(lambda a, b: a @ b)
+  times = time_interleaved({**fns, "_peak": (mm, (x, x))}, warmup, iters)
+  return {k: v for k, v in times.items() if k != "_peak"}, 2 * size ** 3 / times["_peak"]
+
+
+def count_compiles():
+  """A context manager whose value counts the XLA compilations started inside it (jax.monitoring)."""
+  return _CompileCounter()
+
+
+class _CompileCounter:
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+    self._on = False
+
+  def _listener(self, event, duration, **kw):
+    if self._on and event == self.EVENT:
+      self.count += 1
+
+  def __enter__(self):
+    if not getattr(_CompileCounter, "_registered", False):
+      jax.monitoring.register_event_duration_secs_listener(_CompileCounter._dispatch)
+      _CompileCounter._registered = True
+    _CompileCounter._active.append(self)
+    self._on = True
+    return self
+
+  def __exit__(self, *exc):
+    self._on = False
+    _CompileCounter._active.remove(self)
+
+  _active: list = []
+
+  @staticmethod
+  def _dispatch(event, duration, **kw):
+    for c in _CompileCounter._active:
+      c._listener(event, duration, **kw)

@@ -1,0 +1,72 @@
+"""Scores a checkpoint: python eval.py --workdir=W --tasks=lm:FILE,mc:FILE.jsonl,gen:FILE.jsonl.
+
+Model (exactly one): --workdir (a train.py run, latest step), --checkpoint (a step
+directory), --hf (a Hugging Face DeepSeek-V2/V3 directory) or --preset (random init).
+Task syntax and metrics: moe_jax/evaluate.py. --lm_eval_tasks runs lm-evaluation-harness
+tasks through the `moe_jax` adapter (pip install -e '.[eval]').
+"""
+
+import argparse
+import codecs
+import sys
+
+from moe_jax.errors import UserError
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="train.py workdir: its latest complete checkpoint")
+  src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/STEP)")
+  src.add_argument("--hf", help="Hugging Face DeepSeek-V2/V3 directory (config.json + safetensors)")
+  src.add_argument("--preset", help="random untrained model of a moe_jax.config preset (chance level)")
+  p.add_argument("--tasks", default="", help="KIND:PATH,...  with KIND lm | mc | gen")
+  p.add_argument("--lm_eval_tasks", default="", help="lm-evaluation-harness task names, comma-separated")
+  p.add_argument("--lm_eval_include", help="directory of extra lm-eval task YAMLs (local data)")
+  p.add_argument("--lm_eval_limit", type=int, help="at most this many examples per lm-eval task")
+  p.add_argument("--tokenizer", help="'byte' or PATH/tokenizer.json (default: the run's, the --hf dir's, byte)")
+  p.add_argument("--output", help="write the JSON report here")
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--max_len", type=int, help="context window (default: max_position_embeddings)")
+  p.add_argument("--mesh", help="data,fsdp,expert,tensor (default: the run's mesh, else all devices on data)")
+  p.add_argument("--dtype", help="compute dtype for --hf / --preset (float32, bfloat16)")
+  p.add_argument("--max_new_tokens", type=int, default=32)
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--stop", action="append", help="stop sequence for gen tasks, repeatable, escapes "
+                 "like \\n allowed (default: \\n)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no_progress", action="store_true")
+  p.error = lambda msg: (print(f"error: {msg}", file=sys.stderr), sys.exit(2))
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    mesh = [int(x) for x in args.mesh.split(",")] if args.mesh else None
+  except ValueError:
+    print(f"error: --mesh={args.mesh}: expected four integers data,fsdp,expert,tensor", file=sys.stderr)
+    return 2
+  from moe_jax import data, evaluate  # after flag parsing: importing jax takes a while
+  try:
+    vocab = data.load_tokenizer(args.tokenizer or "byte").vocab_size if args.preset else None
+    model, variables, info = evaluate.load_model(workdir=args.workdir, checkpoint=args.checkpoint, hf=args.hf,
+                                                 preset=args.preset, vocab_size=vocab, dtype=args.dtype,
+                                                 seed=args.seed, mesh_shape=mesh)
+    evaluate.run(model, variables, model_name=info["name"], step=info["step"], tasks=args.tasks,
+                 lm_eval_tasks=args.lm_eval_tasks, lm_eval_include=args.lm_eval_include,
+                 lm_eval_limit=args.lm_eval_limit, tokenizer=args.tokenizer or info["tokenizer"],
+                 output=args.output, batch_size=args.batch_size, max_len=args.max_len, mesh=info["mesh"],
+                 rules=info["rules"], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.no_progress,
+                 stop=[codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else ("\n",))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,440 @@
+"""Hugging Face DeepSeek-V2/V3 checkpoints <-> moe_jax variables, one tensor at a time.
+
+torch Linear weights are [out, in]; ours are [in, out] with the heads split out
+(shape letters of moe_jax/layers/common.py; L = num_hidden_layers, p = model.layers.{i}.):
+  model.embed_tokens.weight [V, D]         -> params/embed [V, D]
+  lm_head.weight [V, D]                    -> params/head [D, V]
+  model.norm.weight                        -> params/final_norm/scale
+  p.input_layernorm / post_attention_layernorm     -> layers_{i}/attn_norm, ffn_norm
+  p.self_attn.q_a_proj [Q, D], q_a_layernorm       -> attn/q_a [D, Q], attn/q_norm
+  p.self_attn.q_b_proj [H*(N+R), Q]                -> attn/q_b [Q, H, N+R]   (q_proj [H*(N+R), D] -> attn/q)
+  p.self_attn.kv_a_proj_with_mqa [K+R, D], kv_a_layernorm -> attn/kv_a [D, K+R], attn/kv_norm
+  p.self_attn.kv_b_proj [H*(N+V), K]               -> attn/k_b [K, H, N] and attn/v_b [K, H, V]
+                                                      (per head: N key rows, then V value rows)
+  p.self_attn.o_proj [D, H*V]                      -> attn/o [H, V, D]
+  p.mlp.{gate,up,down}_proj                        -> mlp/{gate,up,down}   (dense layers)
+  p.mlp.gate.weight [E, D]                         -> moe/router/kernel [D, E]
+  p.mlp.gate.e_score_correction_bias [E] (V3)      -> router/.../moe/router/e_score_correction_bias
+  p.mlp.experts.{e}.{gate,up}_proj [F, D]          -> moe/{gate,up}[e] [D, F]  (down_proj [D, F] -> moe/down[e])
+  p.mlp.shared_experts.{gate,up,down}_proj         -> moe/shared/{gate,up,down}
+MTP depth k (V3): model.layers.{L+k}.{enorm, hnorm, eh_proj [D, 2D], shared_head.norm} and the
+block keys -> mtp_{k}/{enorm, hnorm, eh_proj [2D, D], head_norm, block/...}; its embed_tokens and
+shared_head.head are copies of the shared embedding and head (shape-checked on load, written on save).
+With scan_layers=True the same tensors fill slot i of dense_layers/... or moe_layers/... instead.
+FP8 checkpoints: an e4m3 `X.weight` with `X.weight_scale_inv` (one fp32 scale per 128x128 block)
+is dequantized on load by `dequantize_fp8`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from moe_jax.config import ModelConfig
+from moe_jax.model import Transformer
+
+SUPPORTED = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+FP8_BLOCK = (128, 128)
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+Path_ = tuple[str, ...]
+
+
+# --- reading and writing safetensors ------------------------------------------------
+class SafetensorsReader:
+  """Tensors of a (sharded) safetensors checkpoint, read one at a time at their header offsets.
+
+  safetensors' numpy backend cannot return float8 tensors, and its torch backend would make
+  torch a load-time dependency; the format is a JSON header plus raw little-endian bytes, so
+  reading exactly one tensor's bytes works for every dtype and never maps a whole file.
+  """
+
+  def __init__(self, directory: str | os.PathLike):
+    d = Path(directory)
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+      files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (d / "model.safetensors").exists():
+      files = ["model.safetensors"]
+    else:
+      raise ValueError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    self.entries: dict[str, tuple[Path, int, int, str, tuple[int, ...]]] = {}
+    for name in files:
+      f = d / name
+      with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+      for key, meta in header.items():
+        if key != "__metadata__":
+          begin, end = meta["data_offsets"]
+          self.entries[key] = (f, 8 + n + begin, end - begin, meta["dtype"], tuple(meta["shape"]))
+
+  def keys(self) -> list[str]:
+    return list(self.entries)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self.entries[key][4]
+
+  def dtype(self, key: str) -> str:
+    """The safetensors dtype name (F32, BF16, F8_E4M3, ...)."""
+    return self.entries[key][3]
+
+  def read(self, key: str) -> np.ndarray:
+    path, offset, nbytes, dtype, shape = self.entries[key]
+    if dtype not in _ST_DTYPES:
+      raise ValueError(f"tensor {key!r}: unsupported safetensors dtype {dtype}")
+    with open(path, "rb") as fh:
+      fh.seek(offset)
+      return np.frombuffer(fh.read(nbytes), dtype=_ST_DTYPES[dtype]).reshape(shape)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]):
+  from safetensors.numpy import save_file
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+# --- FP8 ------------------------------------------------------------------------------
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: Sequence[int] = FP8_BLOCK) -> np.ndarray:
+  """e4m3 weight [O, I] x per-block scale [ceil(O/b0), ceil(I/b1)] -> fp32 [O, I].
+
+  Block (r, c) of the weight is multiplied by scale_inv[r, c] (DeepSeek's `weight_dequant`);
+  edge blocks are ragged when O or I is not a multiple of the block size.
+  """
+  o, i = w.shape
+  b0, b1 = block
+  want = (math.ceil(o / b0), math.ceil(i / b1))
+  if tuple(scale_inv.shape) != want:
+    raise ValueError(f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {w.shape} in "
+                     f"{b0}x{b1} blocks (want {want})")
+  scale = np.repeat(np.repeat(scale_inv.astype(np.float32), b0, axis=0), b1, axis=1)[:o, :i]
+  return w.astype(np.float32) * scale
+
+
+# --- the key map ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One HF tensor <-> one or more (our variable path, index into it) slots.
+
+  kind: copy (same layout) | linear (ours [I, *O] = torch [prod O, I].T) | linear2 (ours [H, V, D]
+  = torch [D, H*V].T, two input axes) | kv_b (one torch tensor -> k_b and v_b).
+  alias: a copy of another variable (MTP embed/head): shape-checked on load, written on save.
+  """
+
+  key: str
+  kind: str
+  parts: tuple[tuple[Path_, tuple[int, ...]], ...]
+  alias: bool = False
+
+  def hf_shape(self, slot_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    s = slot_shapes[0]
+    if self.kind == "copy":
+      return s
+    if self.kind == "kv_b":
+      (k, h, n), (_, _, v) = slot_shapes
+      return (h * (n + v), k)
+    n_in = 2 if self.kind == "linear2" else 1
+    return (math.prod(s[n_in:]), math.prod(s[:n_in]))
+
+  def to_ours(self, w: np.ndarray, slot_shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    if self.kind == "copy":
+      return [w]
+    if self.kind == "kv_b":
+      (k, h, n), _ = slot_shapes
+      w = w.reshape(h, -1, k)
+      return [w[:, :n].transpose(2, 0, 1), w[:, n:].transpose(2, 0, 1)]
+    return [w.T.reshape(slot_shapes[0])]
+
+  def to_hf(self, slots: list[np.ndarray]) -> np.ndarray:
+    if self.kind == "copy":
+      return slots[0]
+    if self.kind == "kv_b":
+      k_b, v_b = slots
+      return np.concatenate([k_b.transpose(1, 2, 0), v_b.transpose(1, 2, 0)], axis=1).reshape(-1, k_b.shape[0])
+    n_in = 2 if self.kind == "linear2" else 1
+    s = slots[0]
+    return s.reshape(math.prod(s.shape[:n_in]), -1).T
+
+
+def _block_rules(cfg: ModelConfig, p: str, target: Path_, idx: tuple[int, ...], moe: bool, v3: bool) -> list[Rule]:
+  def r(key, kind, *names, index=idx, col="params"):
+    return Rule(p + key, kind, tuple(((col, *target, *n.split("/")), index) for n in names))
+
+  rules = [r("input_layernorm.weight", "copy", "attn_norm/scale"),
+           r("post_attention_layernorm.weight", "copy", "ffn_norm/scale")]
+  a = "self_attn."
+  if cfg.q_lora_rank:
+    rules += [r(a + "q_a_proj.weight", "linear", "attn/q_a"), r(a + "q_a_layernorm.weight", "copy", "attn/q_norm/scale"),
+              r(a + "q_b_proj.weight", "linear", "attn/q_b")]
+  else:
+    rules.append(r(a + "q_proj.weight", "linear", "attn/q"))
+  rules += [r(a + "kv_a_proj_with_mqa.weight", "linear", "attn/kv_a"),
+            r(a + "kv_a_layernorm.weight", "copy", "attn/kv_norm/scale"),
+            r(a + "kv_b_proj.weight", "kv_b", "attn/k_b", "attn/v_b"), r(a + "o_proj.weight", "linear2", "attn/o")]
+  if not moe:
+    return rules + [r(f"mlp.{w}_proj.weight", "linear", f"mlp/{w}") for w in ("gate", "up", "down")]
+  rules.append(r("mlp.gate.weight", "linear", "moe/router/kernel"))
+  if v3:
+    rules.append(r("mlp.gate.e_score_correction_bias", "copy", "moe/router/e_score_correction_bias", col="router"))
+  for e in range(cfg.n_routed_experts):
+    rules += [r(f"mlp.experts.{e}.{w}_proj.weight", "linear", f"moe/{w}", index=idx + (e,))
+              for w in ("gate", "up", "down")]
+  if cfg.n_shared_experts:
+    rules += [r(f"mlp.shared_experts.{w}_proj.weight", "linear", f"moe/shared/{w}") for w in ("gate", "up", "down")]
+  return rules
+
+
+def hf_rules(cfg: ModelConfig, v3: bool) -> list[Rule]:
+  """The full key map for `cfg`, in checkpoint order (embed, layers, MTP, norm, head)."""
+  head = (("params", "embed"), ()) if cfg.tie_word_embeddings else (("params", "head"), ())
+  head_kind = "copy" if cfg.tie_word_embeddings else "linear"
+  rules = [Rule("model.embed_tokens.weight", "copy", ((("params", "embed"), ()),))]
+  k = cfg.first_k_dense_replace
+  for i in range(cfg.num_hidden_layers):
+    moe = cfg.is_moe_layer(i)
+    if cfg.scan_layers:
+      target, idx = ("moe_layers", (i - k,)) if moe else ("dense_layers", (i,))
+      target = (target,)
+    else:
+      target, idx = (f"layers_{i}",), ()
+    rules += _block_rules(cfg, f"model.layers.{i}.", target, idx, moe, v3)
+  for d in range(cfg.num_nextn_predict_layers):
+    p, m = f"model.layers.{cfg.num_hidden_layers + d}.", f"mtp_{d}"
+    rules += _block_rules(cfg, p, (m, "block"), (), cfg.is_moe_layer(cfg.num_hidden_layers), v3)
+    rules += [Rule(p + "enorm.weight", "copy", ((("params", m, "enorm", "scale"), ()),)),
+              Rule(p + "hnorm.weight", "copy", ((("params", m, "hnorm", "scale"), ()),)),
+              Rule(p + "eh_proj.weight", "linear", ((("params", m, "eh_proj"), ()),)),
+              Rule(p + "shared_head.norm.weight", "copy", ((("params", m, "head_norm", "scale"), ()),)),
+              Rule(p + "embed_tokens.weight", "copy", ((("params", "embed"), ()),), alias=True),
+              Rule(p + "shared_head.head.weight", head_kind, (head,), alias=True)]
+  rules.append(Rule("model.norm.weight", "copy", ((("params", "final_norm", "scale"), ()),)))
+  if not cfg.tie_word_embeddings:
+    rules.append(Rule("lm_head.weight", "linear", (head,)))
+  return rules
+
+
+def abstract_variables(model: Transformer) -> dict[Path_, jax.ShapeDtypeStruct]:
+  """Flat {(collection, *path): ShapeDtypeStruct} of the model's params and router state."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), tokens)))
+  return traverse_util.flatten_dict({c: shapes[c] for c in ("params", "router") if c in shapes})
+
+
+def _slot_shape(shapes, path: Path_, index: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(shapes[path].shape[len(index):])
+
+
+# --- config ---------------------------------------------------------------------------
+def _arch(hf: dict[str, Any]) -> str:
+  arch = hf.get("model_type")
+  if arch in SUPPORTED:
+    return arch
+  for name, cls in SUPPORTED.items():
+    if cls in (hf.get("architectures") or []):
+      return name
+  raise ValueError(f"unsupported architecture model_type={arch!r} architectures={hf.get('architectures')}; "
+                   f"supported: {', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
+
+
+def _mtp_depths(keys, num_layers: int) -> int:
+  depth = 0
+  while f"model.layers.{num_layers + depth}.eh_proj.weight" in keys:
+    depth += 1
+  return depth
+
+
+def _ignorable(key: str, cfg: ModelConfig) -> bool:
+  """Keys that carry nothing we load: rotary buffers, MTP depths beyond the requested ones."""
+  if key.endswith("rotary_emb.inv_freq"):
+    return True
+  parts = key.split(".")
+  if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+    return int(parts[2]) >= cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+  return False
+
+
+def _list(keys, limit=5) -> str:
+  keys = sorted(keys)
+  more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+  return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+# --- load -----------------------------------------------------------------------------
+def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: Optional[Any] = None,
+                    **config_overrides) -> tuple[Transformer, dict[str, Any]]:
+  """A Hugging Face DeepSeek-V2/V3 directory -> (Transformer, {'params', 'router'}).
+
+  Reads config.json and the safetensors one tensor at a time (per-expert tensors fill a
+  preallocated [E, ...] array). `dtype` is the compute and parameter dtype (pass param_dtype
+  to keep weights in another one); config_overrides go to ModelConfig (moe_impl, scan_layers,
+  ...). num_nextn_predict_layers defaults to the MTP depths present in the checkpoint.
+  `shardings`: optional pytree like the variables of jax.sharding.Sharding; each tensor is
+  placed as soon as it is complete, so host memory holds one assembled tensor at a time.
+  """
+  path = Path(path)
+  if not (path / "config.json").exists():
+    raise ValueError(f"{path}: no config.json (expected a Hugging Face DeepSeek-V2/V3 directory)")
+  hf = json.loads((path / "config.json").read_text())
+  v3 = _arch(hf) == "deepseek_v3"
+  reader = SafetensorsReader(path)
+  keys = set(reader.keys())
+  overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
+  overrides.setdefault("num_nextn_predict_layers", _mtp_depths(keys, hf["num_hidden_layers"]) if v3 else 0)
+  cfg = ModelConfig.from_hf(hf, **overrides)
+  model = Transformer(cfg)
+  shapes = abstract_variables(model)
+  rules = hf_rules(cfg, v3)
+  block = tuple((hf.get("quantization_config") or {}).get("weight_block_size") or FP8_BLOCK)
+
+  # Everything that can be checked from the headers is checked before any tensor is read.
+  by_key = {r.key: r for r in rules}
+  fp8 = {k for k in keys if reader.dtype(k).startswith("F8") and f"{k}_scale_inv" in keys}
+  missing = sorted(k for k in by_key if k not in keys)
+  if missing:
+    first = by_key[missing[0]]
+    raise ValueError(f"{path}: missing tensors {_list(missing)}; {missing[0]!r} should have shape "
+                     f"{first.hf_shape([_slot_shape(shapes, *pt) for pt in first.parts])}")
+  unexpected = [k for k in keys if k not in by_key and k.removesuffix("_scale_inv") not in fp8
+                and not _ignorable(k, cfg)]
+  if unexpected:
+    raise ValueError(f"{path}: unexpected tensors {_list(unexpected)} (not part of this {SUPPORTED[_arch(hf)]} "
+                     f"config: {cfg.num_hidden_layers} layers, {cfg.num_nextn_predict_layers} MTP)")
+  for rule in rules:
+    want = rule.hf_shape([_slot_shape(shapes, *pt) for pt in rule.parts])
+    if reader.shape(rule.key) != want:
+      raise ValueError(f"tensor {rule.key!r} has shape {reader.shape(rule.key)}, expected {want} "
+                       f"(for {'/'.join(rule.parts[0][0])})")
+    if reader.dtype(rule.key).startswith("F8") and rule.key not in fp8:
+      raise ValueError(f"tensor {rule.key!r} is {reader.dtype(rule.key)} but {rule.key}_scale_inv is missing")
+    if rule.key in fp8:
+      want = tuple(math.ceil(n / b) for n, b in zip(want, block))
+      if reader.shape(f"{rule.key}_scale_inv") != want:
+        raise ValueError(f"tensor {rule.key + '_scale_inv'!r} has shape {reader.shape(rule.key + '_scale_inv')}, "
+                         f"expected {want} ({block[0]}x{block[1]} blocks of {rule.key!r})")
+
+  flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+  remaining = collections.Counter(p for r in rules if not r.alias for p, _ in r.parts)
+  buffers: dict[Path_, np.ndarray] = {}
+  out: dict[Path_, Any] = {}
+
+  def finish(p: Path_, value: np.ndarray):
+    s = flat_shardings.get(p)
+    out[p] = jax.device_put(value, s) if s is not None else jnp.asarray(value)
+
+  for rule in rules:
+    if rule.alias:
+      continue
+    w = reader.read(rule.key)
+    if rule.key in fp8:
+      w = dequantize_fp8(w, reader.read(f"{rule.key}_scale_inv"), block)
+    slots = rule.to_ours(w, [_slot_shape(shapes, *pt) for pt in rule.parts])
+    for (p, index), value in zip(rule.parts, slots):
+      if p not in buffers:
+        buffers[p] = np.empty(shapes[p].shape, shapes[p].dtype)
+      buffers[p][index] = value.astype(shapes[p].dtype)
+      remaining[p] -= 1
+      if remaining[p] == 0:
+        finish(p, buffers.pop(p))
+  for p, s in shapes.items():
+    if p not in out:  # V2 has no correction bias: it stays zero
+      assert p[0] == "router", p
+      finish(p, np.zeros(s.shape, s.dtype))
+  variables = traverse_util.unflatten_dict(out)
+  return model, {"params": variables["params"], "router": variables.get("router", {})}
+
+
+# --- save -----------------------------------------------------------------------------
+def _check_expressible(cfg: ModelConfig) -> None:
+  """Raises where transformers' DeepSeek modules would compute something else than ours."""
+  v3 = cfg.scoring_func == "sigmoid"
+  if cfg.num_moe_layers and cfg.moe_layer_freq != 1:
+    raise ValueError("ModelConfig.moe_layer_freq: transformers puts an MoE in every layer after "
+                     f"first_k_dense_replace; moe_layer_freq={cfg.moe_layer_freq} cannot be saved")
+  if v3 and cfg.n_group > 1 and cfg.topk_method == "greedy":
+    raise ValueError("ModelConfig.topk_method: transformers' DeepSeek-V3 always routes group-limited; "
+                     "greedy with n_group > 1 cannot be saved (use noaux_tc or n_group=1)")
+  if not v3 and cfg.norm_topk_prob:
+    raise ValueError("ModelConfig.norm_topk_prob: transformers' DeepSeek-V2 (softmax) ignores it; cannot save True")
+  if not v3 and cfg.num_nextn_predict_layers:
+    raise ValueError("ModelConfig.num_nextn_predict_layers: DeepSeek-V2 (softmax) has no MTP layers in transformers")
+  if not v3 and cfg.n_group > 1 and cfg.topk_method == "noaux_tc":
+    raise ValueError("ModelConfig.topk_method: DeepSeek-V2 (softmax) routes greedy or group_limited_greedy")
+
+
+def save_pretrained(model: Transformer | ModelConfig, variables: dict[str, Any], path: str | os.PathLike,
+                    dtype: Optional[str] = None, max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes config.json + safetensors shards in the released per-expert key layout.
+
+  sigmoid scoring saves as DeepseekV3ForCausalLM (router biases included), softmax as
+  DeepseekV2ForCausalLM (whose router has no bias: a non-zero bias raises). `dtype` defaults
+  to cfg.param_dtype; the router bias stays fp32. Refuses a directory that holds safetensors.
+  """
+  cfg = model.cfg if isinstance(model, Transformer) else model
+  _check_expressible(cfg)
+  v3 = cfg.scoring_func == "sigmoid"
+  dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+  flat = traverse_util.flatten_dict(nn.unbox({c: variables[c] for c in ("params", "router") if c in variables}))
+  if not v3:
+    for p, v in flat.items():
+      if p[0] == "router" and np.any(np.asarray(v) != 0):
+        raise ValueError(f"{'/'.join(p)} is non-zero, but DeepSeek-V2 (softmax routing) has no correction bias "
+                         "in transformers; save as sigmoid (V3) or zero it")
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  if any(path.glob("*.safetensors")):
+    raise ValueError(f"{path} already holds safetensors files; save into an empty directory")
+
+  def slot(p: Path_, index) -> np.ndarray:
+    if p not in flat:
+      if p[0] == "router":  # variables without router state: zero biases
+        return np.zeros((cfg.n_routed_experts,), np.float32)
+      raise ValueError(f"variables lack {'/'.join(p)} (config {cfg.num_hidden_layers} layers, "
+                       f"scan_layers={cfg.scan_layers}, {cfg.num_nextn_predict_layers} MTP)")
+    return np.asarray(flat[p][index] if index else flat[p])
+
+  shards, current, size, weight_map = [], {}, 0, {}
+
+  def flush():
+    nonlocal current, size
+    if current:
+      name = f"shard-{len(shards)}.tmp"
+      _write_safetensors(path / name, current)
+      shards.append((name, list(current)))
+      current, size = {}, 0
+
+  total = 0
+  for rule in hf_rules(cfg, v3):
+    w = rule.to_hf([slot(p, index) for p, index in rule.parts])
+    w = w.astype(np.float32 if rule.parts[0][0][0] == "router" else dtype)
+    if size and size + w.nbytes > max_shard_bytes:
+      flush()
+    current[rule.key] = w
+    size += w.nbytes
+    total += w.nbytes
+  flush()
+  if len(shards) == 1:
+    os.replace(path / shards[0][0], path / "model.safetensors")
+  else:
+    for n, (tmp, keys) in enumerate(shards, start=1):
+      name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+      os.replace(path / tmp, path / name)
+      weight_map.update({k: name for k in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+  hf = cfg.to_hf("deepseek_v3" if v3 else "deepseek_v2")
+  if not v3 and hf["topk_method"] == "noaux_tc":  # n_group == 1 (checked): plain top-k
+    hf["topk_method"] = "greedy"
+  hf.update(torch_dtype=dtype.name, dtype=dtype.name)
+  (path / "config.json").write_text(json.dumps(hf, indent=2))

@@ -1,0 +1,354 @@
+"""DeepSeek-V3 fine-grained FP8: e4m3 matmuls with fp32 tile scales, and the released format.
+
+Scaling (DeepSeek-V3 report, section 3.3): one fp32 scale per 1x128 tile of an activation
+or gradient (per row, per 128 elements of the contraction dim) and per 128x128 block of a
+weight; scale = amax / 448 (the largest finite e4m3), q = e4m3(x / scale), x ~ q * scale.
+A scale per small tile follows the values it covers, so an outlier coarsens only its own
+tile (per-tensor scaling pushes every other value towards e4m3's subnormals).
+
+A linear y = x w runs three matmuls, each quantized along its own contraction dim:
+  forward      y  = x  w     x: 1x128 tiles along K (per token)     w: 128x128 blocks
+  input grad   dx = dy w^T   dy: 1x128 tiles along N (per token)    w^T: the same blocks
+                             (square blocks are why the transpose needs no requantization)
+  weight grad  dw = x^T dy   x, dy: 128x1 tiles (per channel, 128 tokens per tile)
+All in e4m3, gradients included, as DeepSeek-V3. Master weights stay in param_dtype and are
+quantized on the fly; the backward pass keeps x in its own dtype (the weight grad quantizes
+it along tokens, which the forward's tiles along K cannot give).
+
+Why a blocked contraction: the scales change every 128 elements of the contraction dim,
+  y[m, n] = sum_b sx[m, b] * sw[b, n] * (qx[m, b, :] . qw[b, :, n]),
+so they cannot be pulled out of one K-long dot (a GEMM takes at most one scale per row and
+per column). K is reshaped to [K/128, 128] and the block index becomes a dot_general batch
+dim: one GEMM on e4m3 inputs with fp32 output gives the partials [K/128, M, N], which are
+multiplied by the outer product of the scales and summed in fp32: DeepSeek's promotion to
+fp32 every 128 products (section 3.3.2), written so that XLA can pick an FP8 GEMM on H100
+and TPU. Cost: an fp32 intermediate K/128 times the output, which a fused kernel (DeepGEMM)
+keeps in registers. On CPU the FP8 dot is emulated (XLA converts to fp32, where e4m3
+products are exact), so there only the numerics count.
+
+Dims that are not multiples of 128 are zero-padded to the next multiple: zeros change no
+tile's amax and add nothing to a dot, so a padded edge tile is exactly the released
+format's ragged edge block (a scale grid of ceil(dim / 128)).
+
+The released format: weight [out, in] e4m3 with `weight_scale_inv` [ceil(out/128),
+ceil(in/128)] fp32, w = q * scale_inv per block (`quantize_blocks` / `dequantize_blocks`).
+`Fp8Weight` carries such a pair, in our [in..., out...] layout, into `einsum` and
+`ragged_dot`: an FP8 checkpoint used as it is, never dequantized to bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers import gmm
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0
+BLOCK = 128
+_AMAX_FLOOR = 1e-30  # an all-zero tile gets a tiny normal scale (q = 0), never 0 / 0
+F32 = jnp.float32
+
+
+def _cdiv(a, b=BLOCK):
+  return -(-a // b)
+
+
+def _pad_to(x, axis: int, size: int):
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def _to_e4m3(x32, scale):
+  # x / scale can land a rounding step above 448; e4m3fn has no inf, so clip before the cast.
+  return jnp.clip(x32 / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+
+
+# --- formats ----------------------------------------------------------------------------
+def quantize_tiles(x):
+  """1x128 tiles along the last axis: x [..., K] -> (q [..., Kp] e4m3, scale [..., Kp/128] fp32).
+
+  Kp is K rounded up to a multiple of 128 (zero padding).
+  """
+  k = x.shape[-1]
+  kp = _cdiv(k) * BLOCK
+  t = _pad_to(x.astype(F32), -1, kp).reshape(*x.shape[:-1], kp // BLOCK, BLOCK)
+  scale = jnp.maximum(jnp.max(jnp.abs(t), -1), _AMAX_FLOOR) / E4M3_MAX
+  return _to_e4m3(t, scale[..., None]).reshape(*x.shape[:-1], kp), scale
+
+
+def dequantize_tiles(q, scale, k: int | None = None):
+  """Inverse of quantize_tiles -> fp32 [..., k] (k defaults to the padded length)."""
+  t = q.astype(F32).reshape(*scale.shape, BLOCK) * scale[..., None]
+  return t.reshape(q.shape)[..., :k]
+
+
+def quantize_blocks(w):
+  """128x128 blocks over the last two dims: w [..., R, C] -> (q [..., R, C] e4m3, scale [..., Rb, Cb] fp32).
+
+  Rb = ceil(R/128), Cb = ceil(C/128). For a torch-layout weight [out, in], (q, scale) is the
+  released DeepSeek-V3 (weight, weight_scale_inv) pair.
+  """
+  *lead, r, c = w.shape
+  rb, cb = _cdiv(r), _cdiv(c)
+  t = _pad_to(_pad_to(w.astype(F32), -2, rb * BLOCK), -1, cb * BLOCK).reshape(*lead, rb, BLOCK, cb, BLOCK)
+  scale = jnp.maximum(jnp.max(jnp.abs(t), (-3, -1)), _AMAX_FLOOR) / E4M3_MAX
+  q = _to_e4m3(t, scale[..., :, None, :, None]).reshape(*lead, rb * BLOCK, cb * BLOCK)
+  return q[..., :r, :c], scale
+
+
+def _expand_blocks(scale, r: int, c: int):
+  return jnp.repeat(jnp.repeat(scale, BLOCK, -2), BLOCK, -1)[..., :r, :c]
+
+
+def dequantize_blocks(q, scale, dtype=F32):
+  """Inverse of quantize_blocks (DeepSeek's `weight_dequant`): q [..., R, C] * per-block scale."""
+  return (q.astype(F32) * _expand_blocks(scale, *q.shape[-2:])).astype(dtype)
+
+
+class Fp8Weight(NamedTuple):
+  """A weight kept in FP8: q (the parameter's shape, e4m3) and its fp32 128x128 block scales.
+
+  q is [*batch, *rows, *cols] (batch: the expert axis of stacked experts; rows: the input
+  axes; cols: the output axes); scale is [*batch, ceil(prod(rows)/128), ceil(prod(cols)/128)],
+  i.e. the transposed released `weight_scale_inv`. The rows | cols split is read off the
+  shapes: it is unique unless the whole matrix is one block, when every split means the same.
+  """
+
+  q: jax.Array
+  scale: jax.Array
+
+  @property
+  def shape(self):
+    return self.q.shape
+
+  @property
+  def num_batch(self) -> int:
+    return self.scale.ndim - 2
+
+  @property
+  def split(self) -> int:
+    """Index of the first output (cols) axis of q."""
+    nb, shape = self.num_batch, self.q.shape
+    for s in range(nb + 1, len(shape)):
+      if (_cdiv(math.prod(shape[nb:s])), _cdiv(math.prod(shape[s:]))) == tuple(self.scale.shape[nb:]):
+        return s
+    raise ValueError(f"Fp8Weight: scale {self.scale.shape} is no 128x128 block grid of weight {shape}")
+
+  def matrix(self):
+    """-> (q [B, R, C], scale [B, Rb, Cb]) with the batch axes flattened to B."""
+    nb, s, shape = self.num_batch, self.split, self.q.shape
+    b = math.prod(shape[:nb])
+    return (self.q.reshape(b, math.prod(shape[nb:s]), math.prod(shape[s:])),
+            self.scale.reshape(b, *self.scale.shape[nb:]))
+
+  def dequantize(self, dtype=F32):
+    q, scale = self.matrix()
+    return dequantize_blocks(q, scale, dtype).reshape(self.q.shape)
+
+
+def dense(w, dtype):
+  """A weight in `dtype`, dequantizing an Fp8Weight (the non-FP8 compute path)."""
+  return w.dequantize(dtype) if isinstance(w, Fp8Weight) else w.astype(dtype)
+
+
+# --- dense matmul: [Bt, M, K] x [Bt, K, N] ----------------------------------------------
+def _blocked_dot(a, sa, b, sb):
+  """sum_c sa[., m, c] sb[., c, n] (a[., m, c-th 128] . b[., c-th 128, n]) -> fp32 [Bt, M, N].
+
+  a [Bt, M, Cp] e4m3, sa [Bt, M, Cp/128]; b [Bt, Cp, N] e4m3, sb [Bt, Cp/128, N].
+  """
+  bt, m, cp = a.shape
+  cb, n = cp // BLOCK, b.shape[-1]
+  p = jax.lax.dot_general(a.reshape(bt, m, cb, BLOCK), b.reshape(bt, cb, BLOCK, n),
+                          (((3,), (2,)), ((0, 2), (0, 1))), preferred_element_type=F32)  # [Bt, Cb, M, N]
+  # Elementwise, not an einsum: the fp32 sum must not run at a lower default matmul precision.
+  return jnp.sum(p * jnp.swapaxes(sa, 1, 2)[..., None] * sb[:, :, None, :], axis=1)
+
+
+def _forward(x, wq, ws):
+  """x [Bt, M, K] (any float), wq [Bt, K, N] e4m3, ws [Bt, Kb, Nb] -> fp32 [Bt, M, N]."""
+  xq, xs = quantize_tiles(x)
+  return _blocked_dot(xq, xs, _pad_to(wq, 1, xq.shape[-1]), jnp.repeat(ws, BLOCK, -1)[..., :wq.shape[-1]])
+
+
+def _input_grad(g, wq, ws):
+  """dy [Bt, M, N] -> fp32 dx [Bt, M, K]: dy in 1x128 tiles along N, w^T in the forward's blocks."""
+  gq, gs = quantize_tiles(g)
+  wt = jnp.swapaxes(wq, 1, 2)  # [Bt, N, K]
+  return _blocked_dot(gq, gs, _pad_to(wt, 1, gq.shape[-1]),
+                      jnp.repeat(jnp.swapaxes(ws, 1, 2), BLOCK, -1)[..., :wt.shape[-1]])
+
+
+def _weight_grad(x, g):
+  """x [Bt, M, K], dy [Bt, M, N] -> fp32 dw [Bt, K, N], both in 128x1 tiles (along tokens)."""
+  xq, xs = quantize_tiles(jnp.swapaxes(x, 1, 2))  # [Bt, K, Mp]
+  gq, gs = quantize_tiles(jnp.swapaxes(g, 1, 2))  # [Bt, N, Mp]
+  return _blocked_dot(xq, xs, jnp.swapaxes(gq, 1, 2), jnp.swapaxes(gs, 1, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _matmul(x, w, wq, ws, dtype):
+  """FP8 x @ w. w: the float weight that receives the gradient (None: frozen FP8 weight);
+  (wq, ws): its blocks, which carry no gradient."""
+  return _forward(x, wq, ws).astype(dtype)
+
+
+def _matmul_fwd(x, w, wq, ws, dtype):
+  return _matmul(x, w, wq, ws, dtype), (x, w, wq, ws)
+
+
+def _matmul_bwd(dtype, res, g):
+  x, w, wq, ws = res
+  dx = _input_grad(g, wq, ws)[..., :x.shape[-1]].astype(x.dtype)
+  dw = None if w is None else _weight_grad(x, g).astype(w.dtype)
+  return dx, dw, None, None
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _parse(equation: str, x_ndim: int):
+  """'bsd,dhe->bshe' -> (x, w, out subscripts) with any '...' in x spelled out in fresh letters."""
+  ins, out = equation.replace(" ", "").split("->")
+  xs, ws = ins.split(",")
+  if "..." in xs:
+    fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation)[:x_ndim - len(xs) + 3]
+    xs, out = xs.replace("...", fresh), out.replace("...", fresh)
+  contracted = set(xs) & set(ws) - set(out)
+  bad = (len(set(xs)) < len(xs) or len(set(ws)) < len(ws) or len(set(out)) < len(out) or "." in ws
+         or set(out) != (set(xs) | set(ws)) - contracted)
+  if bad:
+    raise ValueError(f"fp8.einsum: {equation!r} is not a projection (each letter once per operand; letters "
+                     "of only one operand must be outputs; '...' only on the activation)")
+  return xs, ws, out
+
+
+def einsum(equation: str, x, w, dtype):
+  """FP8 `jnp.einsum(equation, x, w)` -> dtype: one activation, one weight (array or Fp8Weight).
+
+  The letters become a batched matmul [Bt, M, K] x [Bt, K, N]: batch = in x, w and the output;
+  K = in x and w only (contracted); M = x only; N = w only. Each is flattened in w's axis
+  order, so weight blocks are 128x128 over (flattened K, flattened N) per batch index: the
+  released layout of every DeepSeek projection (q_b [Q, H*(N+R)] ...). An Fp8Weight whose
+  block grid is laid out otherwise (the absorbed-MLA use of k_b) is dequantized and
+  requantized in the blocks this contraction needs (frozen: no gradient).
+  """
+  xs, ws, out = _parse(equation, x.ndim)
+  size = dict(zip(xs, x.shape)) | dict(zip(ws, w.shape))
+  batch = [c for c in ws if c in xs and c in out]
+  contract = [c for c in ws if c in xs and c not in out]
+  wfree = [c for c in ws if c not in xs]
+  xfree = [c for c in xs if c not in ws]
+  bt, m, k, n = (math.prod(size[c] for c in g) for g in (batch, xfree, contract, wfree))
+  x_c = jnp.transpose(x, [xs.index(c) for c in batch + xfree + contract]).reshape(bt, m, k).astype(dtype)
+
+  if (isinstance(w, Fp8Weight) and ws == "".join(batch + contract + wfree) and len(batch) == w.num_batch
+      and w.split == len(batch) + len(contract)):
+    trained, (wq, wscale) = None, w.matrix()
+  else:
+    frozen = isinstance(w, Fp8Weight)
+    w_c = jnp.transpose(w.dequantize() if frozen else w, [ws.index(c) for c in batch + contract + wfree])
+    w_c = w_c.reshape(bt, k, n)
+    trained, (wq, wscale) = (None if frozen else w_c), quantize_blocks(w_c)
+  y = _matmul(x_c, trained, wq, wscale, dtype)
+  y = y.reshape([size[c] for c in batch + xfree + wfree])
+  order = batch + xfree + wfree
+  return jnp.transpose(y, [order.index(c) for c in out])
+
+
+# --- grouped matmul: rows sorted by group, [M, K] x [G, K, N] ---------------------------
+_RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((2,), (2,)), ((0,), (1,))), lhs_ragged_dimensions=[1], rhs_group_dimensions=[0])
+
+
+def _group_ids(sizes, m: int):
+  """Group of each row (G for rows past the last group)."""
+  return jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(m), side="right")
+
+
+def _ragged_blocked_dot(a, sa, b, sb, sizes, impl: str):
+  """Grouped _blocked_dot: a [M, Cp] e4m3, sa [M, Cb]; b [G, C, N] e4m3, sb [G, Cb, Nb] -> fp32 [M, N]."""
+  (m, cp), (g, _, n) = a.shape, b.shape
+  cb, nb = cp // BLOCK, _cdiv(n)
+  b = _pad_to(_pad_to(b, 1, cp), 2, nb * BLOCK)
+  if impl == "tiled":
+    # CPU: no FP8 units (XLA upcasts e4m3 to fp32 anyway) and ragged_dot costs G times the
+    # FLOPs there, so the same quantized operands meet in gmm.py's fp32 loop with their scales
+    # applied first; equal to the blocked form up to fp32 rounding.
+    b32 = (b.astype(F32).reshape(g, cb, BLOCK, nb, BLOCK) * sb[:, :, None, :, None]).reshape(g, cp, nb * BLOCK)
+    return gmm.grouped_matmul(dequantize_tiles(a, sa), b32, sizes, "tiled")[:, :n]
+  p = jax.lax.ragged_dot_general(jnp.swapaxes(a.reshape(m, cb, BLOCK), 0, 1), b.reshape(g, cb, BLOCK, nb * BLOCK),
+                                 sizes, _RAGGED_DN, preferred_element_type=F32)  # [Cb, M, Np]
+  s_rows = jnp.moveaxis(sb[jnp.minimum(_group_ids(sizes, m), g - 1)], 1, 0)  # [Cb, M, Nb]
+  y = jnp.sum(p.reshape(cb, m, nb, BLOCK) * sa.T[:, :, None, None] * s_rows[..., None], axis=0)
+  return y.reshape(m, nb * BLOCK)[:, :n]
+
+
+def _grouped_weight_grad(x, g, sizes, num_groups: int):
+  """Per group x^T dy -> fp32 [G, K, N], in 128x1 tiles that never straddle two groups.
+
+  Rows move to a layout where each group starts at a multiple of 128 (as DeepSeek's grouped
+  GEMMs align experts), one FP8 GEMM per 128-row tile gives [tiles, K, N] partials, and the
+  scaled partials are summed into their groups (memory: M/128 + G partials of K x N).
+  """
+  m = x.shape[0]
+  tiles = _cdiv(m) + num_groups  # sum_g ceil(sizes_g / 128) never exceeds it
+  gid = _group_ids(sizes, m)
+  gid_c = jnp.minimum(gid, num_groups - 1)
+  aligned = _cdiv(sizes) * BLOCK
+  pos = (jnp.cumsum(aligned) - aligned)[gid_c] + jnp.arange(m) - (jnp.cumsum(sizes) - sizes)[gid_c]
+  pos = jnp.where(gid < num_groups, pos, tiles * BLOCK)  # rows past the groups are dropped
+
+  def tiles_of(a):  # [M, C] -> 128x1 tiles: q [C, tiles*128], scale [C, tiles]
+    buf = jnp.zeros((tiles * BLOCK, a.shape[1]), a.dtype).at[pos].set(a, mode="drop")
+    return quantize_tiles(buf.T)
+
+  (xq, xs), (gq, gs) = tiles_of(x), tiles_of(g)
+  p = jax.lax.dot_general(xq.reshape(-1, tiles, BLOCK), gq.reshape(-1, tiles, BLOCK),
+                          (((2,), (2,)), ((1,), (1,))), preferred_element_type=F32)  # [tiles, K, N]
+  p = p * xs.T[:, :, None] * gs.T[:, None, :]
+  tile_group = jnp.searchsorted(jnp.cumsum(aligned), jnp.arange(tiles) * BLOCK, side="right")
+  return jax.ops.segment_sum(p, tile_group, num_segments=num_groups, indices_are_sorted=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _grouped(x, w, wq, ws, sizes, dtype, impl):
+  xq, xs = quantize_tiles(x)
+  return _ragged_blocked_dot(xq, xs, wq, ws, sizes, impl).astype(dtype)
+
+
+def _grouped_fwd(x, w, wq, ws, sizes, dtype, impl):
+  return _grouped(x, w, wq, ws, sizes, dtype, impl), (x, w, wq, ws, sizes)
+
+
+def _grouped_bwd(dtype, impl, res, g):
+  x, w, wq, ws, sizes = res
+  gq, gs = quantize_tiles(g)
+  dx = _ragged_blocked_dot(gq, gs, jnp.swapaxes(wq, 1, 2), jnp.swapaxes(ws, 1, 2), sizes, impl)
+  dw = None if w is None else _grouped_weight_grad(x, g, sizes, wq.shape[0]).astype(w.dtype)
+  return dx[:, :x.shape[1]].astype(x.dtype), dw, None, None, None
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def ragged_dot(x_MK, w_GKN, sizes_G, dtype, impl: str = "auto"):
+  """FP8 grouped matmul, rows sorted by group (as jax.lax.ragged_dot) -> [M, N] in dtype.
+
+  w_GKN: float [G, K, N] (quantized per expert in 128x128 blocks) or Fp8Weight (scale
+  [G, Kb, Nb]; frozen). impl as gmm.py: 'ragged_dot' (GPU/TPU: jax.lax.ragged_dot_general
+  on e4m3 inputs, block index as a batch dim), 'tiled' (CPU emulation), 'auto'.
+  """
+  if isinstance(w_GKN, Fp8Weight):
+    trained, wq, ws = None, w_GKN.q, w_GKN.scale
+  else:
+    trained, (wq, ws) = w_GKN, quantize_blocks(w_GKN)
+  return _grouped(x_MK.astype(dtype), trained, wq, ws, sizes_G.astype(jnp.int32), dtype, gmm.choose(impl))

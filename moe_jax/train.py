@@ -1,0 +1,432 @@
+"""Training: TrainState, the pure train_step, and the resumable loop behind `python train.py`.
+
+One step (all inside one jit with in/out shardings, the state donated):
+  batch tokens [B, S+1] -> microbatches [A, B/A, S+1] (scan, A = optim.grad_accum)
+  -> loss = LM CE + mtp_lambda * mean_k MTP_k CE + balance losses (sown, alpha included)
+  -> grads (fp32 master weights; compute in model.dtype) -> clip -> AdamW
+  -> router bias += gamma * sign(mean(counts) - counts) from the whole batch's expert counts
+  -> a non-finite loss or gradient leaves params, optimizer and router untouched.
+The loop dispatches step n before it reads step n-1's metrics, so the host never waits on
+the device except for that one-step-old result; process 0 alone logs and shows progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn, struct, traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_jax import checkpoint, data, flops, optim, sharding
+from moe_jax.config import ModelConfig
+from moe_jax.errors import UserError
+from moe_jax.model import Transformer
+
+__all__ = ["TrainState", "Trainer", "UserError", "Diverged", "base_config", "run"]
+
+
+class Diverged(RuntimeError):
+  """nan_policy='stop' met a non-finite loss; the message names the step."""
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 [], steps completed
+  params: Any
+  opt_state: Any
+  router: Any  # e_score_correction_bias per MoE layer, moved outside the optimizer
+  rng: jax.Array  # uint32 [2]
+
+  def to_dict(self) -> dict:
+    return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "router": self.router,
+            "rng": self.rng}
+
+
+def base_config(model: ModelConfig, name: str) -> ml_collections.ConfigDict:
+  """Every training field with its default; configs/*.py start here and override."""
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.steps, c.batch_size, c.seq_len, c.seed = 1000, 16, 128, 0
+  c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 10, 250, 4, 500
+  c.nan_policy = "stop"  # 'skip': drop the update and count it | 'stop': exit naming the step
+  c.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: vendor table (bf16) or a timed matmul
+  c.model = model.to_dict()
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-3, min_lr_ratio=0.1, warmup=100, schedule="cosine", step_milestones=(0.8, 0.9), step_factor=0.316,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip=1.0, grad_accum=1,
+      bias_update_speed=1e-3, bias_update_until=-1, mtp_lambda=0.3))
+  # data.path: '' = embedded stdlib corpus | 'synthetic:copy' | a `moe_jax.data prepare` directory.
+  c.data = ml_collections.ConfigDict(dict(path="", tokenizer="byte", val_fraction=0.01))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                          dcn_expert=1, dcn_tensor=1, rules=()))
+  c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, async_save=True))
+  c.debug = ml_collections.ConfigDict(dict(nan_at_step=-1))  # test hook: poison the loss of that step
+  return c
+
+
+# --- the step ------------------------------------------------------------------------------
+def targets(batch: dict, depth: int):
+  """Targets [B, S] (token i+depth+1) and mask [B, S]: False where the target leaves the document or the window."""
+  tokens, seg = batch["tokens"], batch["segment_ids"]
+  s = tokens.shape[1] - 1
+  pad = ((0, 0), (0, depth))
+  tgt = jnp.pad(tokens[:, depth + 1:], pad)
+  ok = jnp.pad(seg[:, depth + 1:] == seg[:, :s - depth], pad)
+  return tgt, ok
+
+
+def cross_entropy(logits_BSV, tgt_BS, ok_BS):
+  """(sum of masked CE, number of correct argmax predictions), fp32."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_BSV.astype(jnp.float32), tgt_BS)
+  correct = (jnp.argmax(logits_BSV, -1) == tgt_BS) & ok_BS
+  return jnp.sum(ce * ok_BS), jnp.sum(correct).astype(jnp.float32)
+
+
+def expert_counts(intermediates) -> dict[str, jax.Array]:
+  """{module path of the router: tokens per expert [E] (or [L, E] scanned)}, from sown intermediates."""
+  flat = traverse_util.flatten_dict(dict(intermediates))
+  return {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "expert_counts"}
+
+
+def make_train_step(model: Transformer, config, tx: optax.GradientTransformation, schedule):
+  """train_step(state, batch) -> (state, metrics); pure, for jax.jit."""
+  mcfg = model.cfg
+  n_mtp, accum = mcfg.num_nextn_predict_layers, config.optim.grad_accum
+  mtp_lambda, nan_at = config.optim.mtp_lambda, config.debug.nan_at_step
+
+  def loss_fn(params, router, batch, norms, step):
+    tokens = batch["tokens"]
+    out, mut = model.apply({"params": params, "router": router}, tokens[:, :-1], batch["positions"][:, :-1],
+                           batch["segment_ids"][:, :-1], return_mtp=n_mtp > 0, mutable=["intermediates", "losses"])
+    logits, mtp_logits = out if n_mtp else (out, None)
+    ce, correct = cross_entropy(logits, *targets(batch, 0))
+    lm = ce / norms[0]
+    mtp = sum(cross_entropy(mtp_logits[k - 1], *targets(batch, k))[0] / norms[k] for k in range(1, n_mtp + 1))
+    mtp = mtp / n_mtp if n_mtp else jnp.zeros((), jnp.float32)
+    balance = sum(jax.tree.leaves(mut.get("losses", {})), jnp.zeros((), jnp.float32)) / accum
+    loss = lm + mtp_lambda * mtp + balance
+    if nan_at >= 0:  # test hook (debug.nan_at_step): NaN loss and gradients at that 1-based step
+      loss = loss * jnp.where(step + 1 == nan_at, jnp.nan, 1.0)
+    aux = {"loss": loss, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "correct": correct,
+           "counts": expert_counts(mut.get("intermediates", {}))}
+    return loss, aux
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grads_and_aux(params, router, batch, norms, step):
+    if accum == 1:
+      (_, aux), grads = grad_fn(params, router, batch, norms, step)
+      return grads, aux
+    # Row r goes to microbatch r % A, so every microbatch keeps the batch's layout over devices.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+    shapes = jax.eval_shape(lambda mb: grad_fn(params, router, mb, norms, step), jax.tree.map(lambda x: x[0], micro))
+    (_, aux0), g0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry, mb):
+      (_, aux), grads = grad_fn(params, router, mb, norms, step)
+      return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+    (grads, aux), _ = jax.lax.scan(body, (g0, aux0), micro)
+    return grads, aux
+
+  def train_step(state: TrainState, batch: dict):
+    norms = [jnp.maximum(jnp.sum(targets(batch, k)[1]), 1).astype(jnp.float32) for k in range(n_mtp + 1)]
+    grads, aux = grads_and_aux(state.params, state.router, batch, norms, state.step)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    gamma = optim.bias_update_speed(config.optim, state.step)
+    flat = traverse_util.flatten_dict(dict(state.router))
+    router = traverse_util.unflatten_dict({
+        k: optim.bias_update(v, aux["counts"]["/".join(k[:-1])], gamma) if "/".join(k[:-1]) in aux["counts"] else v
+        for k, v in flat.items()}) if flat else state.router
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), router=keep(router, state.router),
+                           rng=jax.random.split(state.rng)[0])
+    metrics = {k: aux[k] for k in ("loss", "lm_loss", "mtp_loss", "balance_loss")}
+    metrics.update(grad_norm=grad_norm, lr=schedule(state.step), accuracy=aux["correct"] / norms[0],
+                   nonfinite=~ok, expert_counts=aux["counts"])
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: Transformer):
+  def eval_step(params, router, batch):
+    logits = model.apply({"params": params, "router": router}, batch["tokens"][:, :-1],
+                         batch["positions"][:, :-1], batch["segment_ids"][:, :-1])
+    tgt, ok = targets(batch, 0)
+    ce, correct = cross_entropy(logits, tgt, ok)
+    return ce, correct, jnp.sum(ok).astype(jnp.float32)
+  return eval_step
+
+
+# --- setup ---------------------------------------------------------------------------------
+class Trainer:
+  """Model, mesh, optimizer, shardings and the compiled step for one config."""
+
+  def __init__(self, config):
+    self.config = config
+    self.mcfg = mcfg = checkpoint.model_config(config)
+    b, s, accum = config.batch_size, config.seq_len, config.optim.grad_accum
+    if config.nan_policy not in ("skip", "stop"):
+      raise UserError(f"nan_policy {config.nan_policy!r} is not 'skip' or 'stop'")
+    for name in ("steps", "batch_size", "seq_len"):
+      if config[name] < 1:
+        raise UserError(f"{name}={config[name]} must be >= 1")
+    if accum < 1 or b % accum:
+      raise UserError(f"batch_size {b} is not divisible by optim.grad_accum {accum}")
+    if s + 1 > mcfg.max_position_embeddings and config.data.path == "synthetic:copy":
+      raise UserError(f"seq_len {s} exceeds model.max_position_embeddings {mcfg.max_position_embeddings}")
+    m = config.mesh
+    try:
+      self.mesh = sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor, dcn_data=m.dcn_data, dcn_fsdp=m.dcn_fsdp,
+                                     dcn_expert=m.dcn_expert, dcn_tensor=m.dcn_tensor)
+      self.rules = sharding.merge_rules([tuple(r) for r in m.rules])
+      sharding.validate(mcfg, b // accum, self.mesh, self.rules)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+    self.model = Transformer(mcfg)
+    self.schedule = optim.lr_schedule(config.optim, config.steps)
+    self.tx = optim.make_optimizer(config.optim, config.steps)
+
+    variables = checkpoint.abstract_variables(self.model, (b // accum, s), self.mesh, self.rules)
+    sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    replicated = NamedSharding(self.mesh, P())
+    params = variables["params"]
+    opt_abstract = jax.eval_shape(self.tx.init, params)
+    opt_sharding = optax.tree_map_params(self.tx, lambda _, sh: sh, opt_abstract, sharding_of(params),
+                                         transform_non_params=lambda _: replicated)
+    self.state_sharding = TrainState(step=replicated, params=sharding_of(params), opt_state=opt_sharding,
+                                     router=sharding_of(variables.get("router", {})), rng=replicated)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_abstract,
+                        router=variables.get("router", {}), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    self.abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                       shapes, self.state_sharding)
+    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    self.batch_sharding = sharding.batch_sharding(self.mesh, 2, self.rules)
+    self.rows = sharding.process_batch_rows(self.mesh, b, self.rules)
+    self._step_fn, self._eval_fn = None, None
+
+  @property
+  def step_fn(self):
+    """train_step jitted once with in/out shardings and the state donated (compiled on first use)."""
+    if self._step_fn is None:
+      b, s = self.config.batch_size, self.config.seq_len
+      abstract_batch = {k: jax.ShapeDtypeStruct((b, s + 1), jnp.int32, sharding=self.batch_sharding)
+                        for k in ("tokens", "segment_ids", "positions")}
+      with sharding.activation_rules(self.mesh, self.rules):
+        step = jax.jit(make_train_step(self.model, self.config, self.tx, self.schedule),
+                       in_shardings=(self.state_sharding, self.batch_sharding),
+                       out_shardings=(self.state_sharding, None), donate_argnums=0)
+        self._step_fn = step.lower(self.abstract_state, abstract_batch).compile()
+    return self._step_fn
+
+  def init_state(self, seed: int) -> TrainState:
+    """A fresh state, born sharded (jit with out_shardings; nothing is built on one device)."""
+    def init(key):
+      k_model, k_state = jax.random.split(key)
+      v = self.model.init(k_model, jnp.zeros((1, 8), jnp.int32))
+      v = nn.unbox(v)
+      params = v["params"]
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                        router=v.get("router", {}), rng=k_state)
+    with sharding.activation_rules(self.mesh, self.rules):
+      return jax.jit(init, out_shardings=self.state_sharding)(jax.random.PRNGKey(seed))
+
+  def batch(self, source, split: str, step: int) -> dict:
+    """The global batch of `step` as sharded jax.Arrays; this process reads only its rows."""
+    local = source.rows(split, step, range(self.rows.start, self.rows.stop))
+    return sharding.global_batch(local, self.mesh, self.rules)
+
+  def evaluate(self, state: TrainState, source, num_batches: int) -> dict:
+    """Validation LM loss and accuracy over the first num_batches val batches (fixed, so comparable)."""
+    if self._eval_fn is None:
+      with sharding.activation_rules(self.mesh, self.rules):
+        self._eval_fn = jax.jit(make_eval_step(self.model))
+    totals = np.zeros(3)
+    with sharding.activation_rules(self.mesh, self.rules):
+      for i in range(num_batches):
+        totals += np.asarray(jax.device_get(self._eval_fn(state.params, state.router, self.batch(source, "val", i))))
+    return {"val_loss": totals[0] / max(totals[2], 1), "val_accuracy": totals[1] / max(totals[2], 1)}
+
+
+# --- logging -------------------------------------------------------------------------------
+def _truncate_jsonl(path: str, last_step: int):
+  """Drops records past last_step (written by a run that died after its last checkpoint)."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+  with open(path, "w") as f:
+    f.writelines(keep)
+
+
+def layer_loads(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{layer name: tokens per expert [E]}: 'layers_1', 'mtp_0/block', 'moe_layers/3' (scanned)."""
+  out = {}
+  for path, c in counts.items():
+    name = path.removesuffix("/moe/router")
+    c = np.asarray(c)
+    if c.ndim == 1:
+      out[name] = c
+    else:
+      out.update({f"{name}/{i}": row for i, row in enumerate(c)})
+  return out
+
+
+class Logger:
+  """Host side of the metrics: nan policy, progress bar, metrics.jsonl, expert_load.jsonl, TensorBoard."""
+
+  def __init__(self, workdir: str, config, trainer: Trainer, start: int):
+    self.config, self.main = config, jax.process_index() == 0
+    self.workdir, self.skipped, self.last = workdir, 0, None
+    self.tokens_per_step = config.batch_size * config.seq_len
+    self.flops_per_step = flops.train_flops_per_token(trainer.mcfg, config.seq_len) * self.tokens_per_step
+    if config.peak_flops > 0:
+      self.peak, src = config.peak_flops * jax.device_count(), "config.peak_flops"
+    else:
+      self.peak, src = flops.peak_flops(trainer.mcfg.dtype)
+      self.peak *= jax.process_count()
+    self.bar, self.tb = None, None
+    if self.main:
+      logging.info("peak FLOP/s %.3g (%s); model FLOPs per step %.3g", self.peak, src, self.flops_per_step)
+      for name in ("metrics.jsonl", "expert_load.jsonl"):
+        _truncate_jsonl(os.path.join(workdir, name), start)
+      from tqdm import tqdm
+      self.bar = tqdm(total=config.steps, initial=start, desc=config.name, dynamic_ncols=True)
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except ImportError:
+        logging.info("tensorboardX is not installed; metrics go to metrics.jsonl only")
+
+  def _write(self, name: str, record: dict):
+    with open(os.path.join(self.workdir, name), "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def record(self, step: int, metrics: dict):
+    """Step `step`'s metrics (device arrays; this is where the host waits for that step)."""
+    m = jax.device_get(metrics)
+    now = time.perf_counter()
+    if bool(m["nonfinite"]):
+      if self.config.nan_policy == "stop":
+        raise Diverged(f"non-finite loss ({float(m['loss'])}) or gradient at step {step}; nan_policy='stop' "
+                       "(the update was not applied)")
+      self.skipped += 1
+      logging.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step, self.skipped)
+    if not self.main:
+      return
+    self.bar.update(1)
+    if self.last is None:  # the first result includes compilation: time from here on
+      self.last = (step, now)
+      return
+    if step % self.config.log_every and step != self.config.steps:
+      return
+    loads = layer_loads(m["expert_counts"])
+    violation = {k: float(v.max() / max(v.mean(), 1e-9) - 1) for k, v in loads.items()}
+    n, dt = step - self.last[0], now - self.last[1]
+    self.last = (step, now)
+    rec = {"step": step, **{k: float(m[k]) for k in ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm",
+                                                     "lr", "accuracy")}}
+    rec.update(tokens_per_s=n * self.tokens_per_step / dt, flops_per_s=n * self.flops_per_step / dt,
+               skipped=self.skipped, load_violation=violation,
+               load_violation_max=max(violation.values()) if violation else 0.0)
+    rec["mfu"] = rec["flops_per_s"] / self.peak
+    self._write("metrics.jsonl", rec)
+    if loads:
+      self._write("expert_load.jsonl", {"step": step, **{k: (v / max(v.sum(), 1)).tolist() for k, v in loads.items()}})
+    self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", mfu=f"{rec['mfu']:.1%}")
+    self.scalars(step, {k: v for k, v in rec.items() if isinstance(v, float)} | {
+        f"load_violation/{k}": v for k, v in violation.items()})
+
+  def scalars(self, step: int, values: dict):
+    if self.tb is not None:
+      for k, v in values.items():
+        self.tb.add_scalar(k, v, step)
+
+  def eval(self, step: int, values: dict):
+    if self.main:
+      self._write("metrics.jsonl", {"step": step, **values})
+      self.scalars(step, values)
+      self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+class Preemption:
+  """SIGTERM / SIGINT set a flag; the loop checkpoints and returns (a second SIGINT kills)."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+    signal.signal(signum, self._old[signum])
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+# --- the loop ------------------------------------------------------------------------------
+def run(config, workdir: str) -> dict:
+  """Trains config.steps steps in workdir, resuming from its latest checkpoint; returns the last metrics."""
+  trainer = Trainer(config)  # validates config, mesh and shapes; compiles nothing yet
+  source = data.make_source(config.data, config.seq_len, config.batch_size, config.seed, trainer.mcfg.vocab_size)
+  if config.data.path not in ("", "synthetic:copy") and source.meta.get("tokenizer") != config.data.tokenizer:
+    raise UserError(f"data.path {config.data.path!r} was prepared with tokenizer {source.meta.get('tokenizer')!r} "
+                    f"but data.tokenizer is {config.data.tokenizer!r}; set --config.data.tokenizer to match")
+  cfg_dict = config.to_dict()
+  checkpoint.check_workdir(workdir, cfg_dict, trainer.abstract_state.to_dict())
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
+  start = ckpt.latest_step()
+  if start is None:
+    start, state = 0, trainer.init_state(config.seed)
+  else:
+    state = TrainState(**ckpt.restore(start, trainer.abstract_state.to_dict()))
+  logging.info("%s: %.2fM parameters, mesh %s, %d processes, steps %d..%d, workdir %s", config.name,
+               trainer.num_params / 1e6, dict(trainer.mesh.shape), jax.process_count(), start, config.steps, workdir)
+  logger = Logger(workdir, config, trainer, start)
+  pending, done = None, start
+  try:
+    with Preemption() as preempt:
+      for step in range(start, config.steps):
+        state, metrics = trainer.step_fn(state, trainer.batch(source, "train", step))
+        if pending is not None:
+          logger.record(*pending)
+        pending, done = (step + 1, metrics), step + 1
+        stop = preempt.requested or (jax.process_count() > 1 and ckpt.manager.reached_preemption(done))
+        if done % config.checkpoint_every == 0 or done == config.steps or stop:
+          ckpt.save(done, state.to_dict(), cfg_dict)
+        if config.eval_every and done % config.eval_every == 0:
+          logger.eval(done, trainer.evaluate(state, source, config.eval_batches))
+        if stop:
+          logging.warning("preempted: checkpoint at step %d written, exiting", done)
+          break
+      if pending is not None:
+        logger.record(*pending)
+  finally:
+    ckpt.close()
+    logger.close()
+  return {"step": done, "state": state}

@@ -1,0 +1,93 @@
+"""Shared by the sharding tests and the multi-process worker: one loss, one jitted step per mesh."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn, traverse_util
+
+from moe_jax import sharding
+from moe_jax.config import ModelConfig, tiny
+from moe_jax.model import Transformer
+
+BATCH, SEQ = 8, 16
+
+
+def test_config(**kw) -> ModelConfig:
+  """The tiny preset; capacity_factor 8 >= any expert-parallel size here, so 'ep' drops nothing."""
+  return tiny(**{"capacity_factor": 8.0, **kw})
+
+
+def tokens(cfg: ModelConfig, batch: int = BATCH, seq: int = SEQ, seed: int = 1) -> np.ndarray:
+  return np.asarray(jax.random.randint(jax.random.key(seed), (batch, seq), 0, cfg.vocab_size, jnp.int32))
+
+
+def abstract_variables(cfg: ModelConfig, seq: int = SEQ):
+  """Boxed ShapeDtypeStructs of params + router (no devices, no memory)."""
+  model = Transformer(cfg.replace(moe_impl="ragged"))  # same variables for every dispatch
+  def init(key):
+    v = model.init(key, jnp.zeros((1, seq), jnp.int32))
+    return {"params": v["params"], "router": v["router"]}
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def host_variables(cfg: ModelConfig, seed: int = 0):
+  """Unboxed variables on the default device, with a non-zero router bias (so selection uses it)."""
+  v = Transformer(cfg.replace(moe_impl="ragged")).init(jax.random.key(seed), jnp.zeros((1, SEQ), jnp.int32))
+  v = nn.unbox({"params": v["params"], "router": v["router"]})
+  v["router"] = jax.tree.map(lambda b: 0.01 * jax.random.normal(jax.random.key(seed + 7), b.shape, b.dtype),
+                             v["router"])
+  return v
+
+
+def loss_fn(params, router, tokens_BS, model: Transformer):
+  """Next-token + MTP cross-entropy + balance loss -> (loss, (logits, intermediates, balance loss))."""
+  (logits, mtp), state = model.apply({"params": params, "router": router}, tokens_BS, return_mtp=True,
+                                     mutable=["intermediates", "losses"])
+  def ce(lg, targets):
+    return jnp.mean(jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, targets[..., None], -1)[..., 0])
+  balance = sum(jax.tree.leaves(state.get("losses", {})), jnp.zeros((), jnp.float32))
+  loss = ce(logits[:, :-1], tokens_BS[:, 1:]) + 0.3 * ce(mtp[0][:, :-2], tokens_BS[:, 2:]) + balance
+  return loss, (logits, state["intermediates"], balance)
+
+
+def step_fn(model: Transformer):
+  """(variables, tokens) -> dict(loss, logits, grads, expert_counts, balance, dropped).
+
+  expert_counts: {layer path: [E] counts}; dropped: assignments the dispatch dropped (all layers).
+  """
+  def step(variables, tokens_BS):
+    (loss, (logits, inter, balance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        variables["params"], variables["router"], tokens_BS, model)
+    flat = traverse_util.flatten_dict(inter, sep="/")
+    counts = {k: v for k, v in flat.items() if k.endswith("expert_counts")}
+    dropped = sum((v for k, v in flat.items() if k.endswith("dropped_tokens")), jnp.zeros((), jnp.float32))
+    return dict(loss=loss, logits=logits, grads=grads, expert_counts=counts, balance=balance, dropped=dropped)
+  return step
+
+
+def reference(cfg: ModelConfig):
+  """The single-device result (moe_impl='ragged', no mesh), as numpy."""
+  v = host_variables(cfg)
+  out = jax.jit(step_fn(Transformer(cfg.replace(moe_impl="ragged"))))(v, tokens(cfg))
+  return jax.tree.map(np.asarray, out)
+
+
+def sharded_step(cfg: ModelConfig, mesh, rules=sharding.DEFAULT_RULES):
+  """Compiles the step on `mesh` once; returns (compiled, sharded variables, sharded tokens)."""
+  abstract = abstract_variables(cfg)
+  shardings = nn.unbox(sharding.named_shardings(abstract, mesh, rules))
+  variables = jax.device_put(host_variables(cfg), shardings)
+  toks = jax.device_put(tokens(cfg), sharding.batch_sharding(mesh, 2, rules))
+  with sharding.activation_rules(mesh, rules):
+    compiled = jax.jit(step_fn(Transformer(cfg)), in_shardings=(shardings, toks.sharding)).lower(
+        variables, toks).compile()
+  return compiled, variables, toks
+
+
+def max_rel_diff(a, b) -> float:
+  """max |a - b| / max |b| (0 when both are 0)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  scale = np.abs(b).max()
+  return float(np.abs(a - b).max() / scale) if scale else float(np.abs(a).max())

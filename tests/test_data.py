@@ -1,0 +1,132 @@
+"""moe_jax.data: prepare round trip, packing, the stateless sampler, and its errors."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from moe_jax import data
+from moe_jax.errors import UserError
+
+DOCS = ["def f(x):\n  return x + 1\n", "héllo wörld ✓", "a", "import os\nprint(os.sep)\n", "last one"]
+
+
+def _write_inputs(tmp_path):
+  text = tmp_path / "one.txt"
+  text.write_text(DOCS[0], encoding="utf-8")
+  jsonl = tmp_path / "rest.jsonl"
+  jsonl.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(DOCS[1:])) + "\n",
+                   encoding="utf-8")
+  return [str(text), str(jsonl)]
+
+
+def _docs(store: data.TokenStore) -> list[np.ndarray]:
+  bounds = list(store.doc_starts) + [len(store)]
+  return [np.asarray(store.tokens[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def test_prepare_round_trip_byte(tmp_path):
+  out = tmp_path / "tok"
+  meta = data.prepare(_write_inputs(tmp_path), "byte", str(out), val_fraction=0.5)
+  assert meta["dtype"] == "uint16" and meta["vocab_size"] == data.BYTE_VOCAB and meta["eos_id"] == data.BYTE_EOS
+  assert meta["n_docs"] == {"train": 3, "val": 2}  # every 2nd document is held out
+  assert json.loads((out / "meta.json").read_text()) == meta
+  tok = data.ByteTokenizer()
+  train, val = data.open_split(str(out), "train"), data.open_split(str(out), "val")
+  assert isinstance(train.tokens, np.memmap)
+  got = [tok.decode(d) for d in _docs(train)] + [tok.decode(d) for d in _docs(val)]
+  assert got == [DOCS[0], DOCS[2], DOCS[4], DOCS[1], DOCS[3]]
+  assert all(d[-1] == data.BYTE_EOS for d in _docs(train) + _docs(val))
+  assert meta["max_token_id"] == data.BYTE_EOS and meta["n_tokens"]["train"] == len(train)
+
+
+def test_prepare_hf_tokenizer_and_single_document_val(tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate("the cat sat on mat".split())}}
+  tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tk.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "a.txt").write_text("the cat sat on the mat " * 20)
+  meta = data.prepare([str(tmp_path / "a.txt")], str(tmp_path / "tokenizer.json"), str(tmp_path / "out"), 0.1)
+  assert meta["vocab_size"] == 7 and meta["eos_id"] == 1
+  # One document: the val split is the tail of the token stream.
+  assert meta["n_tokens"]["val"] == int(np.ceil(121 * 0.1)) and meta["n_tokens"]["train"] == 121 - 13
+  train = data.open_split(str(tmp_path / "out"), "train")
+  assert list(train.tokens[:4]) == [2, 3, 4, 5]
+
+
+def test_prepare_errors(tmp_path):
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(UserError, match="empty"):
+    data.prepare([str(tmp_path / "empty.txt")], "byte", str(tmp_path / "o1"))
+  (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+  with pytest.raises(UserError, match="bad.jsonl:2"):
+    data.prepare([str(tmp_path / "bad.jsonl")], "byte", str(tmp_path / "o2"))
+  with pytest.raises(UserError, match="no such file"):
+    data.prepare([str(tmp_path / "missing.txt")], "byte", str(tmp_path / "o3"))
+  assert data.main(["prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o4")]) == 2
+
+
+def test_packing_segments_and_positions():
+  store = data.TokenStore(np.arange(20, dtype=np.uint16), np.array([0, 5, 7, 15]))
+  w = store.windows(np.array([3, 14]), 6)
+  np.testing.assert_array_equal(w["tokens"][0], [3, 4, 5, 6, 7, 8])
+  np.testing.assert_array_equal(w["segment_ids"][0], [0, 0, 1, 1, 2, 2])
+  np.testing.assert_array_equal(w["positions"][0], [3, 4, 0, 1, 0, 1])
+  np.testing.assert_array_equal(w["segment_ids"][1], [0, 1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(w["positions"][1], [7, 0, 1, 2, 3, 4])
+
+
+def test_sampler_is_stateless_and_sliced():
+  store = data.TokenStore(np.arange(1000, dtype=np.uint16) % 250, np.array([0, 400]))
+  src = data.Source(store, store, seq_len=16, batch_size=8, seed=3, meta={})
+  full = src.rows("train", 5, range(8))
+  again = data.Source(store, store, 16, 8, 3, {}).rows("train", 5, range(8))
+  for k in full:
+    np.testing.assert_array_equal(full[k], again[k])
+  # A process that holds rows 4..7 reads exactly those rows of the global batch.
+  part = src.rows("train", 5, range(4, 8))
+  np.testing.assert_array_equal(part["tokens"], full["tokens"][4:])
+  assert not np.array_equal(src.rows("train", 6, range(8))["tokens"], full["tokens"])
+  assert not np.array_equal(data.Source(store, store, 16, 8, 4, {}).rows("train", 5, range(8))["tokens"],
+                            full["tokens"])
+  assert not np.array_equal(src.rows("val", 5, range(8))["tokens"], full["tokens"])
+
+
+def test_copy_source_layout():
+  src = data.CopySource(seq_len=8, batch_size=2, seed=0, n_symbols=5)
+  t = src.rows("train", 0, [0, 1])["tokens"]
+  assert t.shape == (2, 9)
+  np.testing.assert_array_equal(t[:, :4], t[:, 5:])
+  assert (t[:, 4] == src.sep).all() and t.max() <= src.sep
+
+
+def test_embedded_corpus():
+  train, val, meta = data.embedded_corpus(0.01)
+  assert len(train) > 1_000_000 and len(val) > 10_000
+  assert meta["vocab_size"] == 257 and int(train.tokens[:100_000].max()) <= data.BYTE_EOS
+  assert train.tokens[train.doc_starts[1] - 1] == data.BYTE_EOS
+  first = next(data.stdlib_documents())
+  np.testing.assert_array_equal(train.tokens[:len(first)], np.frombuffer(first, np.uint8))
+
+
+def _cfg(path):
+  return ml_collections.ConfigDict(dict(path=path, tokenizer="byte", val_fraction=0.01))
+
+
+def test_make_source_errors(tmp_path):
+  with pytest.raises(UserError, match="does not exist"):
+    data.make_source(_cfg(str(tmp_path / "nope")), 16, 4, 0, 264)
+  os.makedirs(tmp_path / "hollow")
+  with pytest.raises(UserError, match="no meta.json"):
+    data.make_source(_cfg(str(tmp_path / "hollow")), 16, 4, 0, 264)
+  (tmp_path / "a.txt").write_text("some text " * 50)
+  data.prepare([str(tmp_path / "a.txt")], "byte", str(tmp_path / "tok"))
+  with pytest.raises(UserError, match=r"token id 256 >= model.vocab_size 200"):
+    data.make_source(_cfg(str(tmp_path / "tok")), 16, 4, 0, 200)
+  with pytest.raises(UserError, match="fewer than seq_len"):
+    data.make_source(_cfg(str(tmp_path / "tok")), 4096, 4, 0, 264)
+  src = data.make_source(_cfg(str(tmp_path / "tok")), 16, 4, 0, 264)
+  assert src.rows("train", 0, range(4))["tokens"].shape == (4, 17)

@@ -1,0 +1,71 @@
+"""Trains a DeepSeek-V3-style MoE model: flags -> moe_jax.train.run(config, workdir).
+
+  python train.py                                   # tiny preset, embedded corpus, ./workdir/tiny
+  python train.py --config=configs/small.py --workdir=W --config.optim.lr=3e-4
+  python train.py --config=configs/small.py:smoke   # a variant of the preset
+
+Restarting with the same --workdir resumes from its latest complete checkpoint. SIGTERM or
+Ctrl-C writes a checkpoint and exits 0. Bad input prints one `error:` line and exits 2.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", default="configs/tiny.py", help_string="training config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints and metrics (default ./workdir/<config name>)")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host); "
+                                 "also on when JAX_COORDINATOR_ADDRESS is set")
+
+
+def _fail(msg: str, code: int = 2):
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _parse(argv):
+  """absl flag parsing, but a bad flag or config field is one `error:` line, not a usage dump."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as e:
+    _fail(f"--config: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+class _QuietLibraries(std_logging.Filter):
+  """orbax logs every save at INFO level through absl; keep its warnings, drop the chatter."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from moe_jax import sharding, train  # after flag parsing, so `--help` stays fast
+
+  try:
+    sharding.initialize_distributed(enable=_DISTRIBUTED.value or None)
+  except ValueError as e:
+    _fail(f"distributed: {e}")
+  import jax
+
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join("workdir", config.get("name", "run"))
+  logging.info("JAX %s, process %d of %d, %d local of %d devices: %s", jax.__version__, jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
+  try:
+    train.run(config, workdir)
+  except train.UserError as e:
+    _fail(str(e))
+  except train.Diverged as e:
+    _fail(str(e), code=1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse)
