@@ -39,7 +39,10 @@ def parse_args(argv):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no_progress", action="store_true")
   p.error = lambda msg: (print(f"error: {msg}", file=sys.stderr), sys.exit(2))
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if not (args.tasks or args.lm_eval_tasks):
+    p.error("nothing to evaluate: give --tasks=KIND:PATH,... and/or --lm_eval_tasks=NAME,...")
+  return args
 
 
 def main(argv=None) -> int:
@@ -50,7 +53,11 @@ def main(argv=None) -> int:
     print(f"error: --mesh={args.mesh}: expected four integers data,fsdp,expert,tensor", file=sys.stderr)
     return 2
   from moe_jax import data, evaluate  # after flag parsing: importing jax takes a while
+  stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else ("\n",)
   try:
+    evaluate.check_tasks(args.tasks, stop)  # bad task files fail before a model is loaded
+    if args.lm_eval_tasks:
+      import moe_jax.lm_eval_adapter  # noqa: F401  (a missing optional extra fails here, early)
     vocab = data.load_tokenizer(args.tokenizer or "byte").vocab_size if args.preset else None
     model, variables, info = evaluate.load_model(workdir=args.workdir, checkpoint=args.checkpoint, hf=args.hf,
                                                  preset=args.preset, vocab_size=vocab, dtype=args.dtype,
@@ -60,8 +67,7 @@ def main(argv=None) -> int:
                  lm_eval_limit=args.lm_eval_limit, tokenizer=args.tokenizer or info["tokenizer"],
                  output=args.output, batch_size=args.batch_size, max_len=args.max_len, mesh=info["mesh"],
                  rules=info["rules"], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.no_progress,
-                 stop=[codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else ("\n",))
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.no_progress, stop=stop)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

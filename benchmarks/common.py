@@ -146,3 +146,41 @@ class _CompileCounter:
   def _dispatch(event, duration, **kw):
     for c in _CompileCounter._active:
       c._listener(event, duration, **kw)
+
+
+# --- configs ------------------------------------------------------------------------------
+def bench10m(**kw):
+  """~10M parameters, DeepSeek-V3-shaped (MLA with q_lora, 1 dense + 4 MoE layers, 16 experts top-4 in
+  4 groups, 1 shared expert, sigmoid noaux_tc routing); no MTP and no balance loss, which
+  transformers' DeepseekV3ForCausalLM does not train, so both sides compute the same step."""
+  from moe_jax.config import ModelConfig
+  base = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+              num_hidden_layers=5, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
+              qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+              n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+              num_nextn_predict_layers=0, aux_loss_alpha=0.0, max_position_embeddings=512)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def model_config(name: str, overrides: Sequence[str] = ()):
+  """'bench10m' or a moe_jax.config preset name, with FIELD=VALUE overrides (Python literals or strings)."""
+  import ast
+  from moe_jax import config as mc
+  kw = {}
+  for item in overrides:
+    key, _, value = item.partition("=")
+    try:
+      kw[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      kw[key] = value
+  if name == "bench10m":
+    return bench10m(**kw)
+  if name not in mc.PRESETS:
+    raise SystemExit(f"unknown config {name!r}; known: bench10m, {', '.join(mc.PRESETS)}")
+  return mc.PRESETS[name](**kw)
+
+
+def param_count(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+

@@ -78,7 +78,8 @@ def shape_mismatches(saved_tree, target_tree) -> list[str]:
   """'path: checkpoint (a, b) vs this config (c, d)' for every leaf whose shape (or presence) differs."""
   saved, target = _shapes(saved_tree), _shapes(target_tree)
   out = []
-  for k in sorted(set(saved) | set(target)):
+  # Parameters first: the optimizer state only mirrors them.
+  for k in sorted(set(saved) | set(target), key=lambda k: (not k.startswith(("params", "router")), k)):
     a, b = saved.get(k, "absent"), target.get(k, "absent")
     if a != b:
       out.append(f"{k}: checkpoint {a} vs this config {b}")

@@ -135,21 +135,55 @@ def eval_lm(scorer: scoring.Scorer, tok, path: str) -> tuple[dict[str, float], i
           "bits_per_byte": -total / math.log(2) / max(n_bytes, 1)}, n
 
 
-def eval_mc(scorer: scoring.Scorer, tok, path: str) -> tuple[dict[str, float], int]:
-  """-> ({acc, acc_norm}, number of examples)."""
-  examples, requests = [], []
+def mc_records(path: str) -> list[tuple[str, str, list[str], int]]:
+  """Validated multiple-choice records: (where, context, choices, gold index)."""
+  out = []
   for lineno, rec in read_jsonl(path, ("context", "choices", "gold")):
     where = f"{path}:{lineno}"
     choices, gold = rec["choices"], rec["gold"]
-    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-      raise UserError(f"{where}: 'choices' must be a non-empty list of strings, got {choices!r}")
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+      raise UserError(f"{where}: 'choices' must be a non-empty list of non-empty strings, got {choices!r}")
     if isinstance(gold, str) and gold in choices:
       gold = choices.index(gold)
     if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
       raise UserError(f"{where}: 'gold' must index the {len(choices)} choices (or equal one), got {rec['gold']!r}")
+    out.append((where, str(rec["context"]), choices, gold))
+  return out
+
+
+def gen_records(path: str, stop: Sequence[str] = ("\n",)) -> list[tuple[str, str, list[str], list[str]]]:
+  """Validated generation records: (where, prompt, accepted answers, stop sequences)."""
+  out = []
+  for lineno, rec in read_jsonl(path, ("prompt", "answer")):
+    where = f"{path}:{lineno}"
+    answer = rec["answer"] if isinstance(rec["answer"], list) else [rec["answer"]]
+    if not answer or not all(isinstance(a, (str, int, float)) for a in answer):
+      raise UserError(f"{where}: 'answer' must be a string or a non-empty list of strings, got {rec['answer']!r}")
+    ex_stop = rec.get("stop", list(stop))
+    if not isinstance(ex_stop, list) or not all(isinstance(x, str) and x for x in ex_stop):
+      raise UserError(f"{where}: 'stop' must be a list of non-empty strings, got {ex_stop!r}")
+    out.append((where, str(rec["prompt"]), [str(a) for a in answer], ex_stop))
+  return out
+
+
+def check_tasks(spec: str, stop: Sequence[str] = ("\n",)) -> list[tuple[str, str]]:
+  """Parses the task list and validates every JSONL record, before any model is loaded."""
+  tasks = parse_tasks(spec)
+  for kind, path in tasks:
+    if kind == "mc":
+      mc_records(path)
+    elif kind == "gen":
+      gen_records(path, stop)
+  return tasks
+
+
+def eval_mc(scorer: scoring.Scorer, tok, path: str) -> tuple[dict[str, float], int]:
+  """-> ({acc, acc_norm}, number of examples)."""
+  examples, requests = [], []
+  for where, context, choices, gold in mc_records(path):
     first = len(requests)
     for choice in choices:
-      ctx, cont = split_context(tok, str(rec["context"]), choice)
+      ctx, cont = split_context(tok, context, choice)
       ctx = with_prefix(tok, ctx, where)
       if not cont:
         raise UserError(f"{where}: choice {choice!r} encodes to no tokens")
@@ -163,7 +197,7 @@ def eval_mc(scorer: scoring.Scorer, tok, path: str) -> tuple[dict[str, float], i
   for first, choices, gold in examples:
     ll = np.array([s for s, _ in scores[first:first + len(choices)]])
     acc += int(np.argmax(ll) == gold)
-    acc_norm += int(np.argmax(ll / np.array([max(len(c), 1) for c in choices])) == gold)
+    acc_norm += int(np.argmax(ll / np.array([len(c) for c in choices])) == gold)
   return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}, len(examples)
 
 
@@ -171,29 +205,23 @@ def eval_gen(scorer: scoring.Scorer, tok, path: str, *, max_new_tokens: int = 32
              top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = ("\n",), seed: int = 0
              ) -> tuple[dict[str, float], int]:
   """-> ({exact_match}, number of examples)."""
-  prompts, answers, stops = [], [], []
+  records = gen_records(path, stop)
   room = scorer.max_len - max_new_tokens
-  for lineno, rec in read_jsonl(path, ("prompt", "answer")):
-    where = f"{path}:{lineno}"
-    answer = rec["answer"] if isinstance(rec["answer"], list) else [rec["answer"]]
-    ex_stop = rec.get("stop", list(stop))
-    if not isinstance(ex_stop, list) or not all(isinstance(s, str) and s for s in ex_stop):
-      raise UserError(f"{where}: 'stop' must be a list of non-empty strings, got {ex_stop!r}")
-    ids = with_prefix(tok, tok.encode(str(rec["prompt"])), where)
+  prompts = []
+  for where, prompt, _, _ in records:
+    ids = with_prefix(tok, tok.encode(prompt), where)
     if len(ids) > room:
       raise UserError(f"{where}: prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the context "
                       f"window of {scorer.max_len} leaves room for {room}")
     prompts.append(ids)
-    answers.append([str(a) for a in answer])
-    stops.append(ex_stop)
-  # Stop sequences that are one token also end decoding early; all are applied to the text after.
-  stop_ids = {tok.eos_id} - {None}
-  for s in set().union(*map(set, stops)):
-    ids = tok.encode(s)
-    if len(ids) == 1:
-      stop_ids.add(ids[0])
+  # Decoding ends early at EOS and at one-token stop sequences that every example shares (a
+  # batch stops together); each example's own stop sequences then cut its text.
+  shared = set.intersection(*(set(r[3]) for r in records))
+  stop_ids = ({tok.eos_id} - {None}) | {ids[0] for ids in map(tok.encode, shared) if len(ids) == 1}
   outs = scorer.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          stop_tokens=sorted(stop_ids), seed=seed, desc=f"gen {os.path.basename(path)}")
+  answers = [r[2] for r in records]
+  stops = [r[3] for r in records]
   hits = 0
   for ids, answer, ex_stop in zip(outs, answers, stops):
     text = tok.decode([t for t in ids if t != tok.eos_id])

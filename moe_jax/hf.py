@@ -43,6 +43,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from moe_jax.config import ModelConfig
+from moe_jax.errors import UserError
 from moe_jax.model import Transformer
 
 SUPPORTED = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -70,7 +71,7 @@ class SafetensorsReader:
     elif (d / "model.safetensors").exists():
       files = ["model.safetensors"]
     else:
-      raise ValueError(f"{d}: no model.safetensors or model.safetensors.index.json")
+      raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
     self.entries: dict[str, tuple[Path, int, int, str, tuple[int, ...]]] = {}
     for name in files:
       f = d / name
@@ -95,7 +96,7 @@ class SafetensorsReader:
   def read(self, key: str) -> np.ndarray:
     path, offset, nbytes, dtype, shape = self.entries[key]
     if dtype not in _ST_DTYPES:
-      raise ValueError(f"tensor {key!r}: unsupported safetensors dtype {dtype}")
+      raise UserError(f"tensor {key!r}: unsupported safetensors dtype {dtype}")
     with open(path, "rb") as fh:
       fh.seek(offset)
       return np.frombuffer(fh.read(nbytes), dtype=_ST_DTYPES[dtype]).reshape(shape)
@@ -117,7 +118,7 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: Sequence[int] = 
   b0, b1 = block
   want = (math.ceil(o / b0), math.ceil(i / b1))
   if tuple(scale_inv.shape) != want:
-    raise ValueError(f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {w.shape} in "
+    raise UserError(f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {w.shape} in "
                      f"{b0}x{b1} blocks (want {want})")
   scale = np.repeat(np.repeat(scale_inv.astype(np.float32), b0, axis=0), b1, axis=1)[:o, :i]
   return w.astype(np.float32) * scale
@@ -244,7 +245,7 @@ def _arch(hf: dict[str, Any]) -> str:
   for name, cls in SUPPORTED.items():
     if cls in (hf.get("architectures") or []):
       return name
-  raise ValueError(f"unsupported architecture model_type={arch!r} architectures={hf.get('architectures')}; "
+  raise UserError(f"unsupported architecture model_type={arch!r} architectures={hf.get('architectures')}; "
                    f"supported: {', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
 
 
@@ -285,7 +286,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
   """
   path = Path(path)
   if not (path / "config.json").exists():
-    raise ValueError(f"{path}: no config.json (expected a Hugging Face DeepSeek-V2/V3 directory)")
+    raise UserError(f"{path}: no config.json (expected a Hugging Face DeepSeek-V2/V3 directory)")
   hf = json.loads((path / "config.json").read_text())
   v3 = _arch(hf) == "deepseek_v3"
   reader = SafetensorsReader(path)
@@ -304,24 +305,24 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
   missing = sorted(k for k in by_key if k not in keys)
   if missing:
     first = by_key[missing[0]]
-    raise ValueError(f"{path}: missing tensors {_list(missing)}; {missing[0]!r} should have shape "
+    raise UserError(f"{path}: missing tensors {_list(missing)}; {missing[0]!r} should have shape "
                      f"{first.hf_shape([_slot_shape(shapes, *pt) for pt in first.parts])}")
   unexpected = [k for k in keys if k not in by_key and k.removesuffix("_scale_inv") not in fp8
                 and not _ignorable(k, cfg)]
   if unexpected:
-    raise ValueError(f"{path}: unexpected tensors {_list(unexpected)} (not part of this {SUPPORTED[_arch(hf)]} "
+    raise UserError(f"{path}: unexpected tensors {_list(unexpected)} (not part of this {SUPPORTED[_arch(hf)]} "
                      f"config: {cfg.num_hidden_layers} layers, {cfg.num_nextn_predict_layers} MTP)")
   for rule in rules:
     want = rule.hf_shape([_slot_shape(shapes, *pt) for pt in rule.parts])
     if reader.shape(rule.key) != want:
-      raise ValueError(f"tensor {rule.key!r} has shape {reader.shape(rule.key)}, expected {want} "
+      raise UserError(f"tensor {rule.key!r} has shape {reader.shape(rule.key)}, expected {want} "
                        f"(for {'/'.join(rule.parts[0][0])})")
     if reader.dtype(rule.key).startswith("F8") and rule.key not in fp8:
-      raise ValueError(f"tensor {rule.key!r} is {reader.dtype(rule.key)} but {rule.key}_scale_inv is missing")
+      raise UserError(f"tensor {rule.key!r} is {reader.dtype(rule.key)} but {rule.key}_scale_inv is missing")
     if rule.key in fp8:
       want = tuple(math.ceil(n / b) for n, b in zip(want, block))
       if reader.shape(f"{rule.key}_scale_inv") != want:
-        raise ValueError(f"tensor {rule.key + '_scale_inv'!r} has shape {reader.shape(rule.key + '_scale_inv')}, "
+        raise UserError(f"tensor {rule.key + '_scale_inv'!r} has shape {reader.shape(rule.key + '_scale_inv')}, "
                          f"expected {want} ({block[0]}x{block[1]} blocks of {rule.key!r})")
 
   flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
@@ -360,17 +361,17 @@ def _check_expressible(cfg: ModelConfig) -> None:
   """Raises where transformers' DeepSeek modules would compute something else than ours."""
   v3 = cfg.scoring_func == "sigmoid"
   if cfg.num_moe_layers and cfg.moe_layer_freq != 1:
-    raise ValueError("ModelConfig.moe_layer_freq: transformers puts an MoE in every layer after "
+    raise UserError("ModelConfig.moe_layer_freq: transformers puts an MoE in every layer after "
                      f"first_k_dense_replace; moe_layer_freq={cfg.moe_layer_freq} cannot be saved")
   if v3 and cfg.n_group > 1 and cfg.topk_method == "greedy":
-    raise ValueError("ModelConfig.topk_method: transformers' DeepSeek-V3 always routes group-limited; "
+    raise UserError("ModelConfig.topk_method: transformers' DeepSeek-V3 always routes group-limited; "
                      "greedy with n_group > 1 cannot be saved (use noaux_tc or n_group=1)")
   if not v3 and cfg.norm_topk_prob:
-    raise ValueError("ModelConfig.norm_topk_prob: transformers' DeepSeek-V2 (softmax) ignores it; cannot save True")
+    raise UserError("ModelConfig.norm_topk_prob: transformers' DeepSeek-V2 (softmax) ignores it; cannot save True")
   if not v3 and cfg.num_nextn_predict_layers:
-    raise ValueError("ModelConfig.num_nextn_predict_layers: DeepSeek-V2 (softmax) has no MTP layers in transformers")
+    raise UserError("ModelConfig.num_nextn_predict_layers: DeepSeek-V2 (softmax) has no MTP layers in transformers")
   if not v3 and cfg.n_group > 1 and cfg.topk_method == "noaux_tc":
-    raise ValueError("ModelConfig.topk_method: DeepSeek-V2 (softmax) routes greedy or group_limited_greedy")
+    raise UserError("ModelConfig.topk_method: DeepSeek-V2 (softmax) routes greedy or group_limited_greedy")
 
 
 def save_pretrained(model: Transformer | ModelConfig, variables: dict[str, Any], path: str | os.PathLike,
@@ -389,18 +390,18 @@ def save_pretrained(model: Transformer | ModelConfig, variables: dict[str, Any],
   if not v3:
     for p, v in flat.items():
       if p[0] == "router" and np.any(np.asarray(v) != 0):
-        raise ValueError(f"{'/'.join(p)} is non-zero, but DeepSeek-V2 (softmax routing) has no correction bias "
+        raise UserError(f"{'/'.join(p)} is non-zero, but DeepSeek-V2 (softmax routing) has no correction bias "
                          "in transformers; save as sigmoid (V3) or zero it")
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
   if any(path.glob("*.safetensors")):
-    raise ValueError(f"{path} already holds safetensors files; save into an empty directory")
+    raise UserError(f"{path} already holds safetensors files; save into an empty directory")
 
   def slot(p: Path_, index) -> np.ndarray:
     if p not in flat:
       if p[0] == "router":  # variables without router state: zero biases
         return np.zeros((cfg.n_routed_experts,), np.float32)
-      raise ValueError(f"variables lack {'/'.join(p)} (config {cfg.num_hidden_layers} layers, "
+      raise UserError(f"variables lack {'/'.join(p)} (config {cfg.num_hidden_layers} layers, "
                        f"scan_layers={cfg.scan_layers}, {cfg.num_nextn_predict_layers} MTP)")
     return np.asarray(flat[p][index] if index else flat[p])
 

@@ -43,8 +43,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("exp_mlp", "tensor"),
     ("embed", ("fsdp", "expert")),  # non-expert weights: sharded over every data-like axis
     ("embed", "fsdp"),  # expert weights: 'expert' already holds their exp dimension
-    ("q_lora", None),
-    ("kv_lora", None),
+    ("q_lora", ("fsdp", "expert")),  # q_b, k_b, v_b: the low-rank side is where FSDP can cut them
+    ("q_lora", "fsdp"),
+    ("kv_lora", ("fsdp", "expert")),
+    ("kv_lora", "fsdp"),
     ("qk_head", None),
     ("v_head", None),
     ("length", None),
@@ -112,11 +114,20 @@ def hybrid_mesh_shape(ici: Sequence[int], dcn: Sequence[int], num_devices: int):
   """(ici, dcn) 4-tuples: dcn multiplies each axis across slices / nodes, ici resolves within one.
 
   The mesh axis sizes are ici * dcn elementwise; each slice holds num_devices / prod(dcn)
-  devices, and a -1 in ici fills that.
+  devices. One -1 may stand in ici (fills a slice) or in dcn (fills the slices, when ici
+  is fully given).
   """
-  dcn = tuple(int(v) for v in dcn)
-  if len(dcn) != len(MESH_AXES) or any(v < 1 for v in dcn):
-    raise ValueError(f"mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} must all be >= 1 (no -1 across slices)")
+  ici, dcn = tuple(int(v) for v in ici), tuple(int(v) for v in dcn)
+  if len(dcn) != len(MESH_AXES) or any(v < 1 and v != -1 for v in dcn):
+    raise ValueError(f"mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} must be >= 1 (or one -1)")
+  if -1 in dcn:
+    if -1 in ici:
+      raise ValueError(f"mesh: a -1 in both the per-slice sizes {ici} and the dcn sizes {dcn} is ambiguous")
+    per_slice = math.prod(ici)
+    if num_devices % per_slice:
+      raise ValueError(f"mesh: {num_devices} devices do not split into slices/nodes of data*fsdp*expert*tensor = "
+                       f"{'*'.join(map(str, ici))} = {per_slice} devices")
+    dcn = mesh_shape(*dcn, num_devices=num_devices // per_slice)
   slices = math.prod(dcn)
   if num_devices % slices:
     raise ValueError(f"mesh: {num_devices} devices do not split into dcn_data*dcn_fsdp*dcn_expert*dcn_tensor = "
@@ -225,11 +236,26 @@ def check_moe_layout(cfg, rules, sizes: dict[str, int]):
                        "tensor parallelism inside experts needs an axis the batch is replicated over")
 
 
-def validate(cfg, batch_size: int, mesh: Mesh, rules=None):
+def check_divisible(abstract_variables, rules, sizes: dict[str, int]):
+  """Every parameter dimension divisible by the mesh axes the rules shard it over (jax needs it)."""
+  specs = jax.tree_util.tree_leaves_with_path(mesh_specs(abstract_variables, rules),
+                                              is_leaf=lambda x: isinstance(x, P))
+  for (path, spec), leaf in zip(specs, jax.tree.leaves(nn.unbox(abstract_variables))):
+    for dim, (n, entry) in enumerate(zip(leaf.shape, spec)):
+      axes = spec_axes(entry)
+      k = math.prod(sizes[a] for a in axes)
+      if n % k:
+        raise ValueError(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} ({n}) is not "
+                         f"divisible by mesh axes {_axes_str(axes, sizes)} = {k}; change the mesh or the rules")
+
+
+def validate(cfg, batch_size: int, mesh: Mesh, rules=None, abstract_variables=None):
   """Checks before compiling that the model and batch fit the mesh; errors name the numbers.
 
   Rules: known names and axes. Batch: divisible by the data-parallel size. Experts:
   divisible by the expert-parallel size (and, for moe_impl='ep', a layout shard_map can run).
+  Parameters: every sharded dimension divisible (from abstract_variables, the boxed
+  eval_shape of init; computed here when not given).
   """
   rules = check_rules(DEFAULT_RULES if rules is None else rules)
   sizes = dict(mesh.shape)
@@ -242,6 +268,22 @@ def validate(cfg, batch_size: int, mesh: Mesh, rules=None):
     raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel size {dp} "
                      f"(mesh axes {_axes_str(dp_axes, sizes)}); use a multiple of {dp}")
   check_moe_layout(cfg, rules, sizes)
+  if abstract_variables is None:
+    abstract_variables = eval_shape_variables(cfg)
+  check_divisible(abstract_variables, rules, sizes)
+
+
+def eval_shape_variables(cfg, seq: int = 8):
+  """Boxed ShapeDtypeStructs of params + router state (no memory; every dispatch declares the same)."""
+  import jax.numpy as jnp
+  from moe_jax.model import Transformer  # here: the layers import this module
+  model = Transformer(cfg.replace(moe_impl="ragged"))
+
+  def init(key):
+    v = model.init(key, jnp.zeros((1, seq), jnp.int32))
+    return {c: v[c] for c in ("params", "router") if c in v}
+
+  return jax.eval_shape(init, jax.random.key(0))
 
 
 @contextlib.contextmanager

@@ -330,25 +330,24 @@ class Logger:
     if not self.main:
       return
     self.bar.update(1)
-    if self.last is None:  # the first result includes compilation: time from here on
-      self.last = (step, now)
-      return
-    if step % self.config.log_every and step != self.config.steps:
+    first = self.last is None  # its wall time includes compilation: logged, but not timed
+    if not first and step % self.config.log_every and step != self.config.steps:
       return
     loads = layer_loads(m["expert_counts"])
     violation = {k: float(v.max() / max(v.mean(), 1e-9) - 1) for k, v in loads.items()}
-    n, dt = step - self.last[0], now - self.last[1]
-    self.last = (step, now)
     rec = {"step": step, **{k: float(m[k]) for k in ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm",
                                                      "lr", "accuracy")}}
-    rec.update(tokens_per_s=n * self.tokens_per_step / dt, flops_per_s=n * self.flops_per_step / dt,
-               skipped=self.skipped, load_violation=violation,
+    rec.update(skipped=self.skipped, load_violation=violation,
                load_violation_max=max(violation.values()) if violation else 0.0)
-    rec["mfu"] = rec["flops_per_s"] / self.peak
+    if not first:
+      n, dt = step - self.last[0], now - self.last[1]
+      rec.update(tokens_per_s=n * self.tokens_per_step / dt, flops_per_s=n * self.flops_per_step / dt)
+      rec["mfu"] = rec["flops_per_s"] / self.peak
+      self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", mfu=f"{rec['mfu']:.1%}")
+    self.last = (step, now)
     self._write("metrics.jsonl", rec)
     if loads:
       self._write("expert_load.jsonl", {"step": step, **{k: (v / max(v.sum(), 1)).tolist() for k, v in loads.items()}})
-    self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", mfu=f"{rec['mfu']:.1%}")
     self.scalars(step, {k: v for k, v in rec.items() if isinstance(v, float)} | {
         f"load_violation/{k}": v for k, v in violation.items()})
 

@@ -169,7 +169,7 @@ def _tokens(cfg, b=2, s=24):
 def test_tiny_model_fp8_close_to_fp32_and_dispatches_agree():
   cfg = config.tiny(capacity_factor=8.0)  # nothing drops: capacity equals the dropless dispatches
   tokens = _tokens(cfg)
-  variables = Transformer(cfg).init(jax.random.PRNGKey(0), tokens)
+  variables = jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), tokens)
 
   def loss_and_grad(c):
     def loss(params):
@@ -184,11 +184,10 @@ def test_tiny_model_fp8_close_to_fp32_and_dispatches_agree():
   assert 0 < err <= U * math.sqrt(sum(float(jnp.sum(a ** 2)) for a in flat32))
 
   outs = {}
-  for impl, gmm in (("dense", "auto"), ("ragged", "tiled"), ("ragged", "ragged_dot"), ("capacity", "auto")):
-    model = Transformer(cfg.replace(fp8=True, moe_impl=impl, moe_gmm=gmm))
-    outs[impl, gmm] = jax.jit(model.apply)(variables, tokens)
+  for impl in ("dense", "ragged", "capacity"):  # grouped ragged_dot vs tiled: test_grouped_matmul_...
+    outs[impl] = jax.jit(Transformer(cfg.replace(fp8=True, moe_impl=impl)).apply)(variables, tokens)
   for out in outs.values():  # the same tiles and per-expert blocks in every dispatch
-    np.testing.assert_allclose(out, outs["ragged", "tiled"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out, outs["ragged"], rtol=1e-4, atol=1e-4)
 
 
 def test_fp8_weight_consumed_as_is():

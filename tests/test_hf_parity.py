@@ -148,10 +148,11 @@ def test_mtp_layer_round_trip_and_equals_transformers_mtp(tmp_path):
   cfg = mcfg.tiny(initializer_range=0.1)
   model = Transformer(cfg)
   tokens = jnp.asarray(TOKENS % cfg.vocab_size, jnp.int32)
-  init = jax.tree.map(np.asarray, hf.nn.unbox(model.init(jax.random.PRNGKey(1), tokens)))
-  bias = {k: -0.3 * np.random.RandomState(2).rand(*v.shape).astype(np.float32)
-          for k, v in traverse_util.flatten_dict(init["router"]).items()}
-  variables = {"params": init["params"], "router": traverse_util.unflatten_dict(bias)}
+  rng = np.random.RandomState(1)  # random weights from the abstract init: nothing to compile
+  flat = {p: (1 + 0.2 * rng.randn(*s.shape) if p[-1] == "scale" else -0.3 * rng.rand(*s.shape)
+              if p[0] == "router" else 0.1 * rng.randn(*s.shape)).astype(np.float32)
+          for p, s in hf.abstract_variables(model).items()}
+  variables = traverse_util.unflatten_dict(flat)
   logits, mtp = jax.jit(lambda v, t: model.apply(v, t, return_mtp=True))(variables, tokens)
 
   hf.save_pretrained(model, variables, tmp_path, max_shard_bytes=200_000)
@@ -314,3 +315,35 @@ def test_bf16_checkpoint_loads_in_any_dtype(v3_dir, tmp_path):
   assert model.cfg.compute_dtype == jnp.bfloat16
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(as_bf16["params"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(as_bf16["router"]))
+
+
+def test_load_places_each_tensor_with_its_sharding(v3_dir):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("expert",))
+  experts = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert"))
+  _, variables = hf.load_pretrained(v3_dir, shardings={"params": {"layers_1": {"moe": {"gate": experts}}}})
+  gate = variables["params"]["layers_1"]["moe"]["gate"]
+  assert gate.sharding == experts and gate.addressable_shards[0].data.shape == (1, 64, 24)
+
+
+# --- python -m moe_jax.convert ---------------------------------------------------------
+def test_convert_cli_round_trip(v3_dir, tmp_path, capsys):
+  from moe_jax import convert
+  ckpt, back = tmp_path / "ckpt", tmp_path / "hf"
+  assert convert.main(["--hf", str(v3_dir), "--out", str(ckpt)]) == 0
+  assert convert.main(["--hf", str(v3_dir), "--out", str(ckpt)]) == 2  # never overwrites
+  assert "exists and is not empty" in capsys.readouterr().err
+  assert convert.main(["--from_ckpt", str(ckpt), "--to_hf", str(back)]) == 0
+  _, original = hf.load_pretrained(v3_dir)
+  _, converted = hf.load_pretrained(back)
+  assert tree_equal(converted, original)
+
+
+def test_convert_cli_missing_dir_is_one_line(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "moe_jax.convert", "--hf", str(tmp_path / "nope"), "--out",
+                         str(tmp_path / "out")], capture_output=True, text=True)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [f"error: Hugging Face directory {tmp_path / 'nope'} does not exist "
+                                              "or is not a directory"]
+  assert not (tmp_path / "out").exists()

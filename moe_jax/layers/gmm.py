@@ -167,8 +167,8 @@ def _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, save: bool):
       abp = _put(abp, jnp.concatenate([a, b], -1), first, keep)
     return yp, abp
 
-  zeros = functools.partial(_zeros_varying_like, dtype=dt)
-  carry = (zeros((m + bulk, d), x_MD, gate_EDF, sizes_E), zeros((m + bulk if save else 0, 2 * f), x_MD, gate_EDF, sizes_E))
+  zeros = lambda shape: _zeros_varying_like(shape, dt, x_MD, gate_EDF, sizes_E)  # noqa: E731
+  carry = (zeros((m + bulk, d)), zeros((m + bulk if save else 0, 2 * f)))
   yp, abp = _tile_loops(sizes_E, m, bulk, body, carry)
   return yp[:m], abp[:m]
 

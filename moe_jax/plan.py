@@ -1,0 +1,224 @@
+"""Memory plan: per-device bytes of a model on a mesh, from jax.eval_shape and the rules table.
+
+  python -m moe_jax.plan --preset=deepseek_v3 --mesh=1,16,32,1 --device_memory_gb=95 \
+      --batch=512 --seq=4096 [--dcn=1,1,8,1] [--param_dtype=bfloat16]
+  python -m moe_jax.plan --config=configs/deepseek_v3.py ...
+
+Nothing is allocated: shapes come from eval_shape, partition specs from the rules, and
+each dimension is divided by the product of the mesh axes it is sharded over (rounded
+up). Reported per device:
+  params       every variable (params + router state) in its own dtype
+  grads        the trained params, in the params' dtype
+  optimizer    AdamW mu + nu in fp32 (8 bytes per trained parameter)
+  activations  remat=full lower bound: one saved [b, S, D] block input per layer
+               (b = batch / data-parallel size); a layer's transient working set comes on top
+  kv cache     the MLA latent cache: b x S x layers x (kv_lora_rank + qk_rope_head_dim)
+Train = params + grads + optimizer + activations; serve = params + kv cache.
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AbstractMesh, AxisType
+
+from moe_jax import sharding
+from moe_jax.config import PRESETS, ModelConfig
+
+GB = 1e9
+
+
+def per_device_elements(shape, spec, axis_sizes: dict[str, int]) -> int:
+  """Elements of one device's shard: each dim / product of its mesh axes, rounded up."""
+  spec = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+  return math.prod(-(-n // math.prod(axis_sizes[a] for a in sharding.spec_axes(s))) for n, s in zip(shape, spec))
+
+
+def _is_expert(path) -> bool:
+  names = [getattr(k, "key", str(k)) for k in path]
+  return "moe" in names and names[-1] in ("gate", "up", "down") and "shared" not in names
+
+
+@dataclasses.dataclass
+class Plan:
+  mesh: dict[str, int]
+  batch: int
+  seq: int
+  total_params: int
+  params: float  # per-device bytes from here on
+  expert_params: float
+  grads: float
+  optimizer: float
+  activations: float
+  kv_cache: float
+  device_memory: float
+
+  @property
+  def train(self) -> float:
+    return self.params + self.grads + self.optimizer + self.activations
+
+  @property
+  def serve(self) -> float:
+    return self.params + self.kv_cache
+
+  def to_json(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d.update(train=self.train, serve=self.serve, train_fits=self.train <= self.device_memory,
+             serve_fits=self.serve <= self.device_memory)
+    return d
+
+
+def plan(cfg: ModelConfig, axis_sizes: dict[str, int], batch: int, seq: int, device_memory_gb: float,
+         rules=None, abstract=None) -> Plan:
+  """Per-device bytes of cfg on a mesh with these axis sizes (validated first)."""
+  rules = sharding.check_rules(sharding.DEFAULT_RULES if rules is None else rules)
+  mesh = AbstractMesh(tuple(axis_sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES,
+                      axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
+  abstract = sharding.eval_shape_variables(cfg) if abstract is None else abstract
+  sharding.validate(cfg, batch, mesh, rules, abstract)
+  specs = sharding.mesh_specs(abstract, rules)
+  shapes = nn.unbox(abstract)
+  leaves = jax.tree_util.tree_leaves_with_path(shapes)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  params = expert = trained_elems = trained_bytes = 0.0
+  total = 0
+  for (path, leaf), spec in zip(leaves, spec_leaves):
+    n = per_device_elements(leaf.shape, spec, axis_sizes)
+    b = n * np.dtype(leaf.dtype).itemsize
+    params += b
+    total += int(np.prod(leaf.shape))
+    if _is_expert(path):
+      expert += b
+    if getattr(path[0], "key", None) == "params":
+      trained_elems += n
+      trained_bytes += b
+  dp = sharding.data_parallel_size(mesh, rules)
+  b_local = -(-batch // dp)
+  act_bytes = jnp.dtype(cfg.compute_dtype).itemsize
+  layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+  activations = b_local * seq * cfg.hidden_size * layers * act_bytes
+  kv = b_local * seq * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * act_bytes
+  return Plan(mesh=dict(axis_sizes), batch=batch, seq=seq, total_params=total, params=params,
+              expert_params=expert, grads=trained_bytes, optimizer=8.0 * trained_elems,
+              activations=float(activations), kv_cache=float(kv), device_memory=device_memory_gb * GB)
+
+
+def max_shards_per_token(cfg: ModelConfig, ep: int) -> int:
+  """Expert shards one token can reach: expert e lives on shard e // (E / ep)."""
+  if not cfg.num_moe_layers:
+    return 0
+  x = cfg.num_experts_per_tok
+  if cfg.group_limited and cfg.n_group % ep == 0:
+    return min(x, cfg.topk_group, ep)  # whole groups per shard: at most topk_group shards
+  if cfg.group_limited and ep % cfg.n_group == 0:
+    return min(x, cfg.topk_group * (ep // cfg.n_group), ep)
+  return min(x, ep)
+
+
+def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None) -> str:
+  """A readable table of a Plan."""
+  exp_axes, _ = sharding.moe_axes(rules)
+  ep = math.prod(p.mesh[a] for a in exp_axes)
+  devices = math.prod(p.mesh.values())
+  mem = p.device_memory / GB
+  fits = lambda v: "fits" if v <= p.device_memory else "DOES NOT FIT"  # noqa: E731
+  rows = [
+      ("params (" + cfg.param_dtype + ")", p.params),
+      ("  of which routed experts", p.expert_params),
+      ("grads (" + cfg.param_dtype + ")", p.grads),
+      ("optimizer (AdamW mu+nu fp32)", p.optimizer),
+      ("activations (remat=full, " + cfg.dtype + ")", p.activations),
+      ("kv cache (latent, " + cfg.dtype + ")", p.kv_cache),
+  ]
+  mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
+  out = [f"{name}: {p.total_params / 1e9:.1f}B parameters on {devices} devices ({mesh}), "
+         f"batch {p.batch} x seq {p.seq}",
+         f"experts: {cfg.n_routed_experts} over expert-parallel size {ep} = {cfg.n_routed_experts // ep} per "
+         f"device; a token reaches at most {max_shards_per_token(cfg, ep)} expert shards",
+         f"{'per device':<40}{'GB':>10}"]
+  out += [f"{label:<40}{v / GB:>10.2f}" for label, v in rows]
+  out += [f"{'train: params+grads+opt+activations':<40}{p.train / GB:>10.2f}  of {mem:g} GB: {fits(p.train)}",
+          f"{'serve: params+kv cache':<40}{p.serve / GB:>10.2f}  of {mem:g} GB: {fits(p.serve)}"]
+  return "\n".join(out)
+
+
+def _sizes(text: str, what: str) -> dict[str, int]:
+  vals = [int(v) for v in text.split(",")]
+  if len(vals) != len(sharding.MESH_AXES):
+    raise ValueError(f"--{what}={text!r}: give {len(sharding.MESH_AXES)} sizes {','.join(sharding.MESH_AXES)}")
+  return dict(zip(sharding.MESH_AXES, vals))
+
+
+def load_config(spec: str):
+  """configs/x.py[:arg] -> the ConfigDict its get_config(arg) returns."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("plan_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def model_config_from(config) -> ModelConfig:
+  """ModelConfig from a config's `model` field: a ModelConfig, a dict of fields, or a dict with
+  'preset' plus overrides."""
+  model = config.get("model", config) if hasattr(config, "get") else config
+  if isinstance(model, ModelConfig):
+    return model
+  d = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+  preset = d.pop("preset", None)
+  return PRESETS[preset](**d) if preset else ModelConfig.from_dict(d)
+
+
+def main(argv: Optional[list[str]] = None):
+  ap = argparse.ArgumentParser(prog="python -m moe_jax.plan", description=__doc__.split("\n")[0])
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--config", help="configs/x.py[:arg] (get_config -> ConfigDict with a model field)")
+  src.add_argument("--preset", choices=sorted(PRESETS))
+  ap.add_argument("--mesh", help="data,fsdp,expert,tensor sizes (within a slice/node; -1 fills)")
+  ap.add_argument("--dcn", default="1,1,1,1", help="data,fsdp,expert,tensor multipliers across slices/nodes")
+  ap.add_argument("--devices", type=int, help="device count, needed when --mesh has a -1")
+  ap.add_argument("--device_memory_gb", type=float, default=95.0)
+  ap.add_argument("--batch", type=int, help="global batch in sequences per step (default: the config's "
+                  "batch_size / optim.grad_accum)")
+  ap.add_argument("--seq", type=int, help="sequence length (also the kv cache length)")
+  ap.add_argument("--param_dtype", help="override the config's param_dtype")
+  ap.add_argument("--dtype", help="override the config's compute dtype")
+  args = ap.parse_args(argv)
+
+  config = load_config(args.config) if args.config else None
+  cfg = model_config_from(config) if config is not None else PRESETS[args.preset]()
+  over = {k: v for k, v in (("param_dtype", args.param_dtype), ("dtype", args.dtype)) if v}
+  cfg = cfg.replace(**over) if over else cfg
+  get = lambda key, default=None: config.get(key, default) if config is not None else default  # noqa: E731
+  mesh_cfg = dict(get("mesh") or {})
+  ici = _sizes(args.mesh, "mesh") if args.mesh else {a: mesh_cfg.get(a, 1) for a in sharding.MESH_AXES}
+  dcn = (_sizes(args.dcn, "dcn") if args.mesh or not mesh_cfg
+         else {a: mesh_cfg.get("dcn_" + a, 1) for a in sharding.MESH_AXES})
+  if -1 in ici.values() and not args.devices:
+    raise SystemExit("--mesh has a -1: also give --devices")
+  devices = args.devices or math.prod(ici.values()) * math.prod(dcn.values())
+  ici_t, dcn_t = sharding.hybrid_mesh_shape(tuple(ici.values()), tuple(dcn.values()), devices)
+  axis_sizes = {a: i * d for a, i, d in zip(sharding.MESH_AXES, ici_t, dcn_t)}
+  rules = sharding.merge_rules([tuple(r) for r in mesh_cfg.get("rules", ())])
+  accum = (get("optim") or {}).get("grad_accum", 1)  # one step's activations are a micro-batch's
+  batch = args.batch or (get("batch_size") or 0) // accum or sharding.data_parallel_size(
+      AbstractMesh(tuple(axis_sizes.values()), sharding.MESH_AXES), rules)
+  seq = args.seq or get("seq_len") or 4096
+  p = plan(cfg, axis_sizes, batch, seq, args.device_memory_gb, rules)
+  print(format_plan(p, cfg, args.preset or args.config, rules))
+  print(json.dumps({"model": args.preset or args.config, "dcn": dcn, **p.to_json()}))
+  return p
+
+
+if __name__ == "__main__":
+  main()

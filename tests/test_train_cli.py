@@ -1,0 +1,193 @@
+"""`python train.py` end to end, in subprocesses: resume after kill -9, SIGTERM, NaN policies, bad input.
+
+Every run uses configs/tiny.py:test on 2 host devices and shares one persistent compilation
+cache, so runs of the same config compile once. Losses are compared bit for bit from
+metrics.jsonl (JSON floats round-trip exactly).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moe_jax import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  e = dict(os.environ)
+  e.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  e.pop(checkpoint.PAUSE_ENV, None)
+  return e
+
+
+def command(workdir, *flags):
+  return [sys.executable, "train.py", "--config=configs/tiny.py:test", f"--workdir={workdir}",
+          "--config.checkpoint_every=2", *flags]
+
+
+def run(env, workdir, *flags, timeout=300):
+  return subprocess.run(command(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics(workdir) if "loss" in r}
+
+
+def wait_for(predicate, proc, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"train.py exited ({proc.returncode}) early:\n{proc.stderr.read()[-3000:]}")
+    time.sleep(0.1)
+  raise AssertionError("timed out waiting for the run")
+
+
+def error_line(proc) -> str:
+  """The run's stderr must end in exactly one `error:` line and hold no traceback."""
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
+  assert sum(line.startswith("error: ") for line in lines) == 1
+  return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  p = run(env, workdir)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return workdir, losses(workdir)
+
+
+def test_reference_run(reference):
+  workdir, ref = reference
+  assert sorted(ref) == list(range(1, 9))
+  assert checkpoint.latest_step(workdir) == 8
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6", "8"]  # max_to_keep=3
+  rec = metrics(workdir)[-1]
+  for key in ("lm_loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens_per_s", "mfu", "load_violation"):
+    assert key in rec, key
+  assert set(rec["load_violation"]) == {"layers_1", "mtp_0/block"}
+  assert ref[8] < ref[1]
+  assert "tokens_per_s" not in metrics(workdir)[0]  # step 1's time is mostly compilation
+
+
+def test_plot(reference):
+  pytest.importorskip("matplotlib")
+  from moe_jax import plot
+  paths = plot.plot(reference[0])
+  assert [os.path.basename(p) for p in paths] == ["loss.png", "expert_load_layers_1.png",
+                                                  "expert_load_mtp_0_block.png"]
+  assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_kill9_mid_run_and_mid_save_resumes_bit_exact(env, reference, tmp_path):
+  """kill -9 while the step-4 save hangs inside its commit (the loop runs on to step 5):
+  the next run ignores the half-written step 4, resumes from step 2 and reproduces every loss."""
+  workdir, marker = str(tmp_path / "run"), str(tmp_path / "paused")
+  proc = subprocess.Popen(command(workdir), cwd=ROOT, env={**env, checkpoint.PAUSE_ENV: f"4:{marker}"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    wait_for(lambda: os.path.exists(marker), proc)
+    wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(losses(workdir)) >= 5, proc)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  ckpts = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert "2" in ckpts and "4" not in ckpts and any(c.startswith("4.orbax-checkpoint-tmp") for c in ckpts), ckpts
+  assert checkpoint.latest_step(workdir) == 2
+
+  p = run(env, workdir)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert losses(workdir) == reference[1]  # bit for bit, each step once (the dead run's tail was dropped)
+  assert checkpoint.latest_step(workdir) == 8
+
+
+NAN = ("--config.steps=400", "--config.checkpoint_every=1000", "--config.debug.nan_at_step=3")
+
+
+def test_nan_skip_then_sigterm_checkpoints_and_exits_0(env, tmp_path):
+  """nan_policy=skip: step 3's loss is NaN, its update is dropped and counted, training goes on;
+  then SIGTERM: a checkpoint at the current step and exit code 0."""
+  workdir = str(tmp_path / "run")
+  proc = subprocess.Popen(command(workdir, *NAN, "--config.nan_policy=skip"), cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(losses(workdir)) >= 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  assert "preempted" in err and "update skipped" in err
+  step = checkpoint.latest_step(workdir)
+  recs = {r["step"]: r for r in metrics(workdir)}
+  assert 6 <= step < 400 and max(recs) == step
+  assert recs[3]["loss"] != recs[3]["loss"] and recs[3]["skipped"] == 1  # NaN, counted
+  # Had the NaN update been applied, every later loss would be NaN too.
+  assert all(recs[s]["loss"] == recs[s]["loss"] for s in range(4, step + 1)) and recs[step]["skipped"] == 1
+
+
+def test_nan_stop_names_the_step(env, tmp_path):
+  stop = run(env, str(tmp_path / "stop"), *NAN, "--config.nan_policy=stop")
+  assert stop.returncode == 1
+  assert "at step 3;" in error_line(stop)
+
+
+def test_incompatible_checkpoint_and_foreign_workdir_refused(env, reference, tmp_path):
+  workdir = reference[0]
+  p = run(env, workdir, "--config.model.hidden_size=96")
+  assert p.returncode == 2
+  line = error_line(p)
+  assert "model.hidden_size: workdir 64 != this run 96" in line
+  assert "params/embed: checkpoint (264, 64) vs this config (264, 96)" in line
+  assert checkpoint.latest_step(workdir) == 8 and losses(workdir) == reference[1]  # untouched
+
+  (tmp_path / "foreign").mkdir()
+  (tmp_path / "foreign" / "results.csv").write_text("precious")
+  p = run(env, str(tmp_path / "foreign"))
+  assert p.returncode == 2 and "not empty (results.csv)" in error_line(p)
+  assert os.listdir(tmp_path / "foreign") == ["results.csv"]
+
+
+def test_bad_input_is_one_line(env, tmp_path):
+  (tmp_path / "a.txt").write_text("x = 1\n" * 100)
+  subprocess.run([sys.executable, "-m", "moe_jax.data", "prepare", "--input", str(tmp_path / "a.txt"), "--out",
+                  str(tmp_path / "tok")], cwd=ROOT, env=env, check=True, capture_output=True)
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "meta.json").write_text(json.dumps(
+      {"dtype": "uint16", "vocab_size": 257, "max_token_id": -1, "tokenizer": "byte",
+       "n_tokens": {"train": 0, "val": 0}}))
+  cases = {
+      "missing data": (["--config.data.path=" + str(tmp_path / "nope")], "does not exist"),
+      "empty data": (["--config.data.path=" + str(tmp_path / "empty")], "train split is empty"),
+      "ids >= vocab": (["--config.data.path=" + str(tmp_path / "tok"), "--config.model.vocab_size=200"],
+                       "token id 256 >= model.vocab_size 200"),
+      "unknown field": (["--config.foo=1"], "foo"),
+      "mesh": (["--config.mesh.data=3"], "3*1*1*1 = 3 but there are 2 devices"),
+  }
+  procs = {name: subprocess.Popen(command(str(tmp_path / name.replace(" ", "_")), *flags), cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for name, (flags, _) in cases.items()}
+  for name, p in procs.items():
+    p.stdout, p.stderr = p.communicate(timeout=300)
+    assert p.returncode == 2, (name, p.stderr[-3000:])
+    assert cases[name][1] in error_line(p), name
