@@ -17,6 +17,7 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MOE_IMPLS = ("dense", "ragged", "capacity", "ep")
 BALANCE_LOSSES = ("sequence", "expert")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("einsum", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,10 @@ class ModelConfig:
   param_dtype: str = "float32"  # master weights
   scan_layers: bool = False  # nn.scan over the dense and the MoE stacks
   remat_policy: str = "none"  # see REMAT_POLICIES
+  # expanded (training / prefill) attention: 'einsum' (scores as two einsums, fp32 softmax) or
+  # 'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on GPU, XLA elsewhere;
+  # head dims zero-padded to max(qk_head_dim, v_head_dim), causal without packing is is_causal)
+  attention_impl: str = "einsum"
   fp8: bool = False  # DeepSeek-V3 fine-grained FP8 projections and experts (layers/fp8.py)
 
   def __post_init__(self):
@@ -113,6 +118,8 @@ class ModelConfig:
       _fail("balance_loss", f"{self.balance_loss!r} is not one of {BALANCE_LOSSES}")
     if self.remat_policy not in REMAT_POLICIES:
       _fail("remat_policy", f"{self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      _fail("attention_impl", f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if not isinstance(self.fp8, bool):
       _fail("fp8", f"must be True or False, got {self.fp8!r}")
     for name in ("dtype", "param_dtype"):

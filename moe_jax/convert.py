@@ -88,7 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--dtype", default=None, help="parameter dtype: float32 (default on load) or bfloat16")
   parser.add_argument("--scan_layers", action="store_true", help="store layers stacked (nn.scan layout)")
   args = parser.parse_args(argv)
-  if bool(args.hf) == bool(args.from_ckpt) or bool(args.hf) != bool(args.out) or bool(args.from_ckpt) != bool(args.to_hf):
+  given = [a for a in (args.hf, args.out, args.from_ckpt, args.to_hf) if a]
+  if len(given) != 2 or not (args.hf and args.out or args.from_ckpt and args.to_hf):
     parser.error("give either --hf DIR --out CKPT_DIR or --from_ckpt CKPT_DIR --to_hf DIR")
   try:
     if args.hf:

@@ -119,7 +119,7 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: Sequence[int] = 
   want = (math.ceil(o / b0), math.ceil(i / b1))
   if tuple(scale_inv.shape) != want:
     raise UserError(f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {w.shape} in "
-                     f"{b0}x{b1} blocks (want {want})")
+                    f"{b0}x{b1} blocks (want {want})")
   scale = np.repeat(np.repeat(scale_inv.astype(np.float32), b0, axis=0), b1, axis=1)[:o, :i]
   return w.astype(np.float32) * scale
 
@@ -177,8 +177,8 @@ def _block_rules(cfg: ModelConfig, p: str, target: Path_, idx: tuple[int, ...], 
            r("post_attention_layernorm.weight", "copy", "ffn_norm/scale")]
   a = "self_attn."
   if cfg.q_lora_rank:
-    rules += [r(a + "q_a_proj.weight", "linear", "attn/q_a"), r(a + "q_a_layernorm.weight", "copy", "attn/q_norm/scale"),
-              r(a + "q_b_proj.weight", "linear", "attn/q_b")]
+    rules += [r(a + "q_a_proj.weight", "linear", "attn/q_a"),
+              r(a + "q_a_layernorm.weight", "copy", "attn/q_norm/scale"), r(a + "q_b_proj.weight", "linear", "attn/q_b")]
   else:
     rules.append(r(a + "q_proj.weight", "linear", "attn/q"))
   rules += [r(a + "kv_a_proj_with_mqa.weight", "linear", "attn/kv_a"),
@@ -189,9 +189,9 @@ def _block_rules(cfg: ModelConfig, p: str, target: Path_, idx: tuple[int, ...], 
   rules.append(r("mlp.gate.weight", "linear", "moe/router/kernel"))
   if v3:
     rules.append(r("mlp.gate.e_score_correction_bias", "copy", "moe/router/e_score_correction_bias", col="router"))
-  for e in range(cfg.n_routed_experts):
+  for w in ("gate", "up", "down"):  # one stacked [E, ...] tensor completes before the next starts
     rules += [r(f"mlp.experts.{e}.{w}_proj.weight", "linear", f"moe/{w}", index=idx + (e,))
-              for w in ("gate", "up", "down")]
+              for e in range(cfg.n_routed_experts)]
   if cfg.n_shared_experts:
     rules += [r(f"mlp.shared_experts.{w}_proj.weight", "linear", f"moe/shared/{w}") for w in ("gate", "up", "down")]
   return rules
@@ -205,9 +205,8 @@ def hf_rules(cfg: ModelConfig, v3: bool) -> list[Rule]:
   k = cfg.first_k_dense_replace
   for i in range(cfg.num_hidden_layers):
     moe = cfg.is_moe_layer(i)
-    if cfg.scan_layers:
-      target, idx = ("moe_layers", (i - k,)) if moe else ("dense_layers", (i,))
-      target = (target,)
+    if cfg.scan_layers:  # slot i of the dense stack or slot i - k of the MoE stack
+      target, idx = (("moe_layers",), (i - k,)) if moe else (("dense_layers",), (i,))
     else:
       target, idx = (f"layers_{i}",), ()
     rules += _block_rules(cfg, f"model.layers.{i}.", target, idx, moe, v3)
@@ -246,7 +245,7 @@ def _arch(hf: dict[str, Any]) -> str:
     if cls in (hf.get("architectures") or []):
       return name
   raise UserError(f"unsupported architecture model_type={arch!r} architectures={hf.get('architectures')}; "
-                   f"supported: {', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
+                  f"supported: {', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
 
 
 def _mtp_depths(keys, num_layers: int) -> int:
@@ -256,13 +255,14 @@ def _mtp_depths(keys, num_layers: int) -> int:
   return depth
 
 
-def _ignorable(key: str, cfg: ModelConfig) -> bool:
-  """Keys that carry nothing we load: rotary buffers, MTP depths beyond the requested ones."""
+def _ignorable(key: str, cfg: ModelConfig, depths_present: int) -> bool:
+  """Keys that carry nothing we load: rotary buffers, MTP depths present but not requested."""
   if key.endswith("rotary_emb.inv_freq"):
     return True
   parts = key.split(".")
   if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-    return int(parts[2]) >= cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    first_skipped = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    return first_skipped <= int(parts[2]) < cfg.num_hidden_layers + depths_present
   return False
 
 
@@ -282,7 +282,8 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
   to keep weights in another one); config_overrides go to ModelConfig (moe_impl, scan_layers,
   ...). num_nextn_predict_layers defaults to the MTP depths present in the checkpoint.
   `shardings`: optional pytree like the variables of jax.sharding.Sharding; each tensor is
-  placed as soon as it is complete, so host memory holds one assembled tensor at a time.
+  placed as soon as it is complete, so (unscanned) host memory holds about one assembled
+  tensor at a time; with scan_layers a stacked tensor completes with its last layer.
   """
   path = Path(path)
   if not (path / "config.json").exists():
@@ -291,8 +292,8 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
   v3 = _arch(hf) == "deepseek_v3"
   reader = SafetensorsReader(path)
   keys = set(reader.keys())
-  overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
-  overrides.setdefault("num_nextn_predict_layers", _mtp_depths(keys, hf["num_hidden_layers"]) if v3 else 0)
+  depths = _mtp_depths(keys, hf["num_hidden_layers"]) if v3 else 0
+  overrides = {"dtype": dtype, "param_dtype": dtype, "num_nextn_predict_layers": depths, **config_overrides}
   cfg = ModelConfig.from_hf(hf, **overrides)
   model = Transformer(cfg)
   shapes = abstract_variables(model)
@@ -306,24 +307,24 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
   if missing:
     first = by_key[missing[0]]
     raise UserError(f"{path}: missing tensors {_list(missing)}; {missing[0]!r} should have shape "
-                     f"{first.hf_shape([_slot_shape(shapes, *pt) for pt in first.parts])}")
+                    f"{first.hf_shape([_slot_shape(shapes, *pt) for pt in first.parts])}")
   unexpected = [k for k in keys if k not in by_key and k.removesuffix("_scale_inv") not in fp8
-                and not _ignorable(k, cfg)]
+                and not _ignorable(k, cfg, depths)]
   if unexpected:
     raise UserError(f"{path}: unexpected tensors {_list(unexpected)} (not part of this {SUPPORTED[_arch(hf)]} "
-                     f"config: {cfg.num_hidden_layers} layers, {cfg.num_nextn_predict_layers} MTP)")
+                    f"config: {cfg.num_hidden_layers} layers, {cfg.num_nextn_predict_layers} MTP)")
   for rule in rules:
     want = rule.hf_shape([_slot_shape(shapes, *pt) for pt in rule.parts])
     if reader.shape(rule.key) != want:
       raise UserError(f"tensor {rule.key!r} has shape {reader.shape(rule.key)}, expected {want} "
-                       f"(for {'/'.join(rule.parts[0][0])})")
+                      f"(for {'/'.join(rule.parts[0][0])})")
     if reader.dtype(rule.key).startswith("F8") and rule.key not in fp8:
       raise UserError(f"tensor {rule.key!r} is {reader.dtype(rule.key)} but {rule.key}_scale_inv is missing")
     if rule.key in fp8:
       want = tuple(math.ceil(n / b) for n, b in zip(want, block))
       if reader.shape(f"{rule.key}_scale_inv") != want:
         raise UserError(f"tensor {rule.key + '_scale_inv'!r} has shape {reader.shape(rule.key + '_scale_inv')}, "
-                         f"expected {want} ({block[0]}x{block[1]} blocks of {rule.key!r})")
+                        f"expected {want} ({block[0]}x{block[1]} blocks of {rule.key!r})")
 
   flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
   remaining = collections.Counter(p for r in rules if not r.alias for p, _ in r.parts)
@@ -362,10 +363,10 @@ def _check_expressible(cfg: ModelConfig) -> None:
   v3 = cfg.scoring_func == "sigmoid"
   if cfg.num_moe_layers and cfg.moe_layer_freq != 1:
     raise UserError("ModelConfig.moe_layer_freq: transformers puts an MoE in every layer after "
-                     f"first_k_dense_replace; moe_layer_freq={cfg.moe_layer_freq} cannot be saved")
+                    f"first_k_dense_replace; moe_layer_freq={cfg.moe_layer_freq} cannot be saved")
   if v3 and cfg.n_group > 1 and cfg.topk_method == "greedy":
     raise UserError("ModelConfig.topk_method: transformers' DeepSeek-V3 always routes group-limited; "
-                     "greedy with n_group > 1 cannot be saved (use noaux_tc or n_group=1)")
+                    "greedy with n_group > 1 cannot be saved (use noaux_tc or n_group=1)")
   if not v3 and cfg.norm_topk_prob:
     raise UserError("ModelConfig.norm_topk_prob: transformers' DeepSeek-V2 (softmax) ignores it; cannot save True")
   if not v3 and cfg.num_nextn_predict_layers:
@@ -391,7 +392,7 @@ def save_pretrained(model: Transformer | ModelConfig, variables: dict[str, Any],
     for p, v in flat.items():
       if p[0] == "router" and np.any(np.asarray(v) != 0):
         raise UserError(f"{'/'.join(p)} is non-zero, but DeepSeek-V2 (softmax routing) has no correction bias "
-                         "in transformers; save as sigmoid (V3) or zero it")
+                        "in transformers; save as sigmoid (V3) or zero it")
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
   if any(path.glob("*.safetensors")):
@@ -402,7 +403,7 @@ def save_pretrained(model: Transformer | ModelConfig, variables: dict[str, Any],
       if p[0] == "router":  # variables without router state: zero biases
         return np.zeros((cfg.n_routed_experts,), np.float32)
       raise UserError(f"variables lack {'/'.join(p)} (config {cfg.num_hidden_layers} layers, "
-                       f"scan_layers={cfg.scan_layers}, {cfg.num_nextn_predict_layers} MTP)")
+                      f"scan_layers={cfg.scan_layers}, {cfg.num_nextn_predict_layers} MTP)")
     return np.asarray(flat[p][index] if index else flat[p])
 
   shards, current, size, weight_map = [], {}, 0, {}

@@ -216,7 +216,7 @@ def main(argv: Optional[list[str]] = None):
   seq = args.seq or get("seq_len") or 4096
   p = plan(cfg, axis_sizes, batch, seq, args.device_memory_gb, rules)
   print(format_plan(p, cfg, args.preset or args.config, rules))
-  print(json.dumps({"model": args.preset or args.config, "dcn": dcn, **p.to_json()}))
+  print(json.dumps({"model": args.preset or args.config, "dcn": dict(zip(sharding.MESH_AXES, dcn_t)), **p.to_json()}))
   return p
 
 

@@ -8,7 +8,6 @@ token was routed to. Then back: moe_jax.hf.save_pretrained -> transformers' from
 
 import json
 import math
-import shutil
 import types
 
 import jax
@@ -93,6 +92,19 @@ def jax_forward(model, variables, tokens):
   return np.asarray(logits), chosen
 
 
+def random_variables(model, seed):
+  """Random values for the model's abstract variables (nothing to compile): weights N(0, 0.1^2),
+  norm scales near 1, negative router biases."""
+  rng = np.random.RandomState(seed)
+
+  def value(path, shape):
+    if path[-1] == "scale":
+      return 1 + 0.2 * rng.randn(*shape)
+    return -0.3 * rng.rand(*shape) if path[0] == "router" else 0.1 * rng.randn(*shape)
+  flat = hf.abstract_variables(model)
+  return traverse_util.unflatten_dict({p: value(p, s.shape).astype(np.float32) for p, s in flat.items()})
+
+
 def tree_equal(a, b) -> bool:
   fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
   return fa.keys() == fb.keys() and all(
@@ -148,11 +160,7 @@ def test_mtp_layer_round_trip_and_equals_transformers_mtp(tmp_path):
   cfg = mcfg.tiny(initializer_range=0.1)
   model = Transformer(cfg)
   tokens = jnp.asarray(TOKENS % cfg.vocab_size, jnp.int32)
-  rng = np.random.RandomState(1)  # random weights from the abstract init: nothing to compile
-  flat = {p: (1 + 0.2 * rng.randn(*s.shape) if p[-1] == "scale" else -0.3 * rng.rand(*s.shape)
-              if p[0] == "router" else 0.1 * rng.randn(*s.shape)).astype(np.float32)
-          for p, s in hf.abstract_variables(model).items()}
-  variables = traverse_util.unflatten_dict(flat)
+  variables = random_variables(model, seed=1)
   logits, mtp = jax.jit(lambda v, t: model.apply(v, t, return_mtp=True))(variables, tokens)
 
   hf.save_pretrained(model, variables, tmp_path, max_shard_bytes=200_000)
@@ -171,7 +179,7 @@ def test_mtp_layer_round_trip_and_equals_transformers_mtp(tmp_path):
     assert np.abs(main.lm_head(h).numpy() - np.asarray(logits)).max() <= 1e-4
     mtp_model = MtpModel.from_pretrained(main)
     pos = torch.arange(ids.shape[1] - 1)[None].expand(ids.shape[0], -1)
-    # depth 1 at position i sees token i+1 and h_i (rope is relative: the position offset cancels)
+    # depth 1 at position i: the embedding of token i+1 and h_i, as moe_jax's MTP
     h1 = mtp_model.forward_layer(0, h[:, :-1], pos, None, input_ids=ids[:, 1:])
     ref = mtp_model._project_to_logits(h1).numpy()
   assert np.abs(ref - np.asarray(mtp)[0, :, :-1]).max() <= 1e-4

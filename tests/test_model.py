@@ -238,7 +238,8 @@ def test_group_limited_routing(scoring):
   idx = np.sort(np.asarray(select_experts(jnp.asarray(scores), jnp.asarray(bias), cfg)), -1)
   np.testing.assert_array_equal(idx, select_reference(scores, cfg))
   assert max(len(set(row // cfg.experts_per_group)) for row in idx) <= cfg.topk_group
-  free = np.sort(np.asarray(select_experts(jnp.asarray(scores), jnp.asarray(bias), cfg.replace(n_group=1, topk_group=1))), -1)
+  ungrouped = cfg.replace(n_group=1, topk_group=1)
+  free = np.sort(np.asarray(select_experts(jnp.asarray(scores), jnp.asarray(bias), ungrouped)), -1)
   assert (free != idx).any()  # the group limit matters for these scores
 
 

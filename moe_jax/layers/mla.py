@@ -44,6 +44,24 @@ def softmax_attend(scores_BHST: jax.Array, mask_B1ST: jax.Array) -> jax.Array:
   return jax.nn.softmax(scores, axis=-1)
 
 
+def dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v_BTHV, mask_B1ST, scale):
+  """Expanded attention through jax.nn.dot_product_attention -> [B, S, H, V].
+
+  It wants one head dim for q, k and v, so [nope; rope] queries and keys and the values are
+  zero-padded to max(N + R, V) (zeros add nothing to q . k, and padded value columns are cut
+  off). mask None is plain causal attention, passed as is_causal so cuDNN skips the masked half.
+  """
+  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BTR[:, :, None].astype(k_nope.dtype),
+                                                (*k_nope.shape[:3], k_rope_BTR.shape[-1]))], -1)
+  q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], -1)
+  v = v_BTHV.astype(q.dtype)
+  width = max(q.shape[-1], v.shape[-1])
+  pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, width - a.shape[-1]),))  # noqa: E731
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=mask_B1ST, scale=scale,
+                                     is_causal=mask_B1ST is None)
+  return out[..., :v_BTHV.shape[-1]]
+
+
 class LatentCache(nn.Module):
   """The decode cache: latent c [B, T, K] and rotated rope key [B, T, R] per layer.
 
@@ -108,10 +126,14 @@ class MLA(nn.Module):
     return self.kv_norm(c), apply_rope(k_rope, cos, sin, cfg.rope_interleave)
 
   def expanded(self, q_nope, q_rope, c_BTK, k_rope_BTR, mask_B1ST):
-    """Training / prefill form: per-head keys and values from the latent."""
+    """Training / prefill form: per-head keys and values from the latent. mask None: causal."""
     cfg = self.cfg
     k_nope = project("btk,khn->bthn", c_BTK, self.k_b, cfg)
     v = project("btk,khv->bthv", c_BTK, self.v_b, cfg)
+    if cfg.attention_impl == "dot_product":
+      return dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v, mask_B1ST, cfg.softmax_scale)
+    if mask_B1ST is None:
+      mask_B1ST = attention_mask(None, q_nope.shape[0], q_nope.shape[1])
     scores = (jnp.einsum("bshn,bthn->bhst", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("bshr,btr->bhst", q_rope, k_rope_BTR.astype(q_rope.dtype),
                            preferred_element_type=jnp.float32))
@@ -156,6 +178,6 @@ class MLA(nn.Module):
         out = form(q_nope, q_rope, cache_c, cache_r, mask)
         return project("bshv,hvd->bsd", out, self.o, cfg)
 
-    mask = attention_mask(segment_ids_BS, batch, length)
+    mask = None if segment_ids_BS is None else attention_mask(segment_ids_BS, batch, length)
     out = self.expanded(q_nope, q_rope, c, k_rope, mask)
     return project("bshv,hvd->bsd", out, self.o, cfg)
