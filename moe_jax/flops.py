@@ -58,7 +58,7 @@ def activated_params(cfg: ModelConfig) -> int:
       + cfg.hidden_size * cfg.vocab_size
 
 
-def peak_flops(dtype: str = "bfloat16", size: int = 2048) -> tuple[float, str]:
+def peak_flops(dtype: str = "bfloat16", size: int = 1024) -> tuple[float, str]:
   """(peak FLOP/s of all local devices, where the figure comes from).
 
   Accelerators: the vendor bf16 table by device kind. Otherwise (CPU, unknown kinds, fp32):

@@ -22,7 +22,8 @@ block keys -> mtp_{k}/{enorm, hnorm, eh_proj [2D, D], head_norm, block/...}; its
 shared_head.head are copies of the shared embedding and head (shape-checked on load, written on save).
 With scan_layers=True the same tensors fill slot i of dense_layers/... or moe_layers/... instead.
 FP8 checkpoints: an e4m3 `X.weight` with `X.weight_scale_inv` (one fp32 scale per 128x128 block)
-is dequantized on load by `dequantize_fp8`.
+is dequantized on load by `dequantize_fp8`, or with keep_fp8 kept as it is: e4m3 params plus their
+transposed block scales in the `fp8_scales` collection (layers/fp8.py's Fp8Weight).
 """
 
 from __future__ import annotations
@@ -158,6 +159,24 @@ class Rule:
       return [w[:, :n].transpose(2, 0, 1), w[:, n:].transpose(2, 0, 1)]
     return [w.T.reshape(slot_shapes[0])]
 
+  def to_ours_fp8(self, q: np.ndarray, scale_inv: np.ndarray, slot_shapes) -> Optional[list[tuple[np.ndarray, ...]]]:
+    """(e4m3 weight, 128x128 weight_scale_inv) -> [(q, block scales)] per slot as fp8.Fp8Weight holds
+    them; None where the blocks do not map onto the slots (kv_b whose per-head key and value rows
+    straddle a block: N or V not a multiple of 128 and more than one block of rows)."""
+    if self.kind in ("linear", "linear2"):
+      return [(q.T.reshape(slot_shapes[0]), scale_inv.T)]
+    if self.kind != "kv_b":
+      return None
+    (_, h, n), (_, _, v) = slot_shapes
+    b = FP8_BLOCK[0]
+    if scale_inv.shape[0] == 1:
+      return [(w, scale_inv.T) for w in self.to_ours(q, slot_shapes)]
+    if n % b or v % b:
+      return None
+    s = scale_inv.reshape(h, (n + v) // b, -1).transpose(2, 0, 1)  # [K/128, H, (N+V)/128]
+    k_s, v_s = s[:, :, :n // b], s[:, :, n // b:]
+    return [(w, sc.reshape(sc.shape[0], -1)) for w, sc in zip(self.to_ours(q, slot_shapes), (k_s, v_s))]
+
   def to_hf(self, slots: list[np.ndarray]) -> np.ndarray:
     if self.kind == "copy":
       return slots[0]
@@ -274,7 +293,7 @@ def _list(keys, limit=5) -> str:
 
 # --- load -----------------------------------------------------------------------------
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: Optional[Any] = None,
-                    **config_overrides) -> tuple[Transformer, dict[str, Any]]:
+                    keep_fp8: bool = False, **config_overrides) -> tuple[Transformer, dict[str, Any]]:
   """A Hugging Face DeepSeek-V2/V3 directory -> (Transformer, {'params', 'router'}).
 
   Reads config.json and the safetensors one tensor at a time (per-expert tensors fill a
@@ -284,6 +303,9 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
   `shardings`: optional pytree like the variables of jax.sharding.Sharding; each tensor is
   placed as soon as it is complete, so (unscanned) host memory holds about one assembled
   tensor at a time; with scan_layers a stacked tensor completes with its last layer.
+  keep_fp8: FP8 tensors stay e4m3, their 128x128 scales go to variables['fp8_scales'] (same
+  paths), and the model computes in FP8 (fp8=True unless overridden); where the blocks do not
+  fit our layout (see Rule.to_ours_fp8) or the router would get them, the tensor is dequantized.
   """
   path = Path(path)
   if not (path / "config.json").exists():
@@ -293,7 +315,8 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
   reader = SafetensorsReader(path)
   keys = set(reader.keys())
   depths = _mtp_depths(keys, hf["num_hidden_layers"]) if v3 else 0
-  overrides = {"dtype": dtype, "param_dtype": dtype, "num_nextn_predict_layers": depths, **config_overrides}
+  overrides = {"dtype": dtype, "param_dtype": dtype, "num_nextn_predict_layers": depths, "fp8": keep_fp8,
+               **config_overrides}
   cfg = ModelConfig.from_hf(hf, **overrides)
   model = Transformer(cfg)
   shapes = abstract_variables(model)
@@ -339,22 +362,34 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
     if rule.alias:
       continue
     w = reader.read(rule.key)
-    if rule.key in fp8:
+    slot_shapes = [_slot_shape(shapes, *pt) for pt in rule.parts]
+    kept = None
+    if rule.key in fp8 and keep_fp8 and block == FP8_BLOCK and "router" not in rule.parts[0][0]:
+      kept = rule.to_ours_fp8(w, reader.read(f"{rule.key}_scale_inv").astype(np.float32), slot_shapes)
+    if rule.key in fp8 and kept is None:
       w = dequantize_fp8(w, reader.read(f"{rule.key}_scale_inv"), block)
-    slots = rule.to_ours(w, [_slot_shape(shapes, *pt) for pt in rule.parts])
-    for (p, index), value in zip(rule.parts, slots):
+    for (p, index), value in zip(rule.parts, kept or rule.to_ours(w, slot_shapes)):
+      scale_p = ("fp8_scales", *p[1:])
       if p not in buffers:
-        buffers[p] = np.empty(shapes[p].shape, shapes[p].dtype)
-      buffers[p][index] = value.astype(shapes[p].dtype)
+        buffers[p] = np.empty(shapes[p].shape, value[0].dtype if kept else shapes[p].dtype)
+        if kept:
+          buffers[scale_p] = np.empty(shapes[p].shape[:len(index)] + value[1].shape, np.float32)
+      if kept:
+        buffers[p][index], buffers[scale_p][index] = value
+      else:
+        buffers[p][index] = value.astype(shapes[p].dtype)
       remaining[p] -= 1
       if remaining[p] == 0:
         finish(p, buffers.pop(p))
+        if scale_p in buffers:
+          finish(scale_p, buffers.pop(scale_p))
   for p, s in shapes.items():
     if p not in out:  # V2 has no correction bias: it stays zero
       assert p[0] == "router", p
       finish(p, np.zeros(s.shape, s.dtype))
   variables = traverse_util.unflatten_dict(out)
-  return model, {"params": variables["params"], "router": variables.get("router", {})}
+  kept_scales = {"fp8_scales": variables["fp8_scales"]} if "fp8_scales" in variables else {}
+  return model, {"params": variables["params"], "router": variables.get("router", {}), **kept_scales}
 
 
 # --- save -----------------------------------------------------------------------------

@@ -44,8 +44,9 @@ class MoeJaxLM(LM):
       tok = load_tokenizer(tokenizer)
       model, variables, _ = evaluate.load_model(workdir=workdir, checkpoint=checkpoint, hf=hf, preset=preset,
                                                 vocab_size=tok.vocab_size if preset else None)
-      scorer = scoring.Scorer(model, variables, batch_size=int(batch_size),
-                              max_len=int(max_length) if max_length else None)
+      # lm-eval passes its own --batch_size (possibly "auto") along: any non-number keeps the default.
+      batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+      scorer = scoring.Scorer(model, variables, batch_size=batch_size, max_len=int(max_length) if max_length else None)
     self.scorer, self.tok = scorer, tok or load_tokenizer("byte")
     self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
 

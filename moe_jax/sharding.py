@@ -216,8 +216,11 @@ def _axes_str(axes, sizes) -> str:
   return "x".join(f"{a}={sizes[a]}" for a in axes) or "none"
 
 
-def check_moe_layout(cfg, rules, sizes: dict[str, int]):
-  """Errors naming the numbers when routed experts cannot be laid out as the rules say."""
+def check_moe_layout(cfg, rules, sizes: dict[str, int], expert_parallel: Optional[bool] = None):
+  """Errors naming the numbers when routed experts cannot be laid out as the rules say.
+
+  expert_parallel (default: cfg.moe_impl == 'ep') adds what the shard_map dispatch needs.
+  """
   if not cfg.num_moe_layers:
     return
   exp, mlp = moe_axes(rules)
@@ -226,7 +229,9 @@ def check_moe_layout(cfg, rules, sizes: dict[str, int]):
     raise ValueError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by the expert-parallel size {ep} "
                      f"(mesh axes {_axes_str(exp, sizes)}); pick an expert axis that divides "
                      f"{cfg.n_routed_experts}")
-  if cfg.moe_impl == "ep":
+  if expert_parallel is None:
+    expert_parallel = cfg.moe_impl == "ep"
+  if expert_parallel:
     tokens = batch_axes(rules)
     if not set(exp) <= set(tokens):
       raise ValueError(f"moe_impl='ep': the expert axes {exp} must also shard the batch (rules put batch on "

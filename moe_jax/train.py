@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -188,14 +189,13 @@ class Trainer:
         raise UserError(f"{name}={config[name]} must be >= 1")
     if accum < 1 or b % accum:
       raise UserError(f"batch_size {b} is not divisible by optim.grad_accum {accum}")
-    if s + 1 > mcfg.max_position_embeddings and config.data.path == "synthetic:copy":
-      raise UserError(f"seq_len {s} exceeds model.max_position_embeddings {mcfg.max_position_embeddings}")
     m = config.mesh
     try:
       self.mesh = sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor, dcn_data=m.dcn_data, dcn_fsdp=m.dcn_fsdp,
                                      dcn_expert=m.dcn_expert, dcn_tensor=m.dcn_tensor)
       self.rules = sharding.merge_rules([tuple(r) for r in m.rules])
       sharding.validate(mcfg, b // accum, self.mesh, self.rules)
+      self.rows = sharding.process_batch_rows(self.mesh, b, self.rules)  # this process's slice of the batch
     except ValueError as e:
       raise UserError(str(e)) from None
     self.model = Transformer(mcfg)
@@ -217,7 +217,6 @@ class Trainer:
                                        shapes, self.state_sharding)
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     self.batch_sharding = sharding.batch_sharding(self.mesh, 2, self.rules)
-    self.rows = sharding.process_batch_rows(self.mesh, b, self.rules)
     self._step_fn, self._eval_fn = None, None
 
   @property
@@ -376,7 +375,8 @@ class Preemption:
     self.requested = False
 
   def __enter__(self):
-    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    main = threading.current_thread() is threading.main_thread()  # only it may install handlers
+    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     return self
 
   def _handle(self, signum, frame):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,25 +14,17 @@ from moe_jax import sharding
 from moe_jax.config import ModelConfig, tiny
 from moe_jax.model import Transformer
 
-BATCH, SEQ = 8, 16
+# SEQ 12: no activation [B, S, .] can be mistaken for an [E, D, F] expert weight in HLO checks.
+BATCH, SEQ = 8, 12
 
 
-def test_config(**kw) -> ModelConfig:
+def tiny_config(**kw) -> ModelConfig:
   """The tiny preset; capacity_factor 8 >= any expert-parallel size here, so 'ep' drops nothing."""
   return tiny(**{"capacity_factor": 8.0, **kw})
 
 
 def tokens(cfg: ModelConfig, batch: int = BATCH, seq: int = SEQ, seed: int = 1) -> np.ndarray:
   return np.asarray(jax.random.randint(jax.random.key(seed), (batch, seq), 0, cfg.vocab_size, jnp.int32))
-
-
-def abstract_variables(cfg: ModelConfig, seq: int = SEQ):
-  """Boxed ShapeDtypeStructs of params + router (no devices, no memory)."""
-  model = Transformer(cfg.replace(moe_impl="ragged"))  # same variables for every dispatch
-  def init(key):
-    v = model.init(key, jnp.zeros((1, seq), jnp.int32))
-    return {"params": v["params"], "router": v["router"]}
-  return jax.eval_shape(init, jax.random.key(0))
 
 
 def host_variables(cfg: ModelConfig, seed: int = 0):
@@ -67,8 +62,9 @@ def step_fn(model: Transformer):
   return step
 
 
+@functools.lru_cache(maxsize=None)
 def reference(cfg: ModelConfig):
-  """The single-device result (moe_impl='ragged', no mesh), as numpy."""
+  """The single-device result (moe_impl='ragged', no mesh), as numpy (cached per process)."""
   v = host_variables(cfg)
   out = jax.jit(step_fn(Transformer(cfg.replace(moe_impl="ragged"))))(v, tokens(cfg))
   return jax.tree.map(np.asarray, out)
@@ -76,7 +72,7 @@ def reference(cfg: ModelConfig):
 
 def sharded_step(cfg: ModelConfig, mesh, rules=sharding.DEFAULT_RULES):
   """Compiles the step on `mesh` once; returns (compiled, sharded variables, sharded tokens)."""
-  abstract = abstract_variables(cfg)
+  abstract = sharding.eval_shape_variables(cfg)
   shardings = nn.unbox(sharding.named_shardings(abstract, mesh, rules))
   variables = jax.device_put(host_variables(cfg), shardings)
   toks = jax.device_put(tokens(cfg), sharding.batch_sharding(mesh, 2, rules))
@@ -86,8 +82,35 @@ def sharded_step(cfg: ModelConfig, mesh, rules=sharding.DEFAULT_RULES):
   return compiled, variables, toks
 
 
+@functools.lru_cache(maxsize=None)
+def run_on_mesh(cfg: ModelConfig, shape: tuple[int, int, int, int]):
+  """(numpy outputs, compiled HLO text) of the step on a (data, fsdp, expert, tensor) mesh; cached,
+  so each mesh compiles once per test process whichever test asks first."""
+  mesh = sharding.make_mesh(*shape)
+  compiled, variables, toks = sharded_step(cfg, mesh)
+  return jax.tree.map(np.asarray, compiled(variables, toks)), compiled.as_text()
+
+
 def max_rel_diff(a, b) -> float:
   """max |a - b| / max |b| (0 when both are 0)."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   scale = np.abs(b).max()
   return float(np.abs(a - b).max() / scale) if scale else float(np.abs(a).max())
+
+
+def expert_weight_all_gathers(hlo_text: str, cfg: ModelConfig, mesh) -> list[str]:
+  """All-gathers in compiled HLO whose result is a whole-E expert weight ([E, D', F'] or [E, F', D'])."""
+  e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+  ds = {d, d // mesh.shape["fsdp"]}
+  fs = {f, f // mesh.shape["tensor"]}
+  shapes = {(e, a, b) for a in ds for b in fs} | {(e, b, a) for a in ds for b in fs}
+  found = []
+  for line in hlo_text.splitlines():
+    m = re.search(r"=\s*\w+\[([\d,]+)\][^=]*?\sall-gather(?:-start)?\(", line)
+    if m and tuple(int(v) for v in m.group(1).split(",")) in shapes:
+      found.append(line.strip())
+  return found
+
+
+def count_op(hlo_text: str, op: str) -> int:
+  return len(re.findall(rf"\s{op}(?:-start)?\(", hlo_text))

@@ -212,3 +212,65 @@ def test_fp8_weight_consumed_as_is():
     fp8.einsum("bsd,dd->bs", x, w[:, 0, :], F32)
   with pytest.raises(ValueError, match="fp8"):
     config.tiny(fp8="yes")
+
+
+def _to_released_fp8(path):
+  """Rewrites a saved checkpoint as DeepSeek-V3 ships: every projection e4m3 + weight_scale_inv."""
+  import json
+  torch = pytest.importorskip("torch")
+  safetensors_torch = pytest.importorskip("safetensors.torch")
+  f = path / "model.safetensors"
+  tensors = safetensors_torch.load_file(str(f))
+  for key in [k for k in tensors if k.endswith(("_proj.weight", "_proj_with_mqa.weight"))]:
+    q, s = fp8.quantize_blocks(jnp.asarray(tensors[key].float().numpy()))
+    tensors[key] = torch.from_numpy(np.asarray(q).view(np.uint8).copy()).view(torch.float8_e4m3fn)
+    tensors[key + "_scale_inv"] = torch.from_numpy(np.array(s))
+  safetensors_torch.save_file(tensors, str(f), metadata={"format": "pt"})
+  hf_cfg = json.loads((path / "config.json").read_text())
+  hf_cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                   "weight_block_size": [128, 128]}
+  (path / "config.json").write_text(json.dumps(hf_cfg))
+
+
+def test_fp8_checkpoint_loads_as_fp8(tmp_path):
+  """Released-layout FP8 checkpoint: kept e4m3 + scales, logits = the dequantized load's within FP8 rounding."""
+  from flax import traverse_util
+  from moe_jax import hf
+  cfg = config.tiny(initializer_range=0.05)  # projections large enough to matter in the logits
+  tokens = _tokens(cfg)
+  hf.save_pretrained(cfg, jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), tokens), tmp_path)
+  _to_released_fp8(tmp_path)
+
+  model, deq = hf.load_pretrained(tmp_path)
+  kept_model, kept = hf.load_pretrained(tmp_path, keep_fp8=True)
+  assert kept_model.cfg.fp8 and not model.cfg.fp8
+  flat_deq, flat_kept = traverse_util.flatten_dict(deq["params"]), traverse_util.flatten_dict(kept["params"])
+  scales = traverse_util.flatten_dict(kept["fp8_scales"])
+  # Every projection of the checkpoint (kv_b split into k_b / v_b, o, experts, MTP eh_proj) is kept,
+  # and its blocks are the checkpoint's: dequantized, they are the dequantized load bit for bit.
+  assert len(scales) == sum(1 for k in flat_deq if k[-1] in ("q_a", "q_b", "kv_a", "k_b", "v_b", "o", "gate", "up",
+                                                           "down", "eh_proj"))
+  for path, scale in scales.items():
+    assert flat_kept[path].dtype == jnp.float8_e4m3fn, path
+    np.testing.assert_array_equal(fp8.Fp8Weight(flat_kept[path], scale).dequantize(), flat_deq[path])
+  for path in set(flat_kept) - set(scales):  # router, norms, embedding, head: never FP8
+    assert flat_kept[path].dtype == jnp.float32, path
+
+  want = jax.jit(model.apply)(deq, tokens)
+  got = jax.jit(kept_model.apply)(kept, tokens)  # FP8 compute on the kept blocks
+  assert 0 < _rel(got, want) <= U
+
+
+def test_kv_b_blocks_split_per_head():
+  """kv_b [H*(N+V), K]: with N, V multiples of 128 each head's key and value rows are whole blocks."""
+  from moe_jax import hf
+  rule = hf.Rule("kv_b_proj.weight", "kv_b", ((("params", "k_b"), ()), (("params", "v_b"), ())))
+  for (k, h, n, v), splits in (((256, 2, 128, 256), True), ((256, 4, 64, 64), False)):
+    slot_shapes = [(k, h, n), (k, h, v)]
+    q, s = (np.asarray(a) for a in fp8.quantize_blocks(jax.random.normal(jax.random.PRNGKey(7), (h * (n + v), k))))
+    kept = rule.to_ours_fp8(q, s, slot_shapes)
+    if not splits:  # blocks straddle key and value rows: the loader dequantizes instead
+      assert kept is None
+      continue
+    for (kq, ks), want in zip(kept, rule.to_ours(hf.dequantize_fp8(q, s), slot_shapes)):
+      np.testing.assert_array_equal(fp8.Fp8Weight(jnp.asarray(kq), jnp.asarray(ks)).dequantize(), want)

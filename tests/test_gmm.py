@@ -59,7 +59,7 @@ def test_auto_and_bad_impl():
     gmm.choose("fast")
 
 
-@pytest.mark.parametrize("tile", [16, 64])
+@pytest.mark.parametrize("tile", [16, 64, 512])  # 512 > M: the rows get padded up to a tile
 @pytest.mark.parametrize("used", [300, 217])
 def test_fused_swiglu_matches_ragged_dot(tile, used):
   """The one-pass tiled SwiGLU (bulk + tail tiles, custom_vjp) equals three ragged_dots, values and grads."""
@@ -89,9 +89,10 @@ def test_tail_tiles_cover_every_row():
   sizes = jnp.array([0, 1, 15, 16, 17, 63, 64, 65, 128, 200], jnp.int32)
   m = int(sizes.sum())
   owner = np.full(m, -1)
-  for t, count, g, first, valid in gmm._schedule(sizes, m, 64):
+  for t, count, g, start, lo, hi in gmm._schedule(sizes, m, 64):
     for i in range(int(count)):
-      rows = np.arange(int(first[i]), int(first[i]) + min(t, int(valid[i])))
-      assert (owner[rows] == -1).all() and int(valid[i]) > 0
+      assert 0 <= int(start[i]) and int(start[i]) + t <= m and int(lo[i]) < min(int(hi[i]), t)
+      rows = np.arange(int(start[i]) + int(lo[i]), int(start[i]) + min(t, int(hi[i])))
+      assert (owner[rows] == -1).all()
       owner[rows] = int(g[i])
   np.testing.assert_array_equal(owner, np.repeat(np.arange(10), np.asarray(sizes)))

@@ -59,7 +59,7 @@ def _local_experts(rows_MD, ids_M, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig)
   e_local = gate_EDF.shape[0]
   order, inverse, sizes = sort_by_expert(ids_M[:, None], e_local + 1)  # empty slots sort last
   y = expert_ffn_ragged(rows_MD[order], sizes[:e_local], gate_EDF, up_EDF, down_EFD, cfg.compute_dtype,
-                        cfg.moe_gmm)
+                        cfg.moe_gmm, cfg.fp8)
   return y[inverse]
 
 
@@ -112,7 +112,7 @@ def dispatch_ep(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig
     out, _ = dispatch_ragged(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg)
     return out, {"dropped_tokens": jnp.zeros((), jnp.float32)}
   sizes = dict(mesh.shape)
-  sharding.check_moe_layout(cfg, rules, sizes)
+  sharding.check_moe_layout(cfg, rules, sizes, expert_parallel=True)
   token_axes = sharding.batch_axes(rules)
   exp_axes, mlp_axes = sharding.moe_axes(rules)
   shards = math.prod(sizes[a] for a in token_axes)

@@ -54,7 +54,10 @@ def _levels(bulk: int) -> tuple[int, ...]:
 
 
 def _schedule(sizes_E, num_rows: int, bulk: int):
-  """[(tile, count, group [n], first row [n], rows of the tile in its group [n])] per tile size.
+  """[(tile, count, group [n], start row [n], lo [n], hi [n])] per tile size: rows lo <= r < hi
+  of the `tile` rows from `start` are the tile's. A tile that would run past the last row
+  starts earlier instead (start = num_rows - tile, lo > 0), so slices never clamp and no
+  array needs padding rows (num_rows >= bulk; grouped_matmul pads when it is smaller).
 
   n is a static bound (num_rows // tile + E for bulk tiles, E for tail tiles); the loops run
   `count` (dynamic) of them, in group order within each size.
@@ -77,7 +80,9 @@ def _schedule(sizes_E, num_rows: int, bulk: int):
     g = jnp.minimum(jnp.searchsorted(ends, i, side="right"), e - 1).astype(jnp.int32)
     j = i - (ends[g] - per_group[g])
     first = starts[g] + offset[g] + j * t
-    out.append((t, ends[-1], g, first, sizes_E[g] - offset[g] - j * t))
+    start = jnp.minimum(first, num_rows - t)
+    lo = first - start
+    out.append((t, ends[-1], g, start, lo, lo + sizes_E[g] - offset[g] - j * t))
   return out
 
 
@@ -87,48 +92,53 @@ def _zeros_varying_like(shape, dtype, *arrays):
   return jnp.zeros_like(probe, shape=shape)
 
 
-def _pad(a, rows: int):
-  return jnp.concatenate([a, jnp.zeros((rows, a.shape[1]), a.dtype)])  # tile slices never clamp
-
-
-def _put(buf, rows, first, keep):
-  """Writes the kept rows of a tile at `first`; rows past its group belong to the next one."""
-  old = jax.lax.dynamic_slice_in_dim(buf, first, rows.shape[0])
-  return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(keep, rows.astype(buf.dtype), old), first, 0)
+def _put(buf, rows, start, keep):
+  """Writes the kept rows of a tile at `start`; the others belong to neighbouring groups."""
+  old = jax.lax.dynamic_slice_in_dim(buf, start, rows.shape[0])
+  return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(keep, rows.astype(buf.dtype), old), start, 0)
 
 
 def _tile_loops(sizes_E, num_rows: int, bulk: int, body, carry):
-  """Runs body(tile, group, first, keep [tile, 1], carry) -> carry over every tile in use."""
-  for t, count, g, first, valid in _schedule(sizes_E, num_rows, bulk):
-    def step(i, c, t=t, g=g, first=first, valid=valid):
-      return body(t, g[i], first[i], (jnp.arange(t) < valid[i])[:, None], c)
+  """Runs body(tile, group, start, keep [tile, 1], carry) -> carry over every tile in use."""
+  for t, count, g, start, lo, hi in _schedule(sizes_E, num_rows, bulk):
+    def step(i, c, t=t, g=g, start=start, lo=lo, hi=hi):
+      r = jnp.arange(t)
+      return body(t, g[i], start[i], ((r >= lo[i]) & (r < hi[i]))[:, None], c)
     carry = jax.lax.fori_loop(0, count, step, carry)
   return carry
+
+
+def _fit(bulk: int, *arrays):
+  """Zero rows appended up to `bulk` rows (only when there are fewer), so every tile fits."""
+  m = arrays[0].shape[0]
+  if m >= bulk:
+    return arrays
+  return tuple(jnp.concatenate([a, jnp.zeros((bulk - m, *a.shape[1:]), a.dtype)]) for a in arrays)
 
 
 def _gmm_loop(x_MD, w_EDF, sizes_E, bulk):
   m = x_MD.shape[0]
   out_dtype = jnp.result_type(x_MD.dtype, w_EDF.dtype)
-  xp = _pad(x_MD, bulk)
+  (xp,) = _fit(bulk, x_MD)
 
-  def body(t, g, first, keep, yp):
-    return _put(yp, jax.lax.dynamic_slice_in_dim(xp, first, t) @ w_EDF[g], first, keep)
+  def body(t, g, start, keep, yp):
+    return _put(yp, jax.lax.dynamic_slice_in_dim(xp, start, t) @ w_EDF[g], start, keep)
 
-  yp0 = _zeros_varying_like((m + bulk, w_EDF.shape[-1]), out_dtype, x_MD, w_EDF, sizes_E)
-  return _tile_loops(sizes_E, m, bulk, body, yp0)[:m]
+  yp0 = _zeros_varying_like((xp.shape[0], w_EDF.shape[-1]), out_dtype, x_MD, w_EDF, sizes_E)
+  return _tile_loops(sizes_E, xp.shape[0], bulk, body, yp0)[:m]
 
 
 def _tgmm_loop(x_MD, dy_MF, sizes_E, bulk, num_groups, w_dtype):
   """Per-group x^T dy -> [E, D, F]."""
-  xp, dyp = _pad(x_MD, bulk), _pad(dy_MF, bulk)
+  xp, dyp = _fit(bulk, x_MD, dy_MF)
 
-  def body(t, g, first, keep, dw):
-    xs = jnp.where(keep, jax.lax.dynamic_slice_in_dim(xp, first, t), 0)
-    return dw.at[g].add(jnp.einsum("td,tf->df", xs, jax.lax.dynamic_slice_in_dim(dyp, first, t),
+  def body(t, g, start, keep, dw):
+    xs = jnp.where(keep, jax.lax.dynamic_slice_in_dim(xp, start, t), 0)
+    return dw.at[g].add(jnp.einsum("td,tf->df", xs, jax.lax.dynamic_slice_in_dim(dyp, start, t),
                                    preferred_element_type=jnp.float32))
 
   dw0 = _zeros_varying_like((num_groups, x_MD.shape[1], dy_MF.shape[1]), jnp.float32, x_MD, dy_MF, sizes_E)
-  return _tile_loops(sizes_E, x_MD.shape[0], bulk, body, dw0).astype(w_dtype)
+  return _tile_loops(sizes_E, xp.shape[0], bulk, body, dw0).astype(w_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -156,21 +166,22 @@ def _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, save: bool):
   m, d = x_MD.shape
   f = gate_EDF.shape[-1]
   dt = x_MD.dtype
-  xp = _pad(x_MD, bulk)
+  (xp,) = _fit(bulk, x_MD)
+  mp = xp.shape[0]
 
-  def body(t, g, first, keep, carry):
+  def body(t, g, start, keep, carry):
     yp, abp = carry
-    xs = jax.lax.dynamic_slice_in_dim(xp, first, t)
+    xs = jax.lax.dynamic_slice_in_dim(xp, start, t)
     a, b = xs @ gate_EDF[g], xs @ up_EDF[g]
-    yp = _put(yp, (jax.nn.silu(a) * b).astype(dt) @ down_EFD[g], first, keep)
+    yp = _put(yp, (jax.nn.silu(a) * b).astype(dt) @ down_EFD[g], start, keep)
     if save:
-      abp = _put(abp, jnp.concatenate([a, b], -1), first, keep)
+      abp = _put(abp, jnp.concatenate([a, b], -1), start, keep)
     return yp, abp
 
   zeros = lambda shape: _zeros_varying_like(shape, dt, x_MD, gate_EDF, sizes_E)  # noqa: E731
-  carry = (zeros((m + bulk, d)), zeros((m + bulk if save else 0, 2 * f)))
-  yp, abp = _tile_loops(sizes_E, m, bulk, body, carry)
-  return yp[:m], abp[:m]
+  carry = (zeros((mp, d)), zeros((mp if save else 0, 2 * f)))
+  yp, abp = _tile_loops(sizes_E, mp, bulk, body, carry)
+  return yp[:m], abp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -188,27 +199,29 @@ def _swiglu_tiled_bwd(bulk, residuals, dy_MD):
   m, d = x_MD.shape
   f = gate_EDF.shape[-1]
   dt = x_MD.dtype
-  xp, dyp, abp = _pad(x_MD, bulk), _pad(dy_MD.astype(dt), bulk), _pad(ab_MF2, bulk)
+  xp, dyp = _fit(bulk, x_MD, dy_MD.astype(dt))
+  abp = ab_MF2  # already _fit's rows (the forward kept them)
+  mp = xp.shape[0]
   outer = lambda p, q: jnp.einsum("tp,tq->pq", p, q, preferred_element_type=jnp.float32)  # noqa: E731
 
-  def body(t, g, first, keep, carry):
+  def body(t, g, start, keep, carry):
     dxp, dgate, dup, ddown = carry
-    xs = jax.lax.dynamic_slice_in_dim(xp, first, t)
-    dys = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dyp, first, t), 0)  # the next group's rows: no grad
-    ab = jax.lax.dynamic_slice_in_dim(abp, first, t).astype(jnp.float32)
+    xs = jax.lax.dynamic_slice_in_dim(xp, start, t)
+    dys = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dyp, start, t), 0)  # other groups' rows: no grad
+    ab = jax.lax.dynamic_slice_in_dim(abp, start, t).astype(jnp.float32)
     a, b = ab[:, :f], ab[:, f:]
     sig = jax.nn.sigmoid(a)
     h = (a * sig * b).astype(dt)
     dh = (dys @ down_EFD[g].T).astype(jnp.float32)
     da = (dh * b * sig * (1 + a * (1 - sig))).astype(dt)  # silu'(a) = sig (1 + a (1 - sig))
     db = (dh * a * sig).astype(dt)
-    dxp = _put(dxp, da @ gate_EDF[g].T + db @ up_EDF[g].T, first, keep)
+    dxp = _put(dxp, da @ gate_EDF[g].T + db @ up_EDF[g].T, start, keep)
     return dxp, dgate.at[g].add(outer(xs, da)), dup.at[g].add(outer(xs, db)), ddown.at[g].add(outer(h, dys))
 
   zeros = lambda shape, dtype: _zeros_varying_like(shape, dtype, x_MD, dy_MD, sizes_E)  # noqa: E731
-  carry = (zeros((m + bulk, d), dt), zeros(gate_EDF.shape, jnp.float32), zeros(up_EDF.shape, jnp.float32),
+  carry = (zeros((mp, d), dt), zeros(gate_EDF.shape, jnp.float32), zeros(up_EDF.shape, jnp.float32),
            zeros(down_EFD.shape, jnp.float32))
-  dxp, dgate, dup, ddown = _tile_loops(sizes_E, m, bulk, body, carry)
+  dxp, dgate, dup, ddown = _tile_loops(sizes_E, mp, bulk, body, carry)
   return (dxp[:m], None, dgate.astype(gate_EDF.dtype), dup.astype(up_EDF.dtype), ddown.astype(down_EFD.dtype))
 
 

@@ -70,14 +70,45 @@ def sort_by_expert(idx_TX: jax.Array, num_experts: int):
   return order, inverse, sizes
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _expand_sorted(x_TD, order_M, inverse_M, k: int):
+  """x_TD[order // k]: each token's row once per choice, in expert order -> [T*X, D].
+
+  The gradient is a gather too (dx[t] = sum_x dy[inverse[t*X + x]]) instead of the
+  scatter-add that autodiff of a gather makes, which is serial on CPU.
+  """
+  return x_TD[order_M // k]
+
+
+def _expand_sorted_fwd(x_TD, order_M, inverse_M, k):
+  return x_TD[order_M // k], (order_M, inverse_M)
+
+
+def _expand_sorted_bwd(k, res, dy_MD):
+  order_M, inverse_M = res
+  return dy_MD[inverse_M].reshape(-1, k, dy_MD.shape[-1]).sum(1), None, None
+
+
+_expand_sorted.defvjp(_expand_sorted_fwd, _expand_sorted_bwd)
+
+
+@jax.custom_vjp
+def _permute_rows(y_MD, perm_M, inverse_M):
+  """y[perm] for a permutation perm with inverse `inverse`; its gradient is the gather dy[inverse]."""
+  return y_MD[perm_M]
+
+
+_permute_rows.defvjp(lambda y, p, q: (y[p], q), lambda q, dy: (dy[q], None, None))
+
+
 def dispatch_ragged(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig):
   """Dropless grouped matmul; memory O(T*X*max(D, F)), never [T, E, ...]."""
   t, k = idx_TX.shape
   order, inverse, sizes = sort_by_expert(idx_TX, cfg.n_routed_experts)
-  x_sorted = x_TD[order // k]  # [T*X, D]
+  x_sorted = _expand_sorted(x_TD, order, inverse, k)  # [T*X, D]
   y_sorted = expert_ffn_ragged(x_sorted, sizes, gate_EDF, up_EDF, down_EFD, cfg.compute_dtype, cfg.moe_gmm,
                                cfg.fp8)
-  y_TXD = y_sorted[inverse].reshape(t, k, -1)
+  y_TXD = _permute_rows(y_sorted, inverse, order).reshape(t, k, -1)
   y = jnp.einsum("txd,tx->td", y_TXD.astype(jnp.float32), w_TX)
   return y.astype(cfg.compute_dtype), {}
 

@@ -1,0 +1,61 @@
+"""Each benchmark script runs at tiny size (--smoke) and prints well-formed JSON lines.
+
+No timing is asserted: only that every line parses, the machine record comes first, each
+figure carries its keys with finite numbers, and the properties the scripts check hold
+(no recompilation after the first step, donated state, the same weights on both sides).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MACHINE = {"cpu", "cores", "jax", "jaxlib", "backend", "device_kind", "date", "loadavg"}
+EXPECTED = {  # script: (figure kind, keys every figure of that kind has, number of figures)
+    "train_step.py": ("train_step", {"tokens_per_s", "model_tflops", "peak_tflops", "mfu", "step_s",
+                                     "compiles_after_first_step", "donated", "model_flops_per_step"}, 1),
+    "moe_layer.py": ("moe_layer", {"dispatch", "what", "moe_s", "ideal_mlp_s", "ratio", "devices"}, 4),
+    "attention.py": ("attention", {"name", "what", "seconds", "sdpa_s", "ratio"}, 10),
+    "vs_transformers.py": ("vs_transformers", {"what", "moe_jax_s", "torch_s", "ratio", "logits_max_abs_diff"}, 2),
+}
+
+
+def run_smoke(script: str) -> list[dict]:
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 forced devices stay here
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke"], env=env,
+                       capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def finite_numbers(rec: dict) -> bool:
+  return all(math.isfinite(v) for v in rec.values() if isinstance(v, float))
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_smoke_prints_json_figures(script):
+  if script == "vs_transformers.py":
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+  records = run_smoke(script)
+  assert records[0]["kind"] == "machine" and MACHINE <= set(records[0])
+  kind, keys, count = EXPECTED[script]
+  figures = [r for r in records[1:] if r["kind"] == kind]
+  assert len(figures) == count == len(records) - 1, records
+  for rec in figures:
+    assert keys <= set(rec), (keys - set(rec), rec)
+    assert finite_numbers(rec), rec
+  if script == "train_step.py":
+    assert figures[0]["compiles_after_first_step"] == 0 and figures[0]["donated"] is True
+  if script == "moe_layer.py":
+    assert {(r["dispatch"], r["what"]) for r in figures} == {
+        (d, w) for d in ("ragged", "ep") for w in ("forward", "forward_backward")}
+    assert [r["devices"] for r in figures if r["dispatch"] == "ep"] == [2, 2]
+  if script == "vs_transformers.py":
+    assert {r["what"] for r in figures} == {"forward", "train"}
+    assert figures[0]["logits_max_abs_diff"] < 1e-4  # the same weights on both sides
