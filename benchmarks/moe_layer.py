@@ -142,6 +142,7 @@ def main(argv=None):
     p.error(f"unknown dispatch {sorted(bad)}; known: {', '.join(DISPATCHES)}")
   if args.smoke:
     args.config, args.batch, args.seq, args.iters, args.warmup, args.ep = "tiny", 2, 16, 2, 1, 2
+    args.set = ["num_hidden_layers=1", "first_k_dense_replace=0"] + args.set
     if "--dispatch" not in " ".join(sys.argv):
       args.dispatch = ["ragged", "ep"]
   run(args)

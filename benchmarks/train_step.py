@@ -107,6 +107,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.smoke:
     args.config, args.batch, args.seq, args.steps, args.warmup, args.peak_size = "tiny", 2, 16, 2, 1, 128
+    args.set = ["num_hidden_layers=1", "first_k_dense_replace=0", "num_nextn_predict_layers=0"] + args.set
   run(args)
 
 

@@ -123,7 +123,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.smoke:
     args.set = ["vocab_size=256", "hidden_size=64", "intermediate_size=128", "moe_intermediate_size=32",
-                "num_hidden_layers=2", "num_attention_heads=2", "q_lora_rank=32", "kv_lora_rank=32",
+                "num_hidden_layers=1", "first_k_dense_replace=0", "num_attention_heads=2", "q_lora_rank=32", "kv_lora_rank=32",
                 "qk_nope_head_dim=16", "qk_rope_head_dim=8", "v_head_dim=16", "n_routed_experts=8"] + args.set
     args.batch, args.seq, args.iters, args.warmup = 2, 16, 2, 1
   run(args)

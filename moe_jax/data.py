@@ -272,8 +272,6 @@ class CopySource:
   def rows(self, split: str, step: int, row_ids: Sequence[int]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, step])
     x = rng.integers(1, self.n_symbols + 1, size=(self.batch_size, self.half))[np.asarray(row_ids)]
-    if os.environ.get("DISTINCT"):
-      x = (np.argsort(rng.random((self.batch_size, self.n_symbols)), -1)[:, :self.half] + 1)[np.asarray(row_ids)]
     r, s1 = len(row_ids), self.seq_len + 1
     tokens = np.zeros((r, s1), np.int32)
     tokens[:, :self.half] = x

@@ -149,16 +149,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
   data..tensor are the sizes within one slice (TPU) or node (GPU); dcn_* multiply an axis
   across slices / nodes (mesh axis = size * dcn_size), built with
   mesh_utils.create_hybrid_device_mesh so only the dcn_* axes cross the slow network.
-  Granules are TPU slices (`slice_index`), else processes (one per GPU node), unless
-  process_is_granule says otherwise.
+  Granules are TPU slices when the devices span prod(dcn_*) slice indices, else processes
+  (one per GPU node), unless process_is_granule says which.
   """
   from jax.experimental import mesh_utils
   devices = list(jax.devices() if devices is None else devices)
   ici, dcn = hybrid_mesh_shape((data, fsdp, expert, tensor), (dcn_data, dcn_fsdp, dcn_expert, dcn_tensor),
                                len(devices))
   if math.prod(dcn) > 1:
-    if process_is_granule is None:
-      process_is_granule = getattr(devices[0], "slice_index", None) is None
+    if process_is_granule is None:  # TPU multi-slice sets slice_index; GPU / CPU processes don't differ in it
+      process_is_granule = len({getattr(d, "slice_index", 0) for d in devices}) != math.prod(dcn)
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=process_is_granule,
                                                 allow_split_physical_axes=True)
   else:
@@ -320,12 +320,13 @@ def init_variables(model: nn.Module, rng: jax.Array, tokens_shape: tuple[int, in
 
 # --- multi-host ---------------------------------------------------------------------
 def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None, enable: Optional[bool] = None) -> bool:
+                           process_id: Optional[int] = None, enable: Optional[bool] = None, **kwargs) -> bool:
   """Calls jax.distributed.initialize() when asked; returns whether it did.
 
   Asked by: a coordinator address (argument or JAX_COORDINATOR_ADDRESS, with
   JAX_NUM_PROCESSES / JAX_PROCESS_ID), or enable=True (cluster auto-detection: TPU pods,
-  SLURM, Open MPI). Call it first, before anything touches a device. Idempotent.
+  SLURM, Open MPI). kwargs go to jax.distributed.initialize (e.g. initialization_timeout).
+  Call it first, before anything touches a device. Idempotent.
   """
   coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not (enable or coordinator):
@@ -336,7 +337,7 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
   jax.distributed.initialize(
       coordinator_address=coordinator,
       num_processes=num_processes if num_processes is not None else env("JAX_NUM_PROCESSES"),
-      process_id=process_id if process_id is not None else env("JAX_PROCESS_ID"))
+      process_id=process_id if process_id is not None else env("JAX_PROCESS_ID"), **kwargs)
   return True
 
 

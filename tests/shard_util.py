@@ -29,11 +29,19 @@ def tokens(cfg: ModelConfig, batch: int = BATCH, seq: int = SEQ, seed: int = 1) 
 
 def host_variables(cfg: ModelConfig, seed: int = 0):
   """Unboxed variables on the default device, with a non-zero router bias (so selection uses it)."""
-  v = Transformer(cfg.replace(moe_impl="ragged")).init(jax.random.key(seed), jnp.zeros((1, SEQ), jnp.int32))
-  v = nn.unbox({"params": v["params"], "router": v["router"]})
-  v["router"] = jax.tree.map(lambda b: 0.01 * jax.random.normal(jax.random.key(seed + 7), b.shape, b.dtype),
-                             v["router"])
-  return v
+  return _host_variables(cfg.replace(moe_impl="ragged"), seed)  # every dispatch: the same variables
+
+
+@functools.lru_cache(maxsize=None)
+def _host_variables(cfg: ModelConfig, seed: int):
+  @jax.jit
+  def init(key):
+    v = Transformer(cfg.replace(moe_impl="ragged")).init(key, jnp.zeros((1, SEQ), jnp.int32))
+    v = nn.unbox({"params": v["params"], "router": v["router"]})
+    v["router"] = jax.tree.map(lambda b: 0.01 * jax.random.normal(jax.random.key(seed + 7), b.shape, b.dtype),
+                               v["router"])
+    return v
+  return init(jax.random.key(seed))
 
 
 def loss_fn(params, router, tokens_BS, model: Transformer):
@@ -43,7 +51,9 @@ def loss_fn(params, router, tokens_BS, model: Transformer):
   def ce(lg, targets):
     return jnp.mean(jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, targets[..., None], -1)[..., 0])
   balance = sum(jax.tree.leaves(state.get("losses", {})), jnp.zeros((), jnp.float32))
-  loss = ce(logits[:, :-1], tokens_BS[:, 1:]) + 0.3 * ce(mtp[0][:, :-2], tokens_BS[:, 2:]) + balance
+  loss = ce(logits[:, :-1], tokens_BS[:, 1:]) + balance
+  for k in range(mtp.shape[0]):  # depth k+1 predicts token i+k+2
+    loss += 0.3 * ce(mtp[k][:, :-(k + 2)], tokens_BS[:, k + 2:])
   return loss, (logits, state["intermediates"], balance)
 
 

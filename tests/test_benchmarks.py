@@ -5,6 +5,7 @@ figure carries its keys with finite numbers, and the properties the scripts chec
 (no recompilation after the first step, donated state, the same weights on both sides).
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import sys
 
 import pytest
 
+HAVE_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MACHINE = {"cpu", "cores", "jax", "jaxlib", "backend", "device_kind", "date", "loadavg"}
 EXPECTED = {  # script: (figure kind, keys every figure of that kind has, number of figures)
@@ -24,13 +26,24 @@ EXPECTED = {  # script: (figure kind, keys every figure of that kind has, number
 }
 
 
-def run_smoke(script: str) -> list[dict]:
+@pytest.fixture(scope="module")
+def smoke_runs():
+  """All scripts started at once (each mostly compiles, single-threaded), read as the tests ask."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 forced devices stay here
   env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke"], env=env,
-                       capture_output=True, text=True, timeout=600, check=False)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+  procs = {s: subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", s), "--smoke"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for s in EXPECTED if s != "vs_transformers.py" or HAVE_TORCH}
+  yield procs
+  for p in procs.values():
+    if p.poll() is None:
+      p.kill()
+
+
+def records_of(proc) -> list[dict]:
+  stdout, stderr = proc.communicate(timeout=900)
+  assert proc.returncode == 0, stderr[-3000:]
+  return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
 def finite_numbers(rec: dict) -> bool:
@@ -38,11 +51,10 @@ def finite_numbers(rec: dict) -> bool:
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_smoke_prints_json_figures(script):
-  if script == "vs_transformers.py":
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-  records = run_smoke(script)
+def test_smoke_prints_json_figures(script, smoke_runs):
+  if script not in smoke_runs:
+    pytest.skip("torch and transformers are not installed")
+  records = records_of(smoke_runs[script])
   assert records[0]["kind"] == "machine" and MACHINE <= set(records[0])
   kind, keys, count = EXPECTED[script]
   figures = [r for r in records[1:] if r["kind"] == kind]

@@ -4,7 +4,7 @@ model near chance), and a checkpoint that does not fit its config is refused in 
 The task is a fixed chain of letters: each letter is followed by f(c) = (5c + 7) mod 26, one
 chain of 12 letters per line. Held-out examples start a line anywhere in the chain with 1..7 letters; the model
 must continue with the next 4 (gen) or pick them among 4 choices differing in one letter (mc).
-Marked slow: a 100-step training subprocess (~30 s of CPU) plus three evaluations.
+Marked slow: a 100-step training subprocess (~40 s of CPU) plus two evaluations (~25 s).
 """
 
 import importlib.util
@@ -86,26 +86,24 @@ def results(path) -> dict:
 def test_trained_model_scores_near_100_percent(trained, capsys):
   root, workdir, mc, gen = trained
   out = root / "trained.json"
-  code, io = eval_main([f"--workdir={workdir}", f"--tasks=mc:{mc},gen:{gen},lm:{root / 'data'}",
+  code, io = eval_main([f"--workdir={workdir}", f"--tasks=mc:{mc},gen:{gen}",
                         "--max_new_tokens=4", "--max_len=128", f"--output={out}", "--no_progress"], capsys)
   assert code == 0, io.err
   report, got = results(out)
   assert report["checkpoint_step"] == 100 and report["model"] == str(workdir)
   assert got[("mc:mc.jsonl", "acc")] >= 0.95
   assert got[("gen:gen.jsonl", "exact_match")] >= 0.9
-  assert got[("lm:data", "bits_per_byte")] < 2.0  # a uniform byte model would be ~8
   assert "mc:mc.jsonl" in io.out and "exact_match" in io.out  # the table
 
 
 def test_untrained_model_scores_near_chance(trained, capsys):
   root, _, mc, gen = trained
   out = root / "untrained.json"
-  code, io = eval_main(["--preset=tiny", f"--tasks=mc:{mc},gen:{gen}", "--max_new_tokens=4", "--max_len=128",
-                        f"--output={out}", "--no_progress"], capsys)
+  code, io = eval_main(["--preset=tiny", f"--tasks=mc:{mc}", "--max_len=128", f"--output={out}", "--no_progress"],
+                       capsys)
   assert code == 0, io.err
   _, got = results(out)
   assert got[("mc:mc.jsonl", "acc")] <= 0.5  # chance: 1/4 (40 examples)
-  assert got[("gen:gen.jsonl", "exact_match")] <= 0.1  # chance: 26^-4
 
 
 def test_checkpoint_that_does_not_fit_its_config_is_refused(trained, tmp_path, capsys):

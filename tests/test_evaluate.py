@@ -21,10 +21,8 @@ import pytest  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from moe_jax import evaluate, scoring  # noqa: E402
-from moe_jax.config import tiny  # noqa: E402
 from moe_jax.data import ByteTokenizer  # noqa: E402
 from moe_jax.errors import UserError  # noqa: E402
-from moe_jax.model import Transformer  # noqa: E402
 
 LN2, LN257, LN512 = math.log(2), math.log(257), math.log(512)
 Cfg = collections.namedtuple("Cfg", "vocab_size max_position_embeddings moe_impl")
@@ -150,17 +148,18 @@ def test_prompt_longer_than_the_context(bigram, tmp_path):
     evaluate.eval_mc(scorer, tok, path)
 
 
-def test_scores_on_a_mesh_equal_single_device():
-  cfg = tiny(vocab_size=257, max_position_embeddings=64)
-  model = Transformer(cfg)
-  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)))(jax.random.key(0))
+def test_scores_and_generations_on_a_mesh_equal_single_device(bigram):
+  """The batch is sharded over every (forced host) device; padding rows fill it to a multiple."""
+  scorer, tok = bigram
   mesh, rules = evaluate.make_mesh()
   assert mesh.devices.size == jax.device_count()
-  requests = [([1, 2, 3], [4, 5]), ([7] * 20, [8]), ([9], [10, 11, 12, 13])]
-  single = scoring.Scorer(model, variables, batch_size=4, progress=False).loglikelihood(requests)
-  sharded = scoring.Scorer(model, variables, batch_size=4, mesh=mesh, rules=rules, progress=False)
+  sharded = scoring.Scorer(scorer.model, scorer.variables, batch_size=3, mesh=mesh, rules=rules, progress=False)
   assert sharded.batch_size % jax.device_count() == 0
-  np.testing.assert_allclose([s for s, _ in sharded.loglikelihood(requests)], [s for s, _ in single], rtol=1e-5)
+  requests = [(tok.encode("xa"), tok.encode("bab")), (tok.encode("q" * 9), tok.encode("z")), ([256], [97, 98])]
+  np.testing.assert_allclose([s for s, _ in sharded.loglikelihood(requests)],
+                             [s for s, _ in scorer.loglikelihood(requests)], rtol=1e-6)
+  prompts = [tok.encode("xa"), tok.encode("b"), tok.encode("qqq")]
+  assert sharded.generate(prompts, 5) == scorer.generate(prompts, 5)
 
 
 # --- lm-evaluation-harness ------------------------------------------------------------------

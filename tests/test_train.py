@@ -76,6 +76,7 @@ def test_configs_load_and_validate():
     load_config("tiny", "nope")
 
 
+@pytest.mark.slow
 def test_grad_accum_matches_one_big_batch():
   c = load_config("tiny", "test")
   c.batch_size, c.mesh.data = 16, 8
@@ -164,6 +165,7 @@ def test_workdir_guard(saved_run, tmp_path):
 
 
 # --- it learns -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_copy_task_learns(tmp_path):
   c = load_config("tiny", "copy")
   out = train.run(c, str(tmp_path))
@@ -172,12 +174,14 @@ def test_copy_task_learns(tmp_path):
   batch = src.rows("val", 0, range(c.batch_size))
   tokens = jnp.asarray(batch["tokens"])
   model = train.Transformer(checkpoint.model_config(c))
-  logits = jax.jit(model.apply)({"params": state.params, "router": state.router}, tokens[:, :-1])
+  with sharding.activation_rules(sharding.make_mesh(data=-1), sharding.DEFAULT_RULES):
+    logits = jax.jit(model.apply)({"params": state.params, "router": state.router}, tokens[:, :-1])
   half = src.half  # inputs at L..2L-1 predict the copies at L+1..2L
   acc = float(jnp.mean(jnp.argmax(logits[:, half:2 * half], -1) == tokens[:, half + 1:2 * half + 1]))
   assert acc >= 0.95, acc
 
 
+@pytest.mark.slow
 def test_aux_free_balancing_lowers_violation(tmp_path):
   violations = {}
   for gamma in (0.0, 0.01):

@@ -340,6 +340,13 @@ def _grouped_bwd(dtype, impl, res, g):
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
+def _vary_together(*arrays):
+  """Inside jax.shard_map: each array varies over every manual axis any of them varies over, so the
+  custom_vjp's cotangents have their primals' types (autodiff then psums dw over the axes w gained)."""
+  union = sum(jnp.zeros_like(a, shape=(), dtype=F32) for a in arrays)  # varies as all of them together
+  return tuple(a + jnp.zeros_like(union, dtype=a.dtype) for a in arrays)
+
+
 def ragged_dot(x_MK, w_GKN, sizes_G, dtype, impl: str = "auto"):
   """FP8 grouped matmul, rows sorted by group (as jax.lax.ragged_dot) -> [M, N] in dtype.
 
@@ -347,8 +354,11 @@ def ragged_dot(x_MK, w_GKN, sizes_G, dtype, impl: str = "auto"):
   [G, Kb, Nb]; frozen). impl as gmm.py: 'ragged_dot' (GPU/TPU: jax.lax.ragged_dot_general
   on e4m3 inputs, block index as a batch dim), 'tiled' (CPU emulation), 'auto'.
   """
+  sizes_G = sizes_G.astype(jnp.int32)
   if isinstance(w_GKN, Fp8Weight):
-    trained, wq, ws = None, w_GKN.q, w_GKN.scale
+    x_MK, wq, ws, _ = _vary_together(x_MK, w_GKN.q, w_GKN.scale, sizes_G)
+    trained = None
   else:
-    trained, (wq, ws) = w_GKN, quantize_blocks(w_GKN)
-  return _grouped(x_MK.astype(dtype), trained, wq, ws, sizes_G.astype(jnp.int32), dtype, gmm.choose(impl))
+    x_MK, trained, _ = _vary_together(x_MK, w_GKN, sizes_G)
+    wq, ws = quantize_blocks(trained)
+  return _grouped(x_MK.astype(dtype), trained, wq, ws, sizes_G, dtype, gmm.choose(impl))

@@ -1,0 +1,178 @@
+"""The rules table, mesh construction, validation, per-device bytes and the memory plan.
+
+Golden partition specs: tests/golden/partition_specs_<preset>.txt, one line per variable
+(path, shape, logical axes, mesh axes). After an intended rules or model change, regenerate
+with `UPDATE_GOLDEN=1 python -m pytest tests/test_sharding.py` and review the diff.
+"""
+
+import functools
+import json
+import math
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+import shard_util as su
+from moe_jax import plan, sharding
+from moe_jax.config import PRESETS
+from moe_jax.model import Transformer
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+CFG = su.tiny_config()
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract(preset: str):
+  return sharding.eval_shape_variables(PRESETS[preset]())
+
+
+def spec_table(abstract, rules=sharding.DEFAULT_RULES) -> str:
+  logical = jax.tree_util.tree_leaves_with_path(sharding.logical_specs(abstract), is_leaf=lambda x: isinstance(x, P))
+  mesh = jax.tree.leaves(sharding.mesh_specs(abstract, rules), is_leaf=lambda x: isinstance(x, P))
+  shapes = jax.tree.leaves(nn.unbox(abstract))
+  fmt = lambda spec: "(" + ", ".join(str(s) for s in spec) + ")"  # noqa: E731
+  return "".join(f"{jax.tree_util.keystr(path)}  {tuple(leaf.shape)}  {fmt(lspec)}  ->  {fmt(mspec)}\n"
+                 for (path, lspec), mspec, leaf in zip(logical, mesh, shapes))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "deepseek_v3"])
+def test_partition_specs_match_golden(preset):
+  table = spec_table(_abstract(preset))
+  path = GOLDEN / f"partition_specs_{preset}.txt"
+  if os.environ.get("UPDATE_GOLDEN"):
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(table)
+  assert path.exists(), f"{path} missing; run UPDATE_GOLDEN=1 python -m pytest tests/test_sharding.py"
+  assert table == path.read_text(), f"partition specs of {preset} moved; if intended, regenerate (module doc)"
+
+
+def test_golden_table_sees_a_rules_change():
+  moved = spec_table(_abstract("tiny"), sharding.merge_rules([("exp", None)]))
+  assert moved != (GOLDEN / "partition_specs_tiny.txt").read_text()
+
+
+def test_expert_weights_one_eighth_per_device_on_expert_8():
+  """Each device holds exactly 1/(product of its spec's mesh axes) of every tensor; experts 1/8."""
+  mesh = sharding.make_mesh(1, 1, 8, 1)
+  abstract = sharding.eval_shape_variables(CFG)
+  shardings = nn.unbox(sharding.named_shardings(abstract, mesh, sharding.DEFAULT_RULES))
+  variables = jax.device_put(su.host_variables(CFG), shardings)
+  moe = variables["params"]["layers_1"]["moe"]
+  for name in ("gate", "up", "down"):
+    assert moe[name].sharding.spec[0] == "expert"
+    assert {s.data.nbytes for s in moe[name].addressable_shards} == {moe[name].nbytes // 8}
+  for arr in jax.tree.leaves(variables):
+    parts = math.prod(mesh.shape[a] for e in arr.sharding.spec for a in sharding.spec_axes(e))
+    assert {s.data.nbytes for s in arr.addressable_shards} == {arr.nbytes // parts}
+  # The planner's per-device figure is what the devices actually hold.
+  held = max(sum(s.data.nbytes for a in jax.tree.leaves(variables) for s in a.addressable_shards if s.device == d)
+             for d in mesh.devices.flat)
+  p = plan.plan(CFG, dict(mesh.shape), su.BATCH, su.SEQ, 1.0, abstract=abstract)
+  assert p.params == held
+  total = sum(a.nbytes for a in jax.tree.leaves(variables))
+  assert held < total / 4  # everything large is split 8 ways (router bias and tiny norms aside)
+
+
+def test_born_sharded_init_has_the_rules_shardings():
+  mesh = sharding.make_mesh(1, 2, 4, 1)
+  variables, shardings = sharding.init_variables(Transformer(CFG), jax.random.key(0), (su.BATCH, su.SEQ), mesh,
+                                                 sharding.DEFAULT_RULES)
+  assert variables["params"]["layers_1"]["moe"]["gate"].sharding.spec == P("expert", "fsdp", "tensor")
+  assert variables["params"]["embed"].sharding.spec == P("tensor", ("fsdp", "expert"))
+  for arr, want in zip(jax.tree.leaves(variables), jax.tree.leaves(shardings)):
+    assert arr.sharding.is_equivalent_to(want, arr.ndim)
+
+
+def test_deepseek_v3_plan():
+  """Full-size V3 from eval_shape on 512 devices: every weight divides 512 ways; router biases replicate."""
+  cfg = PRESETS["deepseek_v3"]()  # fp32 params and compute
+  sizes = dict(data=1, fsdp=16, expert=32, tensor=1)
+  p = plan.plan(cfg, sizes, 512, 4096, 95.0, abstract=_abstract("deepseek_v3"))
+  assert 680e9 < p.total_params < 690e9  # 671B + the 14B MTP module
+  biases = 256 * (cfg.num_moe_layers + cfg.num_nextn_predict_layers)  # fp32, replicated, not trained
+  trained = p.total_params - biases
+  assert p.params == 4 * trained / 512 + 4 * biases
+  assert p.grads == 4 * trained / 512 and p.optimizer == 8 * trained / 512
+  assert p.expert_params == 4 * 3 * 256 * 7168 * 2048 * 59 / 512
+  assert p.kv_cache == 1 * 4096 * 61 * (512 + 64) * 4  # 512 sequences over 512 devices
+  assert p.to_json()["train_fits"] and p.train < 95e9
+
+
+def test_plan_command_prints_table_and_json(capsys):
+  plan.main(["--preset=tiny", "--mesh=2,1,4,1", "--device_memory_gb=1", "--batch=8", "--seq=32"])
+  out = capsys.readouterr().out.strip().splitlines()
+  assert "tiny" in out[0] and "expert=4" in out[0]
+  assert any(line.startswith("train: params+grads+opt+activations") and "fits" in line for line in out)
+  record = json.loads(out[-1])
+  assert record["mesh"] == dict(data=2, fsdp=1, expert=4, tensor=1) and record["train_fits"]
+
+
+# --- errors before compiling, naming the numbers -----------------------------------------
+def test_experts_not_divisible_by_expert_axis():
+  mesh = sharding.make_mesh(1, 1, 8, 1)
+  cfg = su.tiny_config(n_routed_experts=12, n_group=4)
+  with pytest.raises(ValueError, match=r"n_routed_experts=12 is not divisible by the expert-parallel size 8"):
+    sharding.validate(cfg, 8, mesh)
+
+
+def test_batch_not_divisible_by_data_parallel_size():
+  mesh = sharding.make_mesh(2, 2, 2, 1)
+  with pytest.raises(ValueError, match=r"batch size 12 is not divisible by the data-parallel size 8 "
+                                       r"\(mesh axes data=2xfsdp=2xexpert=2\)"):
+    sharding.validate(CFG, 12, mesh)
+  sharding.validate(CFG, 16, mesh)
+
+
+def test_parameter_dimension_not_divisible():
+  mesh = sharding.make_mesh(1, 1, 1, 8)
+  with pytest.raises(ValueError, match=r"\['k_b'\] \(32, 4, 16\): dimension 1 \(4\) is not divisible by mesh axes "
+                                       r"tensor=8 = 8"):
+    sharding.validate(CFG, 8, mesh, abstract_variables=_abstract("tiny"))
+
+
+def test_mesh_product_not_device_count():
+  with pytest.raises(ValueError, match=r"data\*fsdp\*expert\*tensor = 2\*2\*1\*1 = 4 but there are 8 devices"):
+    sharding.make_mesh(2, 2, 1, 1)
+  assert sharding.mesh_shape(-1, 2, 1, 1, num_devices=8) == (4, 2, 1, 1)
+
+
+def test_unknown_logical_name_in_rules():
+  with pytest.raises(ValueError, match=r"unknown logical name 'experts'"):
+    sharding.merge_rules([("experts", "expert")])
+  with pytest.raises(ValueError, match=r"'exp' maps to unknown mesh axis 'model'"):
+    sharding.check_rules([("exp", "model")])
+
+
+def test_merge_rules_replaces_every_rule_of_a_name_in_place():
+  merged = sharding.merge_rules([("embed", "fsdp")])
+  assert [r for r in merged if r[0] == "embed"] == [("embed", "fsdp")]
+  names = [n for n, _ in merged]
+  assert names.index("embed") == [n for n, _ in sharding.DEFAULT_RULES].index("embed")
+
+
+def test_hybrid_mesh_shape():
+  assert sharding.hybrid_mesh_shape((1, 1, 2, 2), (2, 1, 1, 1), 8) == ((1, 1, 2, 2), (2, 1, 1, 1))
+  assert sharding.hybrid_mesh_shape((1, -1, 2, 1), (2, 1, 2, 1), 32) == ((1, 4, 2, 1), (2, 1, 2, 1))
+  assert sharding.hybrid_mesh_shape((1, 1, 8, 1), (-1, 1, 2, 1), 128) == ((1, 1, 8, 1), (8, 1, 2, 1))
+  with pytest.raises(ValueError, match=r"within each of the 2 slices/nodes, 8 devices in all"):
+    sharding.hybrid_mesh_shape((1, 1, 8, 1), (2, 1, 1, 1), 8)
+  with pytest.raises(ValueError, match=r"ambiguous"):
+    sharding.hybrid_mesh_shape((-1, 1, 1, 1), (-1, 1, 1, 1), 8)
+  with pytest.raises(ValueError, match=r"Number of slices 1 must equal the product of dcn_mesh_shape"):
+    sharding.make_mesh(1, 1, 2, 2, dcn_data=2)  # one process: one granule, not two
+
+
+def test_single_process_batch_helpers(monkeypatch):
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  assert sharding.initialize_distributed() is False
+  mesh = sharding.make_mesh(2, 1, 2, 2)
+  assert sharding.process_batch_rows(mesh, 8) == slice(0, 8)
+  toks = su.tokens(CFG)
+  batch = sharding.global_batch({"tokens": toks}, mesh)["tokens"]
+  assert batch.sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
+  np.testing.assert_array_equal(np.asarray(batch), toks)
