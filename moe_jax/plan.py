@@ -125,8 +125,8 @@ def max_shards_per_token(cfg: ModelConfig, ep: int) -> int:
   return min(x, ep)
 
 
-def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None) -> str:
-  """A readable table of a Plan."""
+def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None, dcn: Optional[dict[str, int]] = None) -> str:
+  """A readable table of a Plan (dcn: the across-slices/nodes part of each axis, if any)."""
   exp_axes, _ = sharding.moe_axes(rules)
   ep = math.prod(p.mesh[a] for a in exp_axes)
   devices = math.prod(p.mesh.values())
@@ -140,11 +140,17 @@ def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None) -> str:
       ("activations (remat=full, " + cfg.dtype + ")", p.activations),
       ("kv cache (latent, " + cfg.dtype + ")", p.kv_cache),
   ]
+  groups = ""
+  if cfg.num_moe_layers and cfg.group_limited and ep % cfg.n_group == 0:
+    groups = (f" (node-limited: {cfg.n_group} groups of {ep // cfg.n_group} consecutive shards, "
+              f"at most {cfg.topk_group} groups per token)")
   mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
+  if dcn and math.prod(dcn.values()) > 1:
+    mesh += "; across slices/nodes " + " ".join(f"{k}={v}" for k, v in dcn.items() if v > 1)
   out = [f"{name}: {p.total_params / 1e9:.1f}B parameters on {devices} devices ({mesh}), "
          f"batch {p.batch} x seq {p.seq}",
          f"experts: {cfg.n_routed_experts} over expert-parallel size {ep} = {cfg.n_routed_experts // ep} per "
-         f"device; a token reaches at most {max_shards_per_token(cfg, ep)} expert shards",
+         f"device; a token reaches at most {max_shards_per_token(cfg, ep)} expert shards" + groups,
          f"{'per device':<40}{'GB':>10}"]
   out += [f"{label:<40}{v / GB:>10.2f}" for label, v in rows]
   out += [f"{'train: params+grads+opt+activations':<40}{p.train / GB:>10.2f}  of {mem:g} GB: {fits(p.train)}",
@@ -215,7 +221,7 @@ def main(argv: Optional[list[str]] = None):
       AbstractMesh(tuple(axis_sizes.values()), sharding.MESH_AXES), rules)
   seq = args.seq or get("seq_len") or 4096
   p = plan(cfg, axis_sizes, batch, seq, args.device_memory_gb, rules)
-  print(format_plan(p, cfg, args.preset or args.config, rules))
+  print(format_plan(p, cfg, args.preset or args.config, rules, dict(zip(sharding.MESH_AXES, dcn_t))))
   print(json.dumps({"model": args.preset or args.config, "dcn": dict(zip(sharding.MESH_AXES, dcn_t)), **p.to_json()}))
   return p
 

@@ -1,9 +1,10 @@
 """End to end: train.py learns a synthetic task, eval.py scores it near 100% (an untrained
-model near chance), and a checkpoint that does not fit its config is refused in one line.
+model near chance); a checkpoint that does not fit its config, and a prompt longer than the
+context, are refused in one line.
 
 The task is a fixed chain of letters: each letter is followed by f(c) = (5c + 7) mod 26, one
-chain of 12 letters per line. Held-out examples start a line anywhere in the chain with 1..7 letters; the model
-must continue with the next 4 (gen) or pick them among 4 choices differing in one letter (mc).
+chain of 12 letters per line. Held-out examples start a line anywhere in the chain with 1..7
+letters; the model must continue with the next 4 (gen) or pick them among 4 choices differing in one letter (mc).
 Marked slow: a 100-step training subprocess (~40 s of CPU) plus two evaluations (~25 s).
 """
 
@@ -119,3 +120,13 @@ def test_checkpoint_that_does_not_fit_its_config_is_refused(trained, tmp_path, c
   lines = io.err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and "embed" in lines[0], io.err
   assert os.path.isdir(copy / "checkpoints" / "100")  # untouched
+
+
+def test_prompt_longer_than_the_context_is_one_line(trained, tmp_path, capsys):
+  _, workdir, _, _ = trained
+  long = tmp_path / "long.jsonl"
+  long.write_text(json.dumps({"prompt": "a" * 9, "answer": "b"}) + "\n")
+  code, io = eval_main([f"--workdir={workdir}", f"--tasks=gen:{long}", "--max_len=16", "--max_new_tokens=8"], capsys)
+  assert code == 2
+  lines = io.err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "long.jsonl:1: prompt is 9 tokens" in lines[0], io.err

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import linen as nn
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
 from moe_jax import hf
@@ -20,13 +21,28 @@ transformers.logging.set_verbosity_error()
 CFG = mcfg.tiny(initializer_range=0.2, max_position_embeddings=128)
 
 
+def random_variables(model, seed: int):
+  """Normal(0, initializer_range) weights, unit norm scales, zero router biases, shaped by
+  eval_shape: compiling model.init costs ~10 s of CPU (a threefry loop per parameter)."""
+  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == "scale":
+      return jnp.ones(s.shape, s.dtype)
+    if name == "e_score_correction_bias":
+      return jnp.zeros(s.shape, s.dtype)
+    return jnp.asarray(rng.normal(0.0, model.cfg.initializer_range, s.shape), s.dtype)
+  return jax.tree_util.tree_map_with_path(fill, {k: shapes[k] for k in ("params", "router")})
+
+
 @pytest.fixture(scope="module")
 def setup():
   """Model, variables, a [3, 7] prompt and its greedy 16-token generation (shapes shared by the
   tests below so that most calls reuse one compiled program)."""
   model = Transformer(CFG)
-  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32)))(jax.random.key(1))
-  variables = {k: variables[k] for k in ("params", "router")}
+  variables = random_variables(model, 1)
   prompt = np.asarray(jax.random.randint(jax.random.key(2), (3, 7), 1, CFG.vocab_size))
   return model, variables, prompt, np.asarray(generate(model, variables, prompt, 16))
 

@@ -44,6 +44,8 @@ def test_two_processes_match_one(tmp_path):
   deadline = time.monotonic() + TIMEOUT_S
   logs = []
   try:
+    cfg = su.tiny_config(moe_impl="ep")
+    one_process, _ = su.run_on_mesh(cfg, (2, 1, 2, 2))  # while the workers start (cached if test_ep ran)
     for p in procs:
       logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
   finally:
@@ -55,8 +57,6 @@ def test_two_processes_match_one(tmp_path):
     assert p.returncode == 0, f"worker {pid} exited {p.returncode}:\n{log[-4000:]}"
 
   got = dict(np.load(out))
-  cfg = su.tiny_config(moe_impl="ep")
-  one_process, _ = su.run_on_mesh(cfg, (2, 1, 2, 2))
   want = _flat(jax.tree.map(np.asarray, one_process))
   assert set(got) == set(want)
   for name, value in want.items():

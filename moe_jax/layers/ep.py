@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +97,7 @@ def _ep_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, *, cfg, exp_axes, 
   return out.astype(dt), dropped
 
 
-def _dp_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, *, cfg, mlp_axes, token_axes):
+def _dp_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, *, cfg, mlp_axes):
   """Expert-parallel size 1: every device holds all experts; dropless ragged on its own tokens."""
   out, _ = dispatch_ragged(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg)
   if mlp_axes:
@@ -109,9 +110,16 @@ def dispatch_ep(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig
   mesh = jax.sharding.get_abstract_mesh()
   rules = nn.get_logical_axis_rules()
   if mesh.empty or mesh.size == 1 or not rules:
+    if rules and mesh.empty:
+      warnings.warn("moe_impl='ep' traced with sharding rules but no mesh in context (jax.set_mesh / "
+                    "sharding.activation_rules): running the plain ragged dispatch")
     out, _ = dispatch_ragged(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg)
     return out, {"dropped_tokens": jnp.zeros((), jnp.float32)}
   sizes = dict(mesh.shape)
+  missing = sorted(set(sharding.MESH_AXES) - set(sizes))
+  if missing:
+    raise ValueError(f"moe_impl='ep': the context mesh has axes {tuple(sizes)}, the rules need "
+                     f"{sharding.MESH_AXES} (missing {missing}); build it with sharding.make_mesh")
   sharding.check_moe_layout(cfg, rules, sizes, expert_parallel=True)
   token_axes = sharding.batch_axes(rules)
   exp_axes, mlp_axes = sharding.moe_axes(rules)
@@ -122,7 +130,7 @@ def dispatch_ep(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig
                      f"(mesh axes {token_axes}); use a batch divisible by {shards} or moe_impl='ragged'")
   ep = math.prod(sizes[a] for a in exp_axes)
   if ep == 1:
-    local = functools.partial(_dp_shard, cfg=cfg, mlp_axes=mlp_axes, token_axes=token_axes)
+    local = functools.partial(_dp_shard, cfg=cfg, mlp_axes=mlp_axes)
   else:
     local = functools.partial(_ep_shard, cfg=cfg, exp_axes=exp_axes, mlp_axes=mlp_axes, token_axes=token_axes,
                               ep=ep, cap=ep_capacity(t // shards, ep, cfg))
