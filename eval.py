@@ -27,7 +27,7 @@ def parse_args(argv):
   p.add_argument("--tokenizer", help="'byte' or PATH/tokenizer.json (default: the run's, the --hf dir's, byte)")
   p.add_argument("--output", help="write the JSON report here")
   p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--max_len", type=int, help="context window (default: max_position_embeddings)")
+  p.add_argument("--max_len", type=int, help="context window in tokens (default: min(max_position_embeddings, 4096))")
   p.add_argument("--mesh", help="data,fsdp,expert,tensor (default: the run's mesh, else all devices on data)")
   p.add_argument("--dtype", help="compute dtype for --hf / --preset (float32, bfloat16)")
   p.add_argument("--max_new_tokens", type=int, default=32)

@@ -70,9 +70,10 @@ def time_loops(model, variables, batch: int, prompt_len: int, new: int, reps: in
   prompt = jnp.ones((batch, prompt_len), jnp.int32)
   step = step_fn(model, True)
   prefill = jax.jit(lambda v, c, t: _decode_call(model, v, c, t, None))
+  empty = init_cache(model, batch, prompt_len + new)  # not donated by prefill: reused every call
 
   def python_loop():
-    logits, cache = prefill(variables, init_cache(model, batch, prompt_len + new), prompt)
+    logits, cache = prefill(variables, empty, prompt)
     tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
     for i in range(new - 1):
       tok, cache = step(variables, cache, tok, jnp.full((batch,), prompt_len + i, jnp.int32))

@@ -188,8 +188,8 @@ def eval_mc(scorer: scoring.Scorer, tok, path: str) -> tuple[dict[str, float], i
       if not cont:
         raise UserError(f"{where}: choice {choice!r} encodes to no tokens")
       if len(ctx) + len(cont) - 1 > scorer.max_len:
-        raise UserError(f"{where}: context + choice is {len(ctx) + len(cont)} tokens, longer than the context "
-                        f"window of {scorer.max_len + 1}")
+        raise UserError(f"{where}: context + choice is {len(ctx) + len(cont)} tokens; a window of "
+                        f"--max_len={scorer.max_len} scores at most {scorer.max_len + 1}")
       requests.append((ctx, cont))
     examples.append((first, choices, gold))
   scores = scorer.loglikelihood(requests, desc=f"mc {os.path.basename(path)}")
@@ -211,8 +211,8 @@ def eval_gen(scorer: scoring.Scorer, tok, path: str, *, max_new_tokens: int = 32
   for where, prompt, _, _ in records:
     ids = with_prefix(tok, tok.encode(prompt), where)
     if len(ids) > room:
-      raise UserError(f"{where}: prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the context "
-                      f"window of {scorer.max_len} leaves room for {room}")
+      raise UserError(f"{where}: prompt is {len(ids)} tokens; with --max_new_tokens={max_new_tokens} a window of "
+                      f"--max_len={scorer.max_len} leaves room for {room}")
     prompts.append(ids)
   # Decoding ends early at EOS and at one-token stop sequences that every example shares (a
   # batch stops together); each example's own stop sequences then cut its text.

@@ -220,7 +220,10 @@ def main(argv: Optional[list[str]] = None):
   batch = args.batch or (get("batch_size") or 0) // accum or sharding.data_parallel_size(
       AbstractMesh(tuple(axis_sizes.values()), sharding.MESH_AXES), rules)
   seq = args.seq or get("seq_len") or 4096
-  p = plan(cfg, axis_sizes, batch, seq, args.device_memory_gb, rules)
+  try:
+    p = plan(cfg, axis_sizes, batch, seq, args.device_memory_gb, rules)
+  except ValueError as e:  # the layout does not fit the model: say why, no traceback
+    raise SystemExit(f"plan: {e}") from None
   print(format_plan(p, cfg, args.preset or args.config, rules, dict(zip(sharding.MESH_AXES, dcn_t))))
   print(json.dumps({"model": args.preset or args.config, "dcn": dict(zip(sharding.MESH_AXES, dcn_t)), **p.to_json()}))
   return p

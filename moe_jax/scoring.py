@@ -23,6 +23,7 @@ from moe_jax import generate as gen_lib
 from moe_jax import sharding
 
 MIN_BUCKET = 16
+DEFAULT_MAX_LEN = 4096  # without max_len: long-context models (163840 positions) would score giant windows
 
 
 def bucket(length: int, cap: int) -> int:
@@ -47,7 +48,7 @@ class Scorer:
   def __init__(self, model: nn.Module, variables, *, batch_size: int = 8, max_len: Optional[int] = None,
                mesh=None, rules=None, pad_id: int = 0, progress: bool = True):
     self.model, self.pad_id, self.progress = model, pad_id, progress
-    self.max_len = min(max_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
+    self.max_len = min(max_len or DEFAULT_MAX_LEN, model.cfg.max_position_embeddings)
     self.mesh, self.rules = mesh, rules or sharding.DEFAULT_RULES
     dp = sharding.data_parallel_size(mesh, self.rules) if mesh is not None else 1
     self.batch_size = -(-batch_size // dp) * dp
@@ -87,7 +88,8 @@ class Scorer:
         raise ValueError("loglikelihood needs at least one context and one continuation token")
       seq = list(ctx) + list(cont)
       if len(seq) - 1 > self.max_len:
-        raise ValueError(f"context + continuation is {len(seq)} tokens; the context window is {self.max_len + 1}")
+        raise ValueError(f"context + continuation is {len(seq)} tokens; a window of max_len={self.max_len} "
+                         f"scores at most {self.max_len + 1}")
       seqs.append((seq, len(cont)))
     results: list = [None] * len(seqs)
     for idx in self._batches([len(s) - 1 for s, _ in seqs], desc):

@@ -4,7 +4,8 @@ context, are refused in one line.
 
 The task is a fixed chain of letters: each letter is followed by f(c) = (5c + 7) mod 26, one
 chain of 12 letters per line. Held-out examples start a line anywhere in the chain with 1..7
-letters; the model must continue with the next 4 (gen) or pick them among 4 choices differing in one letter (mc).
+letters; the model must continue with the next 4 (gen) or pick them among 4 choices that
+differ in one letter (mc).
 Marked slow: a 100-step training subprocess (~40 s of CPU) plus two evaluations (~25 s).
 """
 

@@ -167,10 +167,23 @@ def _tokens(cfg, b=2, s=24):
   return jax.random.randint(jax.random.PRNGKey(4), (b, s), 0, cfg.vocab_size)
 
 
+def _init(module, *args, seed=0):
+  """Variables as module.init draws them (normal(initializer_range), embedding normal(1), norm scales 1,
+  zero router bias), drawn by numpy: compiling a jitted init costs more than these tests' models."""
+  from flax import linen as nn, traverse_util
+  shapes = traverse_util.flatten_dict(nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)))
+  rng, std = np.random.default_rng(seed), module.cfg.initializer_range
+  def draw(path, s):
+    if path[0] == "router" or path[-1] == "scale":
+      return jnp.full(s.shape, float(path[-1] == "scale"), s.dtype)
+    return jnp.asarray(rng.normal(0.0, 1.0 if path[-1] == "embed" else std, s.shape), s.dtype)
+  return traverse_util.unflatten_dict({p: draw(p, s) for p, s in shapes.items()})
+
+
 def test_tiny_model_fp8_close_to_fp32():
   cfg = config.tiny(num_nextn_predict_layers=0)
   tokens = _tokens(cfg)
-  variables = jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), tokens)
+  variables = _init(Transformer(cfg), tokens)
 
   def loss_and_grad(c):
     def loss(params):
@@ -189,7 +202,7 @@ def test_moe_dispatches_agree_in_fp8():
   """Same 1x128 token tiles and per-expert blocks in every dispatch: equal up to fp32 rounding."""
   cfg = config.tiny(capacity_factor=8.0, fp8=True)  # nothing drops: capacity equals the dropless ones
   x = jax.random.normal(jax.random.PRNGKey(6), (2, 24, cfg.hidden_size), F32)
-  variables = jax.jit(MoE(cfg).init)(jax.random.PRNGKey(0), x)
+  variables = _init(MoE(cfg), x)
   outs = {impl: jax.jit(MoE(cfg.replace(moe_impl=impl)).apply)(variables, x) for impl in ("dense", "ragged", "capacity")}
   for out in outs.values():
     np.testing.assert_allclose(out, outs["ragged"], rtol=1e-5, atol=1e-6)
@@ -238,7 +251,7 @@ def test_fp8_checkpoint_loads_as_fp8(tmp_path):
   from moe_jax import hf
   cfg = config.tiny(initializer_range=0.05)  # projections large enough to matter in the logits
   tokens = _tokens(cfg)
-  hf.save_pretrained(cfg, jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), tokens), tmp_path)
+  hf.save_pretrained(cfg, _init(Transformer(cfg), tokens), tmp_path)
   _to_released_fp8(tmp_path)
 
   model, deq = hf.load_pretrained(tmp_path)

@@ -92,7 +92,8 @@ def test_grad_accum_matches_one_big_batch():
   (p1, r1, m1), (p2, r2, m2) = out
   for k in ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm"):
     np.testing.assert_allclose(m1[k], m2[k], rtol=2e-5, err_msg=k)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p2)
+  # Adam's first step is ~lr * sign(g): elements with |g| near eps amplify float noise, hence atol.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), p1, p2)
   jax.tree.map(np.testing.assert_array_equal, r1, r2)
   jax.tree.map(np.testing.assert_array_equal, m1["expert_counts"], m2["expert_counts"])
 

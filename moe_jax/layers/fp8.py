@@ -29,6 +29,10 @@ products are exact), so there only the numerics count.
 Dims that are not multiples of 128 are zero-padded to the next multiple: zeros change no
 tile's amax and add nothing to a dot, so a padded edge tile is exactly the released
 format's ragged edge block (a scale grid of ceil(dim / 128)).
+Tiles follow the data each device holds: with tokens sharded (data parallel, expert
+parallel) the weight gradient's 128-token tiles are per device, and with a contraction dim
+sharded (tensor parallel) the 1x128 tiles are per shard, as in DeepSeek's own ranks; so
+sharded runs agree with one device to FP8 accuracy, not bit for bit.
 
 The released format: weight [out, in] e4m3 with `weight_scale_inv` [ceil(out/128),
 ceil(in/128)] fp32, w = q * scale_inv per block (`quantize_blocks` / `dequantize_blocks`).

@@ -8,9 +8,11 @@ zeros, as jax.lax.ragged_dot), two implementations:
   tiled       loops over the tiles actually in use, one [tile, D] x [D, F] matmul per tile on
               its group's weights, written in place. Tiles come in sizes bulk, bulk/2, ..., 16:
               a group of s rows takes s // bulk bulk tiles and one tail tile, the smallest
-              size >= the remainder, so padding is under a quarter of the tail on average
-              (bulk tiles alone waste half a tile per group). One loop per tile size, each
-              over a dynamic count; the tile -> (group, first row) table is computed up front.
+              size >= the remainder, so a group wastes about a quarter of its tail tile on
+              average (bulk tiles alone waste half a bulk tile). One loop per tile size, each
+              over a dynamic count; the tile -> (group, start row) table is computed up front,
+              and a tile never reads past the last row (it starts earlier and masks), so
+              nothing is padded.
               The backward pass is the same loops on transposed weights (input gradient) and
               per-tile x^T dy accumulated into its group (weight gradient), via custom_vjp,
               because reverse-mode cannot differentiate a loop with a dynamic trip count.
@@ -38,10 +40,12 @@ def choose(impl: str) -> str:
 
 
 def tile_size(num_rows: int, num_groups: int) -> int:
-  """Bulk tile: the largest power of two <= the mean group size, in [16, 128] (bigger tiles, fewer steps)."""
+  """Bulk tile: the largest power of two <= the mean group size, in [16, 256]. Bigger tiles mean
+  fewer loop steps and weight-gradient updates (measured on CPU: 256-row tiles beat 128 when
+  groups average 256 rows, E=16 D=256 F=128); tails keep the padding small."""
   mean = max(num_rows // max(num_groups, 1), 1)
   t = MIN_TILE
-  while t * 2 <= mean and t < 128:
+  while t * 2 <= mean and t < 256:
     t *= 2
   return t
 
