@@ -14,8 +14,10 @@ One jitted program per (B, S, n, sampling settings):
      new token comes from the logits at L_b - 1. The pad slots [L_b, S) are rewritten by
      the decode steps before any query sees them, since a query at p attends slots <= p.
   3. decode: a lax.while_loop, one token per row per step at position L_b + i (absorbed
-     MLA), until n tokens or every row has stopped. One dispatch for the whole loop: on CPU
-     it is as fast as a python loop over a jitted step and stops early without host syncs.
+     MLA), until n tokens or every row has stopped. One dispatch for the whole loop, no host
+     sync to stop early, and XLA hoists loop-invariant weight relayouts out of it: measured
+     (benchmarks/decode.py, CPU) equal to a python loop over a jitted step for the small
+     preset (8.9 vs 9.4 ms/token) and 1.9x faster at DeepSeek-V3 attention sizes.
 """
 
 from __future__ import annotations

@@ -197,6 +197,7 @@ def main(argv: Optional[list[str]] = None):
   ap.add_argument("--batch", type=int, help="global batch in sequences per step (default: the config's "
                   "batch_size / optim.grad_accum)")
   ap.add_argument("--seq", type=int, help="sequence length (also the kv cache length)")
+  ap.add_argument("--rules", help='rules overrides as JSON, e.g. \'[["kv_lora", "fsdp"]]\' (after the config\'s)')
   ap.add_argument("--param_dtype", help="override the config's param_dtype")
   ap.add_argument("--dtype", help="override the config's compute dtype")
   args = ap.parse_args(argv)
@@ -215,7 +216,8 @@ def main(argv: Optional[list[str]] = None):
   devices = args.devices or math.prod(ici.values()) * math.prod(dcn.values())
   ici_t, dcn_t = sharding.hybrid_mesh_shape(tuple(ici.values()), tuple(dcn.values()), devices)
   axis_sizes = {a: i * d for a, i, d in zip(sharding.MESH_AXES, ici_t, dcn_t)}
-  rules = sharding.merge_rules([tuple(r) for r in mesh_cfg.get("rules", ())])
+  overrides = [tuple(r) for r in mesh_cfg.get("rules", ())] + [tuple(r) for r in json.loads(args.rules or "[]")]
+  rules = sharding.merge_rules(overrides)
   accum = (get("optim") or {}).get("grad_accum", 1)  # one step's activations are a micro-batch's
   batch = args.batch or (get("batch_size") or 0) // accum or sharding.data_parallel_size(
       AbstractMesh(tuple(axis_sizes.values()), sharding.MESH_AXES), rules)

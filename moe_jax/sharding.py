@@ -242,16 +242,21 @@ def check_moe_layout(cfg, rules, sizes: dict[str, int], expert_parallel: Optiona
 
 
 def check_divisible(abstract_variables, rules, sizes: dict[str, int]):
-  """Every parameter dimension divisible by the mesh axes the rules shard it over (jax needs it)."""
-  specs = jax.tree_util.tree_leaves_with_path(mesh_specs(abstract_variables, rules),
-                                              is_leaf=lambda x: isinstance(x, P))
-  for (path, spec), leaf in zip(specs, jax.tree.leaves(nn.unbox(abstract_variables))):
-    for dim, (n, entry) in enumerate(zip(leaf.shape, spec)):
+  """Every parameter dimension divisible by the mesh axes the rules shard it over (jax needs it);
+  the error suggests the rules override that would fit."""
+  is_spec = lambda x: isinstance(x, P)  # noqa: E731
+  mesh = jax.tree.leaves(mesh_specs(abstract_variables, rules), is_leaf=is_spec)
+  logical = jax.tree_util.tree_leaves_with_path(logical_specs(abstract_variables), is_leaf=is_spec)
+  for (path, names), spec, leaf in zip(logical, mesh, jax.tree.leaves(nn.unbox(abstract_variables))):
+    for dim, (n, name, entry) in enumerate(zip(leaf.shape, names, spec)):
       axes = spec_axes(entry)
       k = math.prod(sizes[a] for a in axes)
       if n % k:
-        raise ValueError(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} ({n}) is not "
-                         f"divisible by mesh axes {_axes_str(axes, sizes)} = {k}; change the mesh or the rules")
+        fits = [axes[:i] for i in range(len(axes) - 1, 0, -1) if n % math.prod(sizes[a] for a in axes[:i]) == 0]
+        fix = (repr((name, fits[0][0] if len(fits[0]) == 1 else fits[0])) if fits else repr((name, None)))
+        raise ValueError(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} ({name}={n}) is not "
+                         f"divisible by mesh axes {_axes_str(axes, sizes)} = {k}; override the rule, e.g. "
+                         f"mesh.rules=[{fix}], or change the mesh")
 
 
 def validate(cfg, batch_size: int, mesh: Mesh, rules=None, abstract_variables=None):

@@ -203,7 +203,8 @@ def test_moe_dispatches_agree_in_fp8():
   cfg = config.tiny(capacity_factor=8.0, fp8=True)  # nothing drops: capacity equals the dropless ones
   x = jax.random.normal(jax.random.PRNGKey(6), (2, 24, cfg.hidden_size), F32)
   variables = _init(MoE(cfg), x)
-  outs = {impl: jax.jit(MoE(cfg.replace(moe_impl=impl)).apply)(variables, x) for impl in ("dense", "ragged", "capacity")}
+  outs = {impl: jax.jit(MoE(cfg.replace(moe_impl=impl)).apply)(variables, x)
+          for impl in ("dense", "ragged", "capacity")}
   for out in outs.values():
     np.testing.assert_allclose(out, outs["ragged"], rtol=1e-5, atol=1e-6)
   # Three chained matmuls (gate, up -> h -> down), each off by ~sqrt(2/3) u: ~sqrt(3 * 2/3) u overall.

@@ -130,8 +130,8 @@ def test_batch_not_divisible_by_data_parallel_size():
 
 def test_parameter_dimension_not_divisible():
   mesh = sharding.make_mesh(1, 1, 1, 8)
-  with pytest.raises(ValueError, match=r"\['k_b'\] \(32, 4, 16\): dimension 1 \(4\) is not divisible by mesh axes "
-                                       r"tensor=8 = 8"):
+  with pytest.raises(ValueError, match=r"\['k_b'\] \(32, 4, 16\): dimension 1 \(heads=4\) is not divisible by mesh "
+                                       r"axes tensor=8 = 8; override the rule, e.g. mesh.rules=\[\('heads', None\)\]"):
     sharding.validate(CFG, 8, mesh, abstract_variables=_abstract("tiny"))
 
 
