@@ -7,9 +7,11 @@ loss alpha = 1e-4, MTP depth 1 with lambda = 0.3. Node-limited routing (8 groups
 
 Mesh (variants): weights need ~1.3 TB in bf16 plus ~5.4 TB of fp32 master weights and Adam
 moments, so both experts (expert axis) and everything else (fsdp) are sharded.
-  pod  (default) TPU v5p-2048: data=2 x fsdp=16 x expert=64   (2048 chips; 256 experts, 4 per chip)
-  gpu   H100 nodes of 8 over DCN: fsdp=8 within a node, expert=64 across 64 nodes (512 GPUs),
-        data across groups of nodes (dcn_data); experts move by all-to-all across nodes.
+  pod  (default) TPU v5p-512: fsdp=8 x expert=64 (512 chips; 256 experts, 4 per chip);
+        25 GB per chip by the planner. More chips: raise data (data=-1 fills).
+  gpu   H100 nodes of 8: expert=8 within a node x dcn_expert=8 across nodes (one expert group
+        per node, so a token reaches at most topk_group=4 nodes), fsdp across the remaining
+        nodes (dcn_fsdp=-1; 32 nodes -> fsdp 4, 46 GB per GPU by the planner).
 Validate a layout before launching with the sharding planner (`python -m moe_jax.plan`).
 """
 
@@ -28,9 +30,9 @@ def get_config(arg=None):
   c.checkpoint.max_to_keep = 2
   variant = arg or "pod"
   if variant == "pod":
-    c.mesh.update(dict(data=-1, fsdp=16, expert=64, tensor=1))
+    c.mesh.update(dict(data=-1, fsdp=8, expert=64, tensor=1))
   elif variant == "gpu":
-    c.mesh.update(dict(data=1, fsdp=8, expert=8, tensor=1, dcn_data=-1, dcn_expert=8))
+    c.mesh.update(dict(data=1, fsdp=1, expert=8, tensor=1, dcn_fsdp=-1, dcn_expert=8))
   else:
     raise ValueError(f"configs/deepseek_v3.py: unknown variant {variant!r}; known: pod, gpu")
   return c

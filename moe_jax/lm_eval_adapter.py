@@ -139,10 +139,11 @@ def evaluate_tasks(scorer: scoring.Scorer, tok, tasks: Sequence[str], *, include
   for task, metrics in results["results"].items():
     n = results.get("n-samples", {}).get(task, {}).get("effective")
     for key, value in metrics.items():
-      metric, _, _filter = key.partition(",")
-      if metric.endswith("_stderr") or metric == "sample_len" or not isinstance(value, (int, float)) or isinstance(value, bool):
+      metric, _, filter_name = key.partition(",")
+      numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+      if metric.endswith("_stderr") or metric == "sample_len" or not numeric:
         continue
-      stderr = metrics.get(f"{metric}_stderr,{_filter}")
+      stderr = metrics.get(f"{metric}_stderr,{filter_name}")
       rows.append(dict(task=f"lm_eval:{task}", metric=metric, value=float(value), n=n,
                        stderr=stderr if isinstance(stderr, (int, float)) else None))
   return rows
