@@ -2,10 +2,13 @@
 
 Both runs use moe_jax.train's Trainer (its jitted step, optimizer and data); they differ only
 in `fp8` (DeepSeek-V3 fine-grained FP8 for every projection and expert, layers/fp8.py), the
-rest of the model computing in bf16 in both. Prints JSON lines: the machine, one `curve`
-record per step and run (train loss of that step's batch), then `fp8_train` with the final
-figures: the train loss averaged over the last `--tail` steps (the runs see the same
-batches, so the difference is paired) and the validation loss on fixed batches.
+rest of the model computing in bf16 in both. `--runs fp32,bf16` measures the noise floor the
+same way: how far two precisions that should train alike drift apart over the same steps.
+Prints JSON lines: the machine, one `curve` record per step and run (train loss of that
+step's batch), then `fp8_train` with the final figures of each run and their relative
+differences from the first run: the train loss averaged over the last `--tail` steps (the
+runs see the same batches, so the difference is paired) and the validation loss on fixed
+batches.
 
 On CPU the FP8 matmuls are emulated (XLA upcasts e4m3 to fp32), so only the losses count
 here, not the speed. Defaults fit ~10 minutes on 2 CPU cores: configs/small.py's smoke
@@ -42,7 +45,7 @@ CPU_SMALL = ("vocab_size=512", "hidden_size=256", "intermediate_size=768", "moe_
 
 
 def small_config(overrides, steps: int, batch: int, seq: int, lr: float):
-  """configs/small.py (smoke variant's data and batch) with model overrides, bf16 compute, no scan."""
+  """configs/small.py (smoke variant's data and batch) with model overrides, no scan or remat."""
   from configs import small
   c = small.get_config("smoke")
   for item in overrides:
@@ -51,19 +54,21 @@ def small_config(overrides, steps: int, batch: int, seq: int, lr: float):
       c.model[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       c.model[key] = value
-  c.model.dtype, c.model.scan_layers, c.model.remat_policy = "bfloat16", False, "none"
+  c.model.scan_layers, c.model.remat_policy = False, "none"
   c.steps, c.batch_size, c.seq_len = steps, batch, seq
   c.optim.lr, c.optim.warmup = lr, max(1, steps // 20)
   return c
 
 
-def train(config, fp8: bool, tail: int, eval_batches: int, out) -> dict:
+RUNS = {"bf16": ("bfloat16", False), "fp8": ("bfloat16", True), "fp32": ("float32", False)}
+
+
+def train(config, name: str, tail: int, eval_batches: int, out) -> dict:
   config = config.copy_and_resolve_references()
-  config.model.fp8 = fp8
+  config.model.dtype, config.model.fp8 = RUNS[name]
   trainer = train_lib.Trainer(config)
   source = data.make_source(config.data, config.seq_len, config.batch_size, config.seed, trainer.mcfg.vocab_size)
   state = trainer.init_state(config.seed)
-  name = "fp8" if fp8 else "bf16"
   t = time.perf_counter()
   trainer.step_fn  # noqa: B018  (compiles)
   compile_s, losses, start = time.perf_counter() - t, [], time.perf_counter()
@@ -92,21 +97,21 @@ def main():
   p.add_argument("--eval_batches", type=int, default=4)
   p.add_argument("--set", action="append", default=None, metavar="FIELD=VALUE",
                  help=f"model overrides (default: {' '.join(CPU_SMALL)})")
+  p.add_argument("--runs", default="bf16,fp8", help=f"comma-separated, from {sorted(RUNS)}; the first is the baseline")
   p.add_argument("--out", default="", help="also write the curve records to this JSON-lines file")
   args = p.parse_args()
   config = small_config(CPU_SMALL if args.set is None else args.set, args.steps, args.batch, args.seq, args.lr)
   common.emit("machine", **common.machine_info())
   out = open(args.out, "w") if args.out else None
   try:
-    runs = {name: train(config, name == "fp8", args.tail, args.eval_batches, out) for name in ("bf16", "fp8")}
+    runs = {name: train(config, name, args.tail, args.eval_batches, out) for name in args.runs.split(",")}
   finally:
     if out:
       out.close()
-  b, f = runs["bf16"], runs["fp8"]
-  common.emit("fp8_train", steps=args.steps, batch=args.batch, seq=args.seq, params=b["params"],
-              bf16=b, fp8=f, tail_loss_rel_diff=(f["tail_loss"] - b["tail_loss"]) / b["tail_loss"],
-              val_loss_rel_diff=(f["val_loss"] - b["val_loss"]) / b["val_loss"],
-              final_loss_rel_diff=(f["final_loss"] - b["final_loss"]) / b["final_loss"])
+  first, *others = runs
+  rel = {f"{name}_vs_{first}": {k: (runs[name][k] - runs[first][k]) / runs[first][k]
+                                for k in ("tail_loss", "val_loss", "final_loss")} for name in others}
+  common.emit("fp8_train", steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, **runs, rel_diff=rel)
 
 
 if __name__ == "__main__":
