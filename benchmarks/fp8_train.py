@@ -11,11 +11,12 @@ runs see the same batches, so the difference is paired) and the validation loss 
 batches.
 
 On CPU the FP8 matmuls are emulated (XLA upcasts e4m3 to fp32), so only the losses count
-here, not the speed. Defaults fit ~10 minutes on 2 CPU cores: configs/small.py's smoke
-variant shape (batch 8 x 128 tokens, embedded byte corpus) with the model cut to CPU size
-(--set overrides; see the defaults of --set below).
+here, not the speed. Defaults fit ~10 minutes on 2 idle CPU cores: configs/small.py's smoke
+variant (batch 8 x 128 tokens, embedded byte corpus, its optimizer with lr 1e-3) for 150
+steps, with the model cut to CPU size (8.5M parameters; see CPU_SMALL, replaced by --set).
 
   python benchmarks/fp8_train.py --out fp8_curve.jsonl
+  python benchmarks/fp8_train.py --runs fp32,bf16          # the noise floor
   python benchmarks/fp8_train.py --steps 400 --set hidden_size=384 --set num_hidden_layers=6
 """
 
@@ -56,7 +57,8 @@ def small_config(overrides, steps: int, batch: int, seq: int, lr: float):
       c.model[key] = value
   c.model.scan_layers, c.model.remat_policy = False, "none"
   c.steps, c.batch_size, c.seq_len = steps, batch, seq
-  c.optim.lr, c.optim.warmup = lr, max(1, steps // 20)
+  c.optim.lr = c.optim.lr if lr is None else lr
+  c.optim.warmup = max(1, steps // 20)
   return c
 
 
@@ -92,7 +94,7 @@ def main():
   p.add_argument("--steps", type=int, default=150)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--lr", type=float, default=None, help="default: configs/small.py's optim.lr")
   p.add_argument("--tail", type=int, default=20, help="steps averaged for the final train loss")
   p.add_argument("--eval_batches", type=int, default=4)
   p.add_argument("--set", action="append", default=None, metavar="FIELD=VALUE",
@@ -111,7 +113,7 @@ def main():
   first, *others = runs
   rel = {f"{name}_vs_{first}": {k: (runs[name][k] - runs[first][k]) / runs[first][k]
                                 for k in ("tail_loss", "val_loss", "final_loss")} for name in others}
-  common.emit("fp8_train", steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, **runs, rel_diff=rel)
+  common.emit("fp8_train", steps=args.steps, batch=args.batch, seq=args.seq, lr=config.optim.lr, **runs, rel_diff=rel)
 
 
 if __name__ == "__main__":

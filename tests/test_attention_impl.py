@@ -34,7 +34,7 @@ def test_mla_dot_product_matches_einsum(v_head_dim, packed):
 
 def test_model_and_decode_with_dot_product():
   """Whole model logits, and a decode step in the re-expanded form (absorb=False) that uses it too."""
-  cfg = mc.tiny(attention_impl="dot_product")
+  cfg = mc.tiny(attention_impl="dot_product", num_hidden_layers=1, num_nextn_predict_layers=0)  # attention is the point
   tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
   variables = Transformer(cfg).init(jax.random.key(3), tokens)
   ref = Transformer(cfg.replace(attention_impl="einsum")).apply(variables, tokens)
