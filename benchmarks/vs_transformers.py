@@ -105,8 +105,9 @@ def run(args) -> None:
     jax_s, torch_s = statistics.median(times["jax"]), statistics.median(times["torch"])
     common.emit("vs_transformers", what=kind, config=args.config, batch=args.batch, seq=args.seq,
                 params=trainer.num_params, moe_jax_s=jax_s, torch_s=torch_s, ratio=torch_s / jax_s,
-                moe_jax_s_min=min(times["jax"]), torch_s_min=min(times["torch"]), logits_max_abs_diff=max_diff,
-                torch_impl=impl, torch_threads=args.threads, iters=args.iters, loadavg=common.load_average())
+                moe_jax_s_min=min(times["jax"]), torch_s_min=min(times["torch"]),
+                logits_max_abs_diff=max_diff, torch_impl=impl, torch_threads=args.threads, iters=args.iters,
+                loadavg=common.load_average())
 
 
 def main(argv=None):

@@ -20,13 +20,16 @@ def test_mla_dot_product_matches_einsum(v_head_dim, packed):
   seg = jnp.array([[0] * 5 + [1] * 7, [0] * 12]) if packed else None
   variables = MLA(cfg).init(jax.random.key(1), x, pos, seg)
 
-  def run(impl):
-    mla = MLA(cfg.replace(attention_impl=impl))
-    out = mla.apply(variables, x, pos, seg)
-    grads = jax.grad(lambda p: jnp.sum(mla.apply({"params": p}, x, pos, seg) ** 2))(variables["params"])
-    return out, grads
+  @jax.jit
+  def run_both(variables):
+    def run(impl):
+      mla = MLA(cfg.replace(attention_impl=impl))
+      out = mla.apply(variables, x, pos, seg)
+      grads = jax.grad(lambda p: jnp.sum(mla.apply({"params": p}, x, pos, seg) ** 2))(variables["params"])
+      return out, grads
+    return run("einsum"), run("dot_product")
 
-  (out_e, g_e), (out_d, g_d) = run("einsum"), run("dot_product")
+  (out_e, g_e), (out_d, g_d) = run_both(variables)
   np.testing.assert_allclose(out_d, out_e, atol=1e-5, rtol=1e-5)
   for a, r in zip(jax.tree.leaves(g_d), jax.tree.leaves(g_e)):
     np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)

@@ -26,24 +26,14 @@ EXPECTED = {  # script: (figure kind, keys every figure of that kind has, number
 }
 
 
-@pytest.fixture(scope="module")
-def smoke_runs():
-  """All scripts started at once (each mostly compiles, single-threaded), read as the tests ask."""
+def run_smoke(script: str) -> list[dict]:
+  """The script's --smoke output as records (pytest -n spreads the four scripts over its workers)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 forced devices stay here
   env["JAX_PLATFORMS"] = "cpu"
-  procs = {s: subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", s), "--smoke"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for s in EXPECTED if s != "vs_transformers.py" or HAVE_TORCH}
-  yield procs
-  for p in procs.values():
-    if p.poll() is None:
-      p.kill()
-
-
-def records_of(proc) -> list[dict]:
-  stdout, stderr = proc.communicate(timeout=900)
-  assert proc.returncode == 0, stderr[-3000:]
-  return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke"], env=env,
+                       capture_output=True, text=True, timeout=900, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
 def finite_numbers(rec: dict) -> bool:
@@ -51,10 +41,10 @@ def finite_numbers(rec: dict) -> bool:
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_smoke_prints_json_figures(script, smoke_runs):
-  if script not in smoke_runs:
+def test_smoke_prints_json_figures(script):
+  if script == "vs_transformers.py" and not HAVE_TORCH:
     pytest.skip("torch and transformers are not installed")
-  records = records_of(smoke_runs[script])
+  records = run_smoke(script)
   assert records[0]["kind"] == "machine" and MACHINE <= set(records[0])
   kind, keys, count = EXPECTED[script]
   figures = [r for r in records[1:] if r["kind"] == kind]
