@@ -19,8 +19,11 @@ setup(
     extras_require={
         # torch: install the CPU build first (`pip install torch==2.13.0`) or pip picks a CUDA one.
         "hf": ["torch>=2.4", "transformers>=5.0", "tokenizers>=0.20"],
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "transformers>=5.0", "tokenizers>=0.20"],
-        "eval": ["lm-eval>=0.4.5", "tokenizers>=0.20"],
+        # Everything the suite exercises, so `pytest` skips nothing: parity (torch, transformers),
+        # lm-eval adapter, plots, TensorBoard.
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "transformers>=5.0", "tokenizers>=0.20",
+                 "lm-eval>=0.4.13,<0.5", "matplotlib", "tensorboardX"],
+        "eval": ["lm-eval>=0.4.13,<0.5", "tokenizers>=0.20"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboardX"],
     },
