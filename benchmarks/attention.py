@@ -1,7 +1,8 @@
 """MLA attention (training form) against jax.nn.dot_product_attention of the same shape.
 
 Contenders, each forward and forward + backward (gradients of every input and parameter):
-  sdpa              jax.nn.dot_product_attention(q, k, v, is_causal=True), q/k/v [B, S, H, N+R]
+  sdpa              jax.nn.dot_product_attention(q, k, v, is_causal=True), q/k/v [B, S, H, N+R],
+                    cuDNN flash attention on a GPU (bf16/fp16), XLA elsewhere
                     (v at the qk head dim, as the API wants one head dim), the yardstick
   mla_core/<impl>   MLA.expanded: keys and values up-projected from the latent c [B, S, K]
                     (k_b, v_b), then causal attention, for attention_impl einsum | dot_product
@@ -15,7 +16,6 @@ ratio = seconds / sdpa seconds, medians of interleaved runs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from moe_jax.config import ATTENTION_IMPLS  # noqa: E402
-from moe_jax.layers.mla import MLA  # noqa: E402
+from moe_jax.layers.mla import MLA, sdpa_implementation  # noqa: E402
 
 
 def with_grad(f, args):
@@ -42,7 +42,9 @@ def contenders(cfg, batch: int, seq: int) -> dict:
   keys = jax.random.split(jax.random.key(0), 8)
   dt = cfg.compute_dtype
   q, k, v = (jax.random.normal(keys[i], (b, s, h, qk), dt) for i in range(3))
-  sdpa = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)  # noqa: E731
+  sdpa_impl = sdpa_implementation(cfg.dtype, cfg.qk_head_dim)
+  sdpa = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale,  # noqa: E731
+                                                      implementation=sdpa_impl)
   fns = {}
   fns["sdpa/forward"], fns["sdpa/forward_backward"] = with_grad(sdpa, (q, k, v))
 
@@ -77,14 +79,8 @@ def run(args) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default="bench10m", help="bench10m or a moe_jax.config preset: the attention shape")
-  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="ModelConfig override")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=128)
+  p = common.parser(__doc__, "the attention shape", "tiny shapes, 2 iterations")
   p.add_argument("--iters", type=int, default=10)
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 iterations: checks the plumbing only")
   args = p.parse_args(argv)
   if args.smoke:
     args.config, args.batch, args.seq, args.iters, args.warmup = "tiny", 2, 16, 2, 1

@@ -9,6 +9,7 @@ slows both alike and their ratio holds.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -163,8 +164,43 @@ def bench10m(**kw):
   return ModelConfig(**base)
 
 
+def bench1b(**kw):
+  """~1B parameters, fine-grained DeepSeek-V3-shaped MoE for one GPU: 12 layers (1 dense + 11 MoE),
+  64 routed experts of width 384 (top-6 in 8 groups, 4 groups per token) + 2 shared, MLA with
+  q_lora; qk and v head dims both 128 so cuDNN flash attention takes them unpadded; bf16; layers
+  scanned (one compiled layer per stack: the Pallas grouped matmul compiles per call site)."""
+  from moe_jax.config import ModelConfig
+  base = dict(vocab_size=32768, hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384,
+              num_hidden_layers=12, num_attention_heads=16, q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=96,
+              qk_rope_head_dim=32, v_head_dim=128, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+              n_group=8, topk_group=4, routed_scaling_factor=2.5, first_k_dense_replace=1,
+              num_nextn_predict_layers=0, aux_loss_alpha=1e-4, max_position_embeddings=4096,
+              dtype="bfloat16", attention_impl="dot_product", scan_layers=True)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+CONFIGS = {"bench10m": bench10m, "bench1b": bench1b}
+
+
+def parser(doc: str, what: str, smoke: str) -> argparse.ArgumentParser:
+  """The flags every model benchmark shares: --config/--set (the model), --batch/--seq, --warmup, --smoke.
+
+  doc: the script's docstring (its first line is the description); what: what --config shapes;
+  smoke: what --smoke runs. Scripts add their own flags (--iters, --steps, ...) to the result.
+  """
+  p = argparse.ArgumentParser(description=doc.split("\n")[0])
+  p.add_argument("--config", default="bench10m", help=f"{', '.join(CONFIGS)} or a moe_jax.config preset: {what}")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="ModelConfig override")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls first")
+  p.add_argument("--smoke", action="store_true", help=f"{smoke}: checks the plumbing only")
+  return p
+
+
 def model_config(name: str, overrides: Sequence[str] = ()):
-  """'bench10m' or a moe_jax.config preset name, with FIELD=VALUE overrides (Python literals or strings)."""
+  """'bench10m', 'bench1b' or a moe_jax.config preset name, with FIELD=VALUE overrides (Python literals or strings)."""
   import ast
   from moe_jax import config as mc
   kw = {}
@@ -174,10 +210,10 @@ def model_config(name: str, overrides: Sequence[str] = ()):
       kw[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       kw[key] = value
-  if name == "bench10m":
-    return bench10m(**kw)
+  if name in CONFIGS:
+    return CONFIGS[name](**kw)
   if name not in mc.PRESETS:
-    raise SystemExit(f"unknown config {name!r}; known: bench10m, {', '.join(mc.PRESETS)}")
+    raise SystemExit(f"unknown config {name!r}; known: {', '.join(CONFIGS)}, {', '.join(mc.PRESETS)}")
   return mc.PRESETS[name](**kw)
 
 

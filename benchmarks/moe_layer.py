@@ -7,7 +7,8 @@ router's D x E matmul counts against the MoE). Dispatches:
   dense       every expert on every token (E / top-k times the FLOPs; the reference)
   capacity    GShard [E, C, D] buffers (capacity_factor from the config)
   ragged      dropless sort + the tiled grouped matmul (layers/gmm.py, the CPU path)
-  ragged_dot  dropless sort + jax.lax.ragged_dot (the GPU/TPU path; dense masked on CPU)
+  ragged_dot  dropless sort + jax.lax.ragged_dot (XLA's grouped GEMM; dense masked on CPU)
+  pallas      dropless sort + the Pallas grouped matmul of layers/gmm_pallas.py (Hopper GPU, TPU)
   ep          expert parallel (layers/ep.py) on --ep forced host devices, run in a subprocess
               (XLA_FLAGS); there the MLP runs data-parallel over the same devices. Host devices
               share this machine's cores, so ep measures the dispatch's overhead, not scaling.
@@ -36,12 +37,12 @@ from benchmarks import common  # noqa: E402
 from moe_jax.layers.common import MLP  # noqa: E402
 from moe_jax.layers.moe import MoE  # noqa: E402
 
-DISPATCHES = ("dense", "capacity", "ragged", "ragged_dot", "ep")
+DISPATCHES = ("dense", "capacity", "ragged", "ragged_dot", "pallas", "ep")
 
 
 def layer_cfg(cfg, dispatch: str):
-  if dispatch == "ragged_dot":
-    return cfg.replace(moe_impl="ragged", moe_gmm="ragged_dot")
+  if dispatch in ("ragged_dot", "pallas"):
+    return cfg.replace(moe_impl="ragged", moe_gmm=dispatch)
   if dispatch == "ragged":
     return cfg.replace(moe_impl="ragged", moe_gmm="tiled")
   return cfg.replace(moe_impl=dispatch)
@@ -124,19 +125,17 @@ def run(args) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default="bench10m", help="bench10m or a moe_jax.config preset: the MoE layer's shape")
-  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="ModelConfig override")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--dispatch", type=lambda s: s.split(","), default=list(DISPATCHES),
-                 help=f"comma-separated subset of {','.join(DISPATCHES)}")
+  p = common.parser(__doc__, "the MoE layer's shape", "a tiny layer, 2 iterations")
+  p.add_argument("--dispatch", type=lambda s: s.split(","), default=None,
+                 help=f"comma-separated subset of {','.join(DISPATCHES)} (default: all that run here; "
+                      "pallas needs a Hopper GPU or a TPU)")
   p.add_argument("--ep", type=int, default=8, help="forced host devices (expert-parallel size) for 'ep'")
   p.add_argument("--iters", type=int, default=10)
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--smoke", action="store_true", help="a tiny layer, 2 iterations: checks the plumbing only")
   p.add_argument("--only_ep", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.dispatch is None:
+    from moe_jax.layers import gmm_pallas
+    args.dispatch = [d for d in DISPATCHES if d != "pallas" or gmm_pallas.available()]
   bad = set(args.dispatch) - set(DISPATCHES)
   if bad:
     p.error(f"unknown dispatch {sorted(bad)}; known: {', '.join(DISPATCHES)}")

@@ -9,12 +9,17 @@ the donated state's buffers were consumed.
 
   python benchmarks/train_step.py --config bench10m --batch 8 --seq 128
   python benchmarks/train_step.py --config small --batch 8 --seq 256 --set dtype=bfloat16 --set scan_layers=True
+  python benchmarks/train_step.py --config bench1b --batch 8 --seq 2048 --router_steps 300   # GPU
   python benchmarks/train_step.py --smoke
+
+--router_steps N first trains N steps on the embedded corpus (real text, byte tokens), so the
+router (and its aux-loss-free bias) is trained, not random, when the timed steps run; the timed
+steps then use corpus batches too and the record carries the expert-load imbalance they saw
+(max over experts of the load / the mean load, averaged over MoE layers; 1.0 = balanced).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -40,10 +45,25 @@ def make_batch(trainer, batch: int, seq: int, vocab: int, seed: int = 0) -> dict
   return {k: jax.device_put(v, trainer.batch_sharding) for k, v in host.items()}
 
 
-def build(mcfg, name: str, batch: int, seq: int):
+def corpus_batches(trainer, batch: int, seq: int, vocab: int, count: int, start: int = 0) -> list[dict]:
+  """`count` consecutive training batches of the embedded corpus, already on device."""
+  from moe_jax import data
+  source = data.make_source(trainer.config.data, seq, batch, 0, vocab)
+  return [trainer.batch(source, "train", start + i) for i in range(count)]
+
+
+def load_imbalance(counts) -> float:
+  """Mean over MoE layers of max expert load / mean expert load (1.0 = balanced)."""
+  loads = train_lib.layer_loads(jax.device_get(counts))
+  ratios = [float(c.max() / max(c.mean(), 1e-9)) for c in loads.values() if c.sum() > 0]
+  return float(np.mean(ratios)) if ratios else float("nan")
+
+
+def build(mcfg, name: str, batch: int, seq: int, document_mask: bool = True):
   """(Trainer, state, batch) for a model config: the train library's own step, optimizer and shardings."""
   config = train_lib.base_config(mcfg, name)
   config.batch_size, config.seq_len, config.steps = batch, seq, 10 ** 6
+  config.data.document_mask = document_mask
   config.optim.warmup = 1
   trainer = train_lib.Trainer(config)
   return trainer, trainer.init_state(0), make_batch(trainer, batch, seq, mcfg.vocab_size)
@@ -52,7 +72,7 @@ def build(mcfg, name: str, batch: int, seq: int):
 def run(args) -> None:
   mcfg = common.model_config(args.config, args.set)
   common.emit("machine", **common.machine_info())
-  trainer, state, batch = build(mcfg, args.config, args.batch, args.seq)
+  trainer, state, batch = build(mcfg, args.config, args.batch, args.seq, not args.no_document_mask)
   t = time.perf_counter()
   step = trainer.step_fn  # lower + compile
   compile_s = time.perf_counter() - t
@@ -61,22 +81,37 @@ def run(args) -> None:
   state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
   donated = leaf.is_deleted()
+  batches, imbalance_before = [batch], load_imbalance(metrics["expert_counts"])
+  if args.router_steps:
+    t = time.perf_counter()
+    for b in corpus_batches(trainer, args.batch, args.seq, mcfg.vocab_size, args.router_steps):
+      state, metrics = step(state, b)
+    first_loss = float(metrics["loss"])
+    common.emit("router_training", steps=args.router_steps, seconds=time.perf_counter() - t, loss=first_loss,
+                load_imbalance_random_init=imbalance_before)
+    batches = corpus_batches(trainer, args.batch, args.seq, mcfg.vocab_size, 4, start=args.router_steps)
 
   size = args.peak_size
   x = jnp.ones((size, size), mcfg.dtype)
   mm = jax.jit(lambda a, b: a @ b)
   common.block(mm(x, x))
-  step_times, peak_times = [], []
+  step_times, peak_times, imbalance = [], [], []
   with common.count_compiles() as compiles:
     for i in range(args.warmup + args.steps):
       t = time.perf_counter()
-      state, metrics = step(state, batch)
+      state, metrics = step(state, batches[i % len(batches)])
       jax.block_until_ready((state, metrics))
       dt = time.perf_counter() - t
       tp = common.time_once(mm, x, x)
       if i >= args.warmup:
         step_times.append(dt)
         peak_times.append(tp)
+        imbalance.append(load_imbalance(metrics["expert_counts"]))
+  if args.trace:  # a profile of 3 more steps (perfetto_trace.json.gz under args.trace)
+    with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+      for i in range(3):
+        state, metrics = step(state, batches[i % len(batches)])
+      jax.block_until_ready((state, metrics))
   step_s = statistics.median(step_times)
   peak = 2 * size ** 3 / statistics.median(peak_times)
   tokens = args.batch * args.seq
@@ -89,25 +124,28 @@ def run(args) -> None:
       model_flops_per_step=model_flops, model_tflops=model_flops / step_s / 1e12,
       peak_tflops=peak / 1e12, peak_source=f"measured {size}^3 {mcfg.dtype} matmul, interleaved",
       mfu=model_flops / step_s / peak, compile_s=compile_s, compiles_after_first_step=compiles.count,
-      donated=bool(donated), loss=float(metrics["loss"]),
+      donated=bool(donated), loss=float(metrics["loss"]), router_steps=args.router_steps,
+      document_mask=not args.no_document_mask,
+      load_imbalance=float(np.mean(imbalance)), data="embedded corpus" if args.router_steps else "random tokens",
       temp_bytes=getattr(mem, "temp_size_in_bytes", None), argument_bytes=getattr(mem, "argument_size_in_bytes", None),
       loadavg=common.load_average())
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default="bench10m", help="bench10m or a moe_jax.config preset (tiny, small, ...)")
-  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="ModelConfig override")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=128)
+  p = common.parser(__doc__, "the model", "tiny config, 2 steps")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
-  p.add_argument("--peak_size", type=int, default=1024, help="N of the N^3 peak matmul")
-  p.add_argument("--smoke", action="store_true", help="tiny config, 2 steps: checks the plumbing only")
+  p.add_argument("--peak_size", type=int, default=1024, help="N of the N^3 peak matmul (8192 on a GPU)")
+  p.add_argument("--trace", default="", help="write a jax.profiler trace of 3 more steps to this directory")
+  p.add_argument("--no_document_mask", action="store_true",
+                 help="config.data.document_mask=False: plain causal attention over packed rows (cuDNN flash on GPU)")
+  p.add_argument("--router_steps", type=int, default=0,
+                 help="train this many steps on the embedded corpus before timing (a trained router)")
   args = p.parse_args(argv)
   if args.smoke:
     args.config, args.batch, args.seq, args.steps, args.warmup, args.peak_size = "tiny", 2, 16, 2, 1, 128
-    args.set = ["num_hidden_layers=1", "first_k_dense_replace=0", "num_nextn_predict_layers=0"] + args.set
+    args.router_steps = min(args.router_steps, 2)
+    args.set = ["num_hidden_layers=1", "first_k_dense_replace=0", "num_nextn_predict_layers=0",
+                "vocab_size=320"] + args.set  # the corpus is byte tokens + specials
   run(args)
 
 

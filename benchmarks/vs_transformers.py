@@ -17,7 +17,6 @@ ratio = torch seconds / moe_jax seconds (> 1: moe_jax is faster).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -111,16 +110,10 @@ def run(args) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default="bench10m", help="bench10m or a moe_jax.config preset (sigmoid routing)")
-  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="ModelConfig override")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=128)
+  p = common.parser(__doc__, "the model (sigmoid routing)", "a tiny model, 2 iterations")
   p.add_argument("--iters", type=int, default=10)
-  p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   p.add_argument("--lr", type=float, default=1e-4)
-  p.add_argument("--smoke", action="store_true", help="a tiny model, 2 iterations: checks the plumbing only")
   args = p.parse_args(argv)
   if args.smoke:
     args.set = ["vocab_size=256", "hidden_size=64", "intermediate_size=128", "moe_intermediate_size=32",

@@ -77,7 +77,9 @@ class ModelConfig:
   balance_loss: str = "sequence"  # V3 sequence-wise | V2 expert-level
   moe_impl: str = "ragged"  # dense (reference) | ragged (dropless) | capacity | ep
   capacity_factor: float = 1.25  # only for moe_impl='capacity'
-  moe_gmm: str = "auto"  # grouped matmul for ragged/ep: auto | ragged_dot (GPU/TPU) | tiled (CPU)
+  # grouped matmul for ragged/ep: auto | ragged_dot (XLA) | tiled (CPU) | pallas (Hopper GPU, TPU);
+  # layers/gmm.py. FP8 grouped matmuls use XLA's ragged_dot_general on GPU/TPU whatever this says.
+  moe_gmm: str = "auto"
   dtype: str = "float32"  # compute dtype (bfloat16 for training at scale)
   param_dtype: str = "float32"  # master weights
   scan_layers: bool = False  # nn.scan over the dense and the MoE stacks
@@ -112,8 +114,8 @@ class ModelConfig:
       _fail("topk_method", f"{self.topk_method!r} is not one of {TOPK_METHODS}")
     if self.moe_impl not in MOE_IMPLS:
       _fail("moe_impl", f"{self.moe_impl!r} is not one of {MOE_IMPLS}")
-    if self.moe_gmm not in ("auto", "ragged_dot", "tiled"):
-      _fail("moe_gmm", f"{self.moe_gmm!r} is not one of ('auto', 'ragged_dot', 'tiled')")
+    if self.moe_gmm not in ("auto", "ragged_dot", "tiled", "pallas"):
+      _fail("moe_gmm", f"{self.moe_gmm!r} is not one of ('auto', 'ragged_dot', 'tiled', 'pallas')")
     if self.balance_loss not in BALANCE_LOSSES:
       _fail("balance_loss", f"{self.balance_loss!r} is not one of {BALANCE_LOSSES}")
     if self.remat_policy not in REMAT_POLICIES:

@@ -67,7 +67,10 @@ def base_config(model: ModelConfig, name: str) -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip=1.0, grad_accum=1,
       bias_update_speed=1e-3, bias_update_until=-1, mtp_lambda=0.3))
   # data.path: '' = embedded stdlib corpus | 'synthetic:copy' | a `moe_jax.data prepare` directory.
-  c.data = ml_collections.ConfigDict(dict(path="", tokenizer="byte", val_fraction=0.01))
+  # data.document_mask: attention stops at document boundaries inside a packed row (segment ids).
+  # False: plain causal attention over the whole row (the loss still skips padding), which cuDNN
+  # flash attention runs without a [B, 1, S, S] mask on GPU (attention_impl='dot_product').
+  c.data = ml_collections.ConfigDict(dict(path="", tokenizer="byte", val_fraction=0.01, document_mask=True))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1,
                                           dcn_expert=1, dcn_tensor=1, rules=()))
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, async_save=True))
@@ -88,8 +91,12 @@ def targets(batch: dict, depth: int):
 
 def cross_entropy(logits_BSV, tgt_BS, ok_BS):
   """(sum of masked CE, number of correct argmax predictions), fp32."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits_BSV.astype(jnp.float32), tgt_BS)
-  correct = (jnp.argmax(logits_BSV, -1) == tgt_BS) & ok_BS
+  logits = logits_BSV.astype(jnp.float32)
+  label = jnp.take_along_axis(logits, tgt_BS[..., None], -1)[..., 0]
+  ce = jax.nn.logsumexp(logits, -1) - label
+  # Correct iff the target's logit is the row max (a tie counts as correct): this reuses
+  # logsumexp's max instead of a separate argmax pass over [B, S, vocab].
+  correct = (label >= jax.lax.stop_gradient(logits.max(-1))) & ok_BS
   return jnp.sum(ce * ok_BS), jnp.sum(correct).astype(jnp.float32)
 
 
@@ -99,22 +106,30 @@ def expert_counts(intermediates) -> dict[str, jax.Array]:
   return {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "expert_counts"}
 
 
+def attention_segments(batch: dict, document_mask: bool):
+  """The model's segment ids (inputs: all but the last column) or None for plain causal attention."""
+  return batch["segment_ids"][:, :-1] if document_mask else None
+
+
 def make_train_step(model: Transformer, config, tx: optax.GradientTransformation, schedule):
   """train_step(state, batch) -> (state, metrics); pure, for jax.jit."""
   mcfg = model.cfg
+  document_mask = config.data.get("document_mask", True)
   n_mtp, accum = mcfg.num_nextn_predict_layers, config.optim.grad_accum
   mtp_lambda, nan_at = config.optim.mtp_lambda, config.debug.nan_at_step
 
   def loss_fn(params, router, batch, norms, step):
     tokens = batch["tokens"]
     out, mut = model.apply({"params": params, "router": router}, tokens[:, :-1], batch["positions"][:, :-1],
-                           batch["segment_ids"][:, :-1], return_mtp=n_mtp > 0, mutable=["intermediates", "losses"])
+                           attention_segments(batch, document_mask), return_mtp=n_mtp > 0,
+                           mutable=["intermediates", "losses"])
     logits, mtp_logits = out if n_mtp else (out, None)
     ce, correct = cross_entropy(logits, *targets(batch, 0))
     lm = ce / norms[0]
     mtp = sum(cross_entropy(mtp_logits[k - 1], *targets(batch, k))[0] / norms[k] for k in range(1, n_mtp + 1))
     mtp = mtp / n_mtp if n_mtp else jnp.zeros((), jnp.float32)
-    balance = sum(jax.tree.leaves(mut.get("losses", {})), jnp.zeros((), jnp.float32)) / accum
+    # Scanned layers sow one loss per layer ([L] leaves): sum them all.
+    balance = sum((jnp.sum(x) for x in jax.tree.leaves(mut.get("losses", {}))), jnp.zeros((), jnp.float32)) / accum
     loss = lm + mtp_lambda * mtp + balance
     if nan_at >= 0:  # test hook (debug.nan_at_step): NaN loss and gradients at that 1-based step
       loss = loss * jnp.where(step + 1 == nan_at, jnp.nan, 1.0)
@@ -164,10 +179,10 @@ def make_train_step(model: Transformer, config, tx: optax.GradientTransformation
   return train_step
 
 
-def make_eval_step(model: Transformer):
+def make_eval_step(model: Transformer, document_mask: bool = True):
   def eval_step(params, router, batch):
     logits = model.apply({"params": params, "router": router}, batch["tokens"][:, :-1],
-                         batch["positions"][:, :-1], batch["segment_ids"][:, :-1])
+                         batch["positions"][:, :-1], attention_segments(batch, document_mask))
     tgt, ok = targets(batch, 0)
     ce, correct = cross_entropy(logits, tgt, ok)
     return ce, correct, jnp.sum(ok).astype(jnp.float32)
@@ -254,7 +269,7 @@ class Trainer:
     """Validation LM loss and accuracy over the first num_batches val batches (fixed, so comparable)."""
     if self._eval_fn is None:
       with sharding.activation_rules(self.mesh, self.rules):
-        self._eval_fn = jax.jit(make_eval_step(self.model))
+        self._eval_fn = jax.jit(make_eval_step(self.model, self.config.data.get("document_mask", True)))
     totals = np.zeros(3)
     with sharding.activation_rules(self.mesh, self.rules):
       for i in range(num_batches):

@@ -56,3 +56,15 @@ def test_model_and_decode_with_dot_product():
 def test_bad_attention_impl():
   with pytest.raises(ValueError, match="attention_impl"):
     mc.tiny(attention_impl="flash")
+
+
+def test_sdpa_implementation_picks_cudnn_only_where_it_applies(monkeypatch):
+  """jax.nn.dot_product_attention defaults to XLA even on GPU: MLA asks for cuDNN where it fits."""
+  from moe_jax.layers import mla
+  assert mla.sdpa_implementation(jnp.bfloat16, 128) is None or jax.default_backend() == "gpu"
+  monkeypatch.setattr(mla.jax, "default_backend", lambda: "gpu")
+  assert mla.sdpa_implementation(jnp.bfloat16, 128) == "cudnn"
+  assert mla.sdpa_implementation(jnp.float16, 64) == "cudnn"
+  assert mla.sdpa_implementation(jnp.float32, 128) is None  # cuDNN flash: half precision only
+  assert mla.sdpa_implementation(jnp.bfloat16, 192) is None  # over its head-size limit
+  assert mla.sdpa_implementation(jnp.bfloat16, 100) is None  # not a multiple of 8

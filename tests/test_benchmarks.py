@@ -26,12 +26,16 @@ EXPECTED = {  # script: (figure kind, keys every figure of that kind has, number
 }
 
 
-def run_smoke(script: str) -> list[dict]:
-  """The script's --smoke output as records (pytest -n spreads the four scripts over its workers)."""
+def run_script(script: str, *args: str):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 forced devices stay here
   env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke"], env=env,
-                       capture_output=True, text=True, timeout=900, check=False)
+  return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+
+
+def run_smoke(script: str, *extra: str) -> list[dict]:
+  """The script's --smoke output as records (pytest -n spreads the scripts over its workers)."""
+  out = run_script(script, "--smoke", *extra)
   assert out.returncode == 0, out.stderr[-3000:]
   return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
@@ -61,3 +65,19 @@ def test_smoke_prints_json_figures(script):
   if script == "vs_transformers.py":
     assert {r["what"] for r in figures} == {"forward", "train"}
     assert figures[0]["logits_max_abs_diff"] < 1e-4  # the same weights on both sides
+
+
+def test_train_step_with_router_training_on_the_corpus():
+  """--router_steps trains on the embedded corpus first and reports the expert-load imbalance."""
+  records = run_smoke("train_step.py", "--router_steps", "2", "--no_document_mask")
+  kinds = [r["kind"] for r in records]
+  assert kinds == ["machine", "router_training", "train_step"], kinds
+  step = records[-1]
+  assert step["router_steps"] == 2 and step["data"] == "embedded corpus" and step["document_mask"] is False
+  assert step["load_imbalance"] >= 1.0 and records[1]["load_imbalance_random_init"] >= 1.0
+  assert step["compiles_after_first_step"] == 0
+
+
+def test_gmm_gpu_says_it_needs_a_hopper_gpu():
+  out = run_script("gmm_gpu.py")
+  assert out.returncode != 0 and "needs a Hopper GPU" in out.stderr and "Traceback" not in out.stderr

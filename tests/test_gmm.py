@@ -1,11 +1,15 @@
-"""The tiled grouped matmul (CPU path) equals jax.lax.ragged_dot, forward and backward."""
+"""Every grouped matmul (tiled CPU loops, Pallas kernels) equals jax.lax.ragged_dot, forward and backward.
+
+The Mosaic GPU kernels of moe_gmm='pallas' need a Hopper GPU: benchmarks/gmm_gpu.py checks them
+there against ragged_dot (BENCHMARKS.md). Here the TPU kernel (megablox) runs in the Pallas
+interpreter through the same entry point."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.layers import gmm
+from moe_jax.layers import gmm, gmm_pallas
 
 
 def _problem(seed, m=300, d=24, f=40, e=6, used=None, empty=(2,)):
@@ -53,10 +57,37 @@ def test_swiglu_bf16_close_to_fp32():
 
 
 def test_auto_and_bad_impl():
-  assert gmm.choose("auto") in ("tiled", "ragged_dot")
   assert gmm.choose("auto") == ("tiled" if jax.default_backend() == "cpu" else "ragged_dot")
   with pytest.raises(ValueError, match="unknown implementation 'fast'"):
     gmm.choose("fast")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU answers of the pallas switch")
+def test_pallas_on_cpu_is_a_clear_error_and_auto_keeps_tiled():
+  x, w, sizes, _ = _problem(0, d=128, f=128)
+  assert gmm.choose("auto", x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) == "tiled"
+  with pytest.raises(ValueError, match="needs a Hopper GPU"):
+    gmm.grouped_matmul(x, w, sizes, "pallas")
+
+
+def test_pallas_shape_and_dtype_checks():
+  b = lambda a: a.astype(jnp.bfloat16)  # noqa: E731
+  x, w, _, _ = _problem(0, d=128, f=384)
+  assert gmm_pallas.check(b(x), b(w)) is None
+  assert "F=40" in gmm_pallas.check(*map(b, _problem(0, d=128)[:2]))
+  assert "bfloat16 or float16" in gmm_pallas.check(x, w)
+
+
+@pytest.mark.parametrize("used", [256, 217])
+def test_pallas_megablox_interpreted_matches_ragged_dot(used):
+  """The TPU kernel (megablox gmm + tgmm VJP) in the Pallas interpreter: values and gradients."""
+  x, w, sizes, dy = _problem(4, m=256, d=128, f=128, e=4, used=used, empty=(2,))
+  fn = lambda x, w: gmm_pallas.grouped_matmul(x, w, sizes, interpret=True)  # noqa: E731
+  np.testing.assert_allclose(fn(x, w), jax.lax.ragged_dot(x, w, sizes), atol=1e-4, rtol=1e-4)
+  got = jax.grad(lambda x, w: jnp.sum(fn(x, w) * dy), argnums=(0, 1))(x, w)
+  want = jax.grad(lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, sizes) * dy), argnums=(0, 1))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("tile", [16, 64, 512])  # 512 > M: the rows get padded up to a tile

@@ -71,5 +71,11 @@ class MLP(nn.Module):
     w_gate = weight(self, cfg, "gate", (d, self.hidden), ("embed", "mlp"))
     w_up = weight(self, cfg, "up", (d, self.hidden), ("embed", "mlp"))
     w_down = weight(self, cfg, "down", (self.hidden, d), ("mlp", "embed"))
-    h_BSF = nn.silu(project("...d,df->...f", x_BSD, w_gate, cfg)) * project("...d,df->...f", x_BSD, w_up, cfg)
-    return project("...f,fd->...d", h_BSF, w_down, cfg)
+    if cfg.fp8 or isinstance(w_gate, fp8_lib.Fp8Weight) or isinstance(w_up, fp8_lib.Fp8Weight):
+      h_gate, h_up = project("...d,df->...f", x_BSD, w_gate, cfg), project("...d,df->...f", x_BSD, w_up, cfg)
+    else:
+      # gate and up in one matmul over the stacked weights [D, 2, F]: half the small matmuls
+      # forward and backward (faster on CPU), and stacking on a new axis keeps F's sharding.
+      h_BS2F = project("...d,dgf->...gf", x_BSD, jnp.stack([w_gate, w_up], 1), cfg)
+      h_gate, h_up = h_BS2F[..., 0, :], h_BS2F[..., 1, :]
+    return project("...f,fd->...d", nn.silu(h_gate) * h_up, w_down, cfg)

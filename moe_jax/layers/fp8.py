@@ -356,7 +356,8 @@ def ragged_dot(x_MK, w_GKN, sizes_G, dtype, impl: str = "auto"):
 
   w_GKN: float [G, K, N] (quantized per expert in 128x128 blocks) or Fp8Weight (scale
   [G, Kb, Nb]; frozen). impl as gmm.py: 'ragged_dot' (GPU/TPU: jax.lax.ragged_dot_general
-  on e4m3 inputs, block index as a batch dim), 'tiled' (CPU emulation), 'auto'.
+  on e4m3 inputs, block index as a batch dim), 'tiled' (CPU emulation), 'auto'; 'pallas'
+  takes the ragged_dot form (the Pallas kernels of gmm_pallas.py are bf16).
   """
   sizes_G = sizes_G.astype(jnp.int32)
   if isinstance(w_GKN, Fp8Weight):

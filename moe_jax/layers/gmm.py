@@ -16,9 +16,12 @@ zeros, as jax.lax.ragged_dot), two implementations:
               The backward pass is the same loops on transposed weights (input gradient) and
               per-tile x^T dy accumulated into its group (weight gradient), via custom_vjp,
               because reverse-mode cannot differentiate a loop with a dynamic trip count.
+  pallas      the Pallas grouped-matmul kernels that ship with JAX (layers/gmm_pallas.py): Mosaic
+              GPU on Hopper, megablox on TPU.
 `grouped_swiglu` runs down(silu(x @ gate) * (x @ up)) as one pass of these loops (the three
 matmuls of a tile back to back, one set of loops forward and one backward) instead of three.
-'auto' picks tiled on CPU and ragged_dot on GPU/TPU.
+'auto' picks tiled on CPU, pallas on a Hopper GPU when the shapes fit its blocks (measured
+faster than ragged_dot there, BENCHMARKS.md), and ragged_dot otherwise.
 """
 
 from __future__ import annotations
@@ -28,15 +31,23 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moe_jax.layers import gmm_pallas
+
 MIN_TILE = 16
+IMPLS = ("auto", "tiled", "ragged_dot", "pallas")
 
 
-def choose(impl: str) -> str:
-  if impl == "auto":
-    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
-  if impl not in ("tiled", "ragged_dot"):
-    raise ValueError(f"grouped matmul: unknown implementation {impl!r}; use auto, tiled or ragged_dot")
-  return impl
+def choose(impl: str, x_MD=None, w_EDF=None) -> str:
+  """The implementation 'auto' means here (for these operands, when given)."""
+  if impl not in IMPLS:
+    raise ValueError(f"grouped matmul: unknown implementation {impl!r}; use one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  if jax.default_backend() == "cpu":
+    return "tiled"
+  if (x_MD is not None and gmm_pallas.backend() == "mgpu" and gmm_pallas.check(x_MD, w_EDF) is None):
+    return "pallas"
+  return "ragged_dot"
 
 
 def tile_size(num_rows: int, num_groups: int) -> int:
@@ -241,17 +252,21 @@ def _vary_together(*arrays):
 
 def grouped_matmul(x_MD, w_EDF, sizes_E, impl: str = "auto", tile: int | None = None):
   """[M, D] rows sorted by group x [E, D, F] -> [M, F]; sizes_E int32 rows per group. tile: the bulk tile."""
-  if choose(impl) == "ragged_dot":
+  impl = choose(impl, x_MD, w_EDF)
+  if impl == "ragged_dot":
     return jax.lax.ragged_dot(x_MD, w_EDF, sizes_E)
+  if impl == "pallas":
+    return gmm_pallas.grouped_matmul(x_MD, w_EDF, sizes_E)
   x_MD, w_EDF = _vary_together(x_MD, w_EDF, sizes_E)
   return _gmm_tiled(x_MD, w_EDF, sizes_E.astype(jnp.int32), tile or tile_size(x_MD.shape[0], w_EDF.shape[0]))
 
 
 def grouped_swiglu(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, impl: str = "auto", tile: int | None = None):
   """down(silu(x @ gate) * (x @ up)) per group, rows sorted by group: [M, D] -> [M, D]."""
-  if choose(impl) == "ragged_dot":
-    h = jax.nn.silu(jax.lax.ragged_dot(x_MD, gate_EDF, sizes_E)) * jax.lax.ragged_dot(x_MD, up_EDF, sizes_E)
-    return jax.lax.ragged_dot(h, down_EFD, sizes_E)
+  impl = choose(impl, x_MD, gate_EDF)
+  if impl in ("ragged_dot", "pallas"):
+    mm = functools.partial(grouped_matmul, sizes_E=sizes_E, impl=impl)
+    return mm(jax.nn.silu(mm(x_MD, gate_EDF)) * mm(x_MD, up_EDF), down_EFD)
   x_MD, gate_EDF, up_EDF, down_EFD = _vary_together(x_MD, gate_EDF, up_EDF, down_EFD, sizes_E)
   return _swiglu_tiled(x_MD, sizes_E.astype(jnp.int32), gate_EDF, up_EDF, down_EFD,
                        tile or tile_size(x_MD.shape[0], gate_EDF.shape[0]))

@@ -50,6 +50,8 @@ def dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v_BTHV, mask_B1ST,
   It wants one head dim for q, k and v, so [nope; rope] queries and keys and the values are
   zero-padded to max(N + R, V) (zeros add nothing to q . k, and padded value columns are cut
   off). mask None is plain causal attention, passed as is_causal so cuDNN skips the masked half.
+  A packed-document mask goes to cuDNN as an explicit mask (measured on an H100 only without
+  one: train with data.document_mask=False for the flash path, BENCHMARKS.md).
   """
   k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BTR[:, :, None].astype(k_nope.dtype),
                                                 (*k_nope.shape[:3], k_rope_BTR.shape[-1]))], -1)
@@ -58,8 +60,19 @@ def dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v_BTHV, mask_B1ST,
   width = max(q.shape[-1], v.shape[-1])
   pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, width - a.shape[-1]),))  # noqa: E731
   out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=mask_B1ST, scale=scale,
-                                     is_causal=mask_B1ST is None)
+                                     is_causal=mask_B1ST is None, implementation=sdpa_implementation(q.dtype, width))
   return out[..., :v_BTHV.shape[-1]]
+
+
+def sdpa_implementation(dtype, head_dim: int):
+  """'cudnn' (flash attention) on a GPU for the dtypes and head sizes it takes, else None (XLA).
+
+  jax.nn.dot_product_attention's own default (None) is the XLA form, which materializes the
+  [B, H, S, T] scores: on an H100 at 8 x 2048 tokens that made the bench1b training step 2x
+  slower and held gigabytes of scores per layer for the backward pass (BENCHMARKS.md).
+  """
+  ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+  return "cudnn" if ok and jax.default_backend() == "gpu" else None
 
 
 class LatentCache(nn.Module):
@@ -134,9 +147,12 @@ class MLA(nn.Module):
       return dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v, mask_B1ST, cfg.softmax_scale)
     if mask_B1ST is None:
       mask_B1ST = attention_mask(None, q_nope.shape[0], q_nope.shape[1])
-    scores = (jnp.einsum("bshn,bthn->bhst", q_nope, k_nope, preferred_element_type=jnp.float32)
-              + jnp.einsum("bshr,btr->bhst", q_rope, k_rope_BTR.astype(q_rope.dtype),
-                           preferred_element_type=jnp.float32))
+    # One score matmul over [nope; rope] (the shared rope key broadcast to every head) instead
+    # of two summed ones: on CPU a small batched matmul costs mostly overhead, not FLOPs.
+    q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], -1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BTR[:, :, None].astype(k_nope.dtype),
+                                                  (*k_nope.shape[:3], k_rope_BTR.shape[-1]))], -1)
+    scores = jnp.einsum("bshe,bthe->bhst", q, k, preferred_element_type=jnp.float32)
     probs = softmax_attend(scores * cfg.softmax_scale, mask_B1ST).astype(v.dtype)
     return jnp.einsum("bhst,bthv->bshv", probs, v)
 
