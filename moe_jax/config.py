@@ -17,7 +17,7 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MOE_IMPLS = ("dense", "ragged", "capacity", "ep")
 BALANCE_LOSSES = ("sequence", "expert")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("einsum", "dot_product")
+ATTENTION_IMPLS = ("auto", "einsum", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +84,11 @@ class ModelConfig:
   param_dtype: str = "float32"  # master weights
   scan_layers: bool = False  # nn.scan over the dense and the MoE stacks
   remat_policy: str = "none"  # see REMAT_POLICIES
-  # expanded (training / prefill) attention: 'einsum' (scores as two einsums, fp32 softmax) or
+  # expanded (training / prefill) attention: 'einsum' (scores as one einsum, fp32 softmax),
   # 'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on GPU, XLA elsewhere;
-  # head dims zero-padded to max(qk_head_dim, v_head_dim), causal without packing is is_causal)
-  attention_impl: str = "einsum"
+  # head dims zero-padded to max(qk_head_dim, v_head_dim), causal without packing is is_causal),
+  # or 'auto': dot_product where cuDNN takes it (GPU, bf16/fp16, padded head dim <= 128), else einsum
+  attention_impl: str = "auto"
   fp8: bool = False  # DeepSeek-V3 fine-grained FP8 projections and experts (layers/fp8.py)
 
   def __post_init__(self):

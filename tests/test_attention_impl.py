@@ -68,3 +68,15 @@ def test_sdpa_implementation_picks_cudnn_only_where_it_applies(monkeypatch):
   assert mla.sdpa_implementation(jnp.float32, 128) is None  # cuDNN flash: half precision only
   assert mla.sdpa_implementation(jnp.bfloat16, 192) is None  # over its head-size limit
   assert mla.sdpa_implementation(jnp.bfloat16, 100) is None  # not a multiple of 8
+
+
+def test_auto_attention_resolves_to_cudnn_shapes_only(monkeypatch):
+  from moe_jax.layers import mla
+  bf16 = mc.tiny(dtype="bfloat16")  # qk 24, v 16: padded width 24
+  assert mc.tiny().attention_impl == "auto"
+  assert mla.attention_impl(bf16) == ("dot_product" if jax.default_backend() == "gpu" else "einsum")
+  monkeypatch.setattr(mla.jax, "default_backend", lambda: "gpu")
+  assert mla.attention_impl(bf16) == "dot_product"
+  assert mla.attention_impl(mc.tiny()) == "einsum"  # fp32
+  assert mla.attention_impl(mc.deepseek_v3(dtype="bfloat16")) == "einsum"  # qk head 192 > 128
+  assert mla.attention_impl(bf16.replace(attention_impl="einsum")) == "einsum"

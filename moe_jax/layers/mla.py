@@ -64,6 +64,14 @@ def dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v_BTHV, mask_B1ST,
   return out[..., :v_BTHV.shape[-1]]
 
 
+def attention_impl(cfg: ModelConfig) -> str:
+  """cfg.attention_impl with 'auto' resolved: 'dot_product' where cuDNN flash attention takes it."""
+  if cfg.attention_impl != "auto":
+    return cfg.attention_impl
+  width = max(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim)
+  return "dot_product" if sdpa_implementation(cfg.compute_dtype, width) else "einsum"
+
+
 def sdpa_implementation(dtype, head_dim: int):
   """'cudnn' (flash attention) on a GPU for the dtypes and head sizes it takes, else None (XLA).
 
@@ -143,7 +151,7 @@ class MLA(nn.Module):
     cfg = self.cfg
     k_nope = project("btk,khn->bthn", c_BTK, self.k_b, cfg)
     v = project("btk,khv->bthv", c_BTK, self.v_b, cfg)
-    if cfg.attention_impl == "dot_product":
+    if attention_impl(cfg) == "dot_product":
       return dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v, mask_B1ST, cfg.softmax_scale)
     if mask_B1ST is None:
       mask_B1ST = attention_mask(None, q_nope.shape[0], q_nope.shape[1])
