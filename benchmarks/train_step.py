@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from moe_jax import flops  # noqa: E402
 from moe_jax import train as train_lib  # noqa: E402
+from moe_jax.layers import gmm, mla  # noqa: E402
 
 
 def make_batch(trainer, batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
@@ -43,6 +44,13 @@ def make_batch(trainer, batch: int, seq: int, vocab: int, seed: int = 0) -> dict
           "positions": np.broadcast_to(np.arange(seq + 1, dtype=np.int32), (batch, seq + 1)).copy(),
           "segment_ids": np.ones((batch, seq + 1), np.int32)}
   return {k: jax.device_put(v, trainer.batch_sharding) for k, v in host.items()}
+
+
+def gmm_operands(mcfg):
+  """Shape stand-ins for the routed experts' x [M, D] and w [E, D, F] ('auto' looks at shapes and dtype)."""
+  x = jax.ShapeDtypeStruct((1, mcfg.hidden_size), mcfg.compute_dtype)
+  return x, jax.ShapeDtypeStruct((mcfg.n_routed_experts, mcfg.hidden_size, mcfg.moe_intermediate_size),
+                                 mcfg.compute_dtype)
 
 
 def corpus_batches(trainer, batch: int, seq: int, vocab: int, count: int, start: int = 0) -> list[dict]:
@@ -86,9 +94,8 @@ def run(args) -> None:
     t = time.perf_counter()
     for b in corpus_batches(trainer, args.batch, args.seq, mcfg.vocab_size, args.router_steps):
       state, metrics = step(state, b)
-    first_loss = float(metrics["loss"])
-    common.emit("router_training", steps=args.router_steps, seconds=time.perf_counter() - t, loss=first_loss,
-                load_imbalance_random_init=imbalance_before)
+    common.emit("router_training", steps=args.router_steps, seconds=time.perf_counter() - t,
+                loss=float(metrics["loss"]), load_imbalance_random_init=imbalance_before)
     batches = corpus_batches(trainer, args.batch, args.seq, mcfg.vocab_size, 4, start=args.router_steps)
 
   size = args.peak_size
@@ -118,7 +125,8 @@ def run(args) -> None:
   model_flops = flops.train_flops_per_token(mcfg, args.seq) * tokens
   common.emit(
       "train_step", config=args.config, overrides=list(args.set), batch=args.batch, seq=args.seq,
-      dtype=mcfg.dtype, moe_impl=mcfg.moe_impl, remat_policy=mcfg.remat_policy, scan_layers=mcfg.scan_layers,
+      dtype=mcfg.dtype, moe_impl=mcfg.moe_impl, moe_gmm=gmm.choose(mcfg.moe_gmm, *gmm_operands(mcfg)),
+      attention_impl=mla.attention_impl(mcfg), remat_policy=mcfg.remat_policy, scan_layers=mcfg.scan_layers,
       params=trainer.num_params, activated_params=flops.activated_params(mcfg), steps=args.steps,
       step_s=step_s, step_s_min=min(step_times), tokens_per_s=tokens / step_s,
       model_flops_per_step=model_flops, model_tflops=model_flops / step_s / 1e12,
