@@ -127,9 +127,10 @@ def run(args):
   times = common.time_interleaved(fns, warmup=2, iters=args.iters)
   for name, secs in times.items():
     impl, what = name.split("/")
-    n = (3 if "swiglu" in impl else 1) * (3 if what == "forward_backward" else 1)
-    base = times[f"dense_matmul/{what}"] * n
-    common.emit("gmm", impl=impl, what=what, ms=secs * 1e3, tflops=n * flops / secs / 1e12,
+    matmuls = 3 if "swiglu" in impl else 1  # per pass; forward + backward is 3 passes on both sides
+    passes = 3 if what == "forward_backward" else 1
+    base = times[f"dense_matmul/{what}"] * matmuls  # the dense entry of the same `what` already holds its passes
+    common.emit("gmm", impl=impl, what=what, ms=secs * 1e3, tflops=matmuls * passes * flops / secs / 1e12,
                 vs_dense_same_flops=secs / base)
 
 

@@ -18,6 +18,7 @@ MOE_IMPLS = ("dense", "ragged", "capacity", "ep")
 BALANCE_LOSSES = ("sequence", "expert")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product")
+MOE_GMMS = ("auto", "tiled", "ragged_dot", "pallas")  # layers/gmm.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +116,8 @@ class ModelConfig:
       _fail("topk_method", f"{self.topk_method!r} is not one of {TOPK_METHODS}")
     if self.moe_impl not in MOE_IMPLS:
       _fail("moe_impl", f"{self.moe_impl!r} is not one of {MOE_IMPLS}")
-    if self.moe_gmm not in ("auto", "ragged_dot", "tiled", "pallas"):
-      _fail("moe_gmm", f"{self.moe_gmm!r} is not one of ('auto', 'ragged_dot', 'tiled', 'pallas')")
+    if self.moe_gmm not in MOE_GMMS:
+      _fail("moe_gmm", f"{self.moe_gmm!r} is not one of {MOE_GMMS}")
     if self.balance_loss not in BALANCE_LOSSES:
       _fail("balance_loss", f"{self.balance_loss!r} is not one of {BALANCE_LOSSES}")
     if self.remat_policy not in REMAT_POLICIES:

@@ -31,10 +31,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moe_jax.config import MOE_GMMS as IMPLS
 from moe_jax.layers import gmm_pallas
 
 MIN_TILE = 16
-IMPLS = ("auto", "tiled", "ragged_dot", "pallas")
 
 
 def choose(impl: str, x_MD=None, w_EDF=None) -> str:

@@ -44,6 +44,14 @@ def softmax_attend(scores_BHST: jax.Array, mask_B1ST: jax.Array) -> jax.Array:
   return jax.nn.softmax(scores, axis=-1)
 
 
+def joint_qk(q_nope_BSHN, q_rope_BSHR, k_nope_BTHN, k_rope_BTR):
+  """([nope; rope] queries [B, S, H, N+R], keys [B, T, H, N+R]): the one rope key broadcast to every head."""
+  k_rope_BTHR = jnp.broadcast_to(k_rope_BTR[:, :, None].astype(k_nope_BTHN.dtype),
+                                 (*k_nope_BTHN.shape[:3], k_rope_BTR.shape[-1]))
+  return (jnp.concatenate([q_nope_BSHN, q_rope_BSHR.astype(q_nope_BSHN.dtype)], -1),
+          jnp.concatenate([k_nope_BTHN, k_rope_BTHR], -1))
+
+
 def dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v_BTHV, mask_B1ST, scale):
   """Expanded attention through jax.nn.dot_product_attention -> [B, S, H, V].
 
@@ -53,9 +61,7 @@ def dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v_BTHV, mask_B1ST,
   A packed-document mask goes to cuDNN as an explicit mask (measured on an H100 only without
   one: train with data.document_mask=False for the flash path, BENCHMARKS.md).
   """
-  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BTR[:, :, None].astype(k_nope.dtype),
-                                                (*k_nope.shape[:3], k_rope_BTR.shape[-1]))], -1)
-  q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], -1)
+  q, k = joint_qk(q_nope, q_rope, k_nope, k_rope_BTR)
   v = v_BTHV.astype(q.dtype)
   width = max(q.shape[-1], v.shape[-1])
   pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, width - a.shape[-1]),))  # noqa: E731
@@ -157,9 +163,7 @@ class MLA(nn.Module):
       mask_B1ST = attention_mask(None, q_nope.shape[0], q_nope.shape[1])
     # One score matmul over [nope; rope] (the shared rope key broadcast to every head) instead
     # of two summed ones: on CPU a small batched matmul costs mostly overhead, not FLOPs.
-    q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], -1)
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BTR[:, :, None].astype(k_nope.dtype),
-                                                  (*k_nope.shape[:3], k_rope_BTR.shape[-1]))], -1)
+    q, k = joint_qk(q_nope, q_rope, k_nope, k_rope_BTR)
     scores = jnp.einsum("bshe,bthe->bhst", q, k, preferred_element_type=jnp.float32)
     probs = softmax_attend(scores * cfg.softmax_scale, mask_B1ST).astype(v.dtype)
     return jnp.einsum("bhst,bthv->bshv", probs, v)
