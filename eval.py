@@ -10,6 +10,7 @@ import argparse
 import codecs
 import sys
 
+from moe_jax import errors
 from moe_jax.errors import UserError
 
 
@@ -42,6 +43,13 @@ def parse_args(argv):
   args = p.parse_args(argv)
   if not (args.tasks or args.lm_eval_tasks):
     p.error("nothing to evaluate: give --tasks=KIND:PATH,... and/or --lm_eval_tasks=NAME,...")
+  for name, ok, want in (("batch_size", args.batch_size > 0, "> 0"), ("max_len", (args.max_len or 1) > 0, "> 0"),
+                         ("lm_eval_limit", (args.lm_eval_limit or 1) > 0, "> 0"),
+                         ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"),
+                         ("temperature", args.temperature >= 0, ">= 0"), ("top_k", args.top_k >= 0, ">= 0"),
+                         ("top_p", 0 < args.top_p <= 1, "in (0, 1]")):
+    if not ok:
+      p.error(f"--{name}={getattr(args, name)}: must be {want}")
   return args
 
 
@@ -50,11 +58,19 @@ def main(argv=None) -> int:
   try:
     mesh = [int(x) for x in args.mesh.split(",")] if args.mesh else None
   except ValueError:
+    mesh = []
+  if mesh is not None and len(mesh) != 4:
     print(f"error: --mesh={args.mesh}: expected four integers data,fsdp,expert,tensor", file=sys.stderr)
     return 2
   from moe_jax import data, evaluate  # after flag parsing: importing jax takes a while
-  stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else ("\n",)
   try:
+    stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else ("\n",)
+  except UnicodeDecodeError as e:
+    print(f"error: --stop: {e.reason} in {e.object!r}; escapes like \\n and \\t are allowed", file=sys.stderr)
+    return 2
+  try:
+    if args.output:  # a path that cannot be written fails now, not after the evaluation
+      errors.output_file(args.output, "--output")
     evaluate.check_tasks(args.tasks, stop)  # bad task files fail before a model is loaded
     if args.lm_eval_tasks:
       import moe_jax.lm_eval_adapter  # noqa: F401  (a missing optional extra fails here, early)
@@ -70,6 +86,11 @@ def main(argv=None) -> int:
                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.no_progress, stop=stop)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # a file the evaluation reads or writes, named
+    if e.filename is None:
+      raise
+    print(f"error: {errors.os_error_message(e)}", file=sys.stderr)
     return 2
   return 0
 

@@ -20,9 +20,12 @@ setup(
         # torch: install the CPU build first (`pip install torch==2.13.0`) or pip picks a CUDA one.
         "hf": ["torch>=2.4", "transformers>=5.0", "tokenizers>=0.20"],
         # Everything the suite exercises, so `pytest` skips nothing: parity (torch, transformers),
-        # lm-eval adapter, plots, TensorBoard.
+        # lm-eval adapter, plots, TensorBoard, and libtpu (jax[tpu]) for the compile-only TPU
+        # topologies of tests/test_aot.py (no TPU needed; jax stays on the CPU).
         "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "transformers>=5.0", "tokenizers>=0.20",
-                 "lm-eval>=0.4.13,<0.5", "matplotlib", "tensorboardX"],
+                 "lm-eval>=0.4.13,<0.5", "matplotlib", "tensorboardX", "jax[tpu]"],
+        # Compile for TPU topologies from any host: python -m moe_jax.aot
+        "tpu": ["jax[tpu]"],
         "eval": ["lm-eval>=0.4.13,<0.5", "tokenizers>=0.20"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboardX"],

@@ -4,13 +4,27 @@
   python train.py --config=configs/small.py --workdir=W --config.optim.lr=3e-4
   python train.py --config=configs/small.py:smoke   # a variant of the preset
 
-Restarting with the same --workdir resumes from its latest complete checkpoint. SIGTERM or
-Ctrl-C writes a checkpoint and exits 0. Bad input prints one `error:` line and exits 2.
+Restarting with the same --workdir resumes from its newest intact checkpoint. Ctrl-C stops at
+once (during a compile too), checkpoints the steps done since the last save and exits 130; a
+second Ctrl-C exits without waiting for that save. SIGTERM (preemption) does the same and exits
+0. Bad input prints one `error:` line and exits 2.
 """
 
 import logging as std_logging
 import os
+import signal
 import sys
+
+
+def _interrupted_early(signum, frame):
+  """Ctrl-C before training has anything to save (imports, config, devices): exit 130 at once.
+  Python's default handler would raise KeyboardInterrupt, which jax's GC callback swallows."""
+  print("interrupted", file=sys.stderr, flush=True)
+  os._exit(130)
+
+
+if __name__ == "__main__":  # before the imports below: loading the config imports jax
+  signal.signal(signal.SIGINT, _interrupted_early)  # moe_jax.train.run installs its own
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -40,12 +54,18 @@ def _parse(argv):
   """absl flag parsing, but a bad flag or config field is one `error:` line, not a usage dump."""
   if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
     argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+  spec = next((a.split("=", 1)[1] if "=" in a else b for a, b in zip(argv[1:], argv[2:] + [""])
+               if a == "--config" or a.startswith("--config=")), "")
+  if not os.path.isfile(spec.partition(":")[0]):  # config_flags would defer this until first use
+    _fail(f"--config={spec}: no such file {spec.partition(':')[0]!r} (the presets are configs/*.py)")
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # lock_config: an override names a field that does not exist
     _fail(f"--config: no such config field {str(e).strip(chr(34))}")
   except (flags.Error, OSError, TypeError, ValueError) as e:
     _fail(_one_line(e))
+  except (SyntaxError, ImportError, NameError) as e:  # the config file itself does not run
+    _fail(f"--config={spec}: {type(e).__name__}: {e}")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -58,7 +78,7 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from moe_jax import sharding, train  # after flag parsing, so `--help` stays fast
+  from moe_jax import errors, interrupts, sharding, train  # after flag parsing, so `--help` stays fast
 
   try:
     sharding.initialize_distributed(enable=_DISTRIBUTED.value or None)
@@ -71,6 +91,10 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join("workdir", config.get("name", "run"))
   except OSError as e:  # config_flags defers a file that failed to load until first use
     _fail(_one_line(e))
+  try:  # a file, or a read-only place: say so now, not after compiling
+    errors.output_dir(workdir, "--workdir")
+  except errors.UserError as e:
+    _fail(str(e))
   logging.info("JAX %s, process %d of %d, %d local of %d devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
   try:
@@ -79,6 +103,12 @@ def main(argv):
     _fail(str(e))
   except train.Diverged as e:
     _fail(str(e), code=1)
+  except train.Interrupted as e:  # already saved; a compile may still run in a helper thread: do not wait
+    interrupts.exit_now(e.exit_code)
+  except OSError as e:  # the file system refused a write (full, read-only, permissions), naming the file
+    if e.filename is None:
+      raise
+    _fail(errors.os_error_message(e))
 
 
 if __name__ == "__main__":

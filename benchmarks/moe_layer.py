@@ -15,15 +15,22 @@ router's D x E matmul counts against the MoE). Dispatches:
 Each figure: forward, and forward + backward (gradients of params and x), medians of
 interleaved runs.
 
+--ep_routing adds, in the ep subprocess, 'ep_routing' figures: ep on every forced device
+against the dropless ragged layer on one device, with balanced routing (random init) and
+skewed routing (the router's correction bias sends every token to shard 0's experts):
+seconds, compiled temp memory (per device for ep), exchange rounds and all-to-all rows.
+
   python benchmarks/moe_layer.py                     # bench10m's MoE layer, 8 x 128 tokens
   python benchmarks/moe_layer.py --set n_routed_experts=64 --set moe_intermediate_size=64
   python benchmarks/moe_layer.py --smoke
+  python benchmarks/moe_layer.py --dispatch ep --ep_routing   # the EP section of BENCHMARKS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -105,10 +112,61 @@ def run_ep(cfg, args) -> None:
   report(cfg, args, times, n)
 
 
+def _all_to_all_rows(hlo_text: str) -> list[int]:
+  rows = set()
+  for line in hlo_text.splitlines():
+    m = re.search(r"=\s*(.*?)\sall-to-all(?:-start)?\(", line)
+    if m:
+      rows |= {int(s.split(",")[0]) for s in re.findall(r"\w+\[([\d,]+)\]", m.group(1))}
+  return sorted(rows)
+
+
+def run_ep_routing(cfg, args) -> None:
+  """ep over every device vs ragged on one, balanced and skewed routing (module docstring)."""
+  from moe_jax import sharding
+  n = jax.device_count()
+  mesh = sharding.make_mesh(data=1, fsdp=1, expert=n, tensor=1)
+  rules = sharding.DEFAULT_RULES
+  x = jax.random.normal(jax.random.key(2), (args.batch, args.seq, cfg.hidden_size), cfg.dtype)
+  boxed = MoE(cfg.replace(moe_impl="ragged")).init(jax.random.key(0), x)
+  shardings = nn.unbox(sharding.named_shardings(boxed, mesh, rules))
+  e_local = cfg.n_routed_experts // n
+  for routing in ("balanced", "skewed"):
+    bias = jnp.zeros((cfg.n_routed_experts,), jnp.float32)
+    if routing == "skewed":
+      bias = bias.at[:e_local].set(10.0)
+    v = nn.unbox(boxed)
+    v["router"] = jax.tree.map(lambda b: jnp.broadcast_to(bias, b.shape).astype(b.dtype), v["router"])
+    one_cfg = cfg.replace(moe_impl="ragged", moe_gmm="tiled")
+    fns = {}
+    fns["ragged_1dev/forward"], fns["ragged_1dev/forward_backward"] = fwd_and_grad(MoE(one_cfg), v, x)
+    with sharding.activation_rules(mesh, rules):
+      ep_cfg = cfg.replace(moe_impl="ep")
+      xs = jax.device_put(x, sharding.batch_sharding(mesh, 3, rules))
+      vs = jax.device_put(v, shardings)
+      fns["ep/forward"], fns["ep/forward_backward"] = fwd_and_grad(MoE(ep_cfg), vs, xs)
+      compiled = {k: fn.lower(*a).compile() for k, (fn, a) in fns.items()}
+      _, inter = jax.jit(lambda v, x: MoE(ep_cfg).apply(v, x, mutable=["intermediates"]))(vs, xs)
+      times = common.time_interleaved(fns, warmup=args.warmup, iters=args.iters)
+    rounds = float(inter["intermediates"]["ep_rounds"])
+    for what in ("forward", "forward_backward"):
+      mem = {k: compiled[f"{k}/{what}"].memory_analysis().temp_size_in_bytes for k in ("ep", "ragged_1dev")}
+      common.emit("ep_routing", routing=routing, what=what, tokens=args.batch * args.seq, devices=n,
+                  experts=cfg.n_routed_experts, topk=cfg.num_experts_per_tok, hidden=cfg.hidden_size,
+                  expert_ffn=cfg.moe_intermediate_size, ep_s=times[f"ep/{what}"],
+                  ragged_1dev_s=times[f"ragged_1dev/{what}"], ratio=times[f"ep/{what}"] / times[f"ragged_1dev/{what}"],
+                  ep_temp_bytes_per_device=mem["ep"], ragged_1dev_temp_bytes=mem["ragged_1dev"], ep_rounds=rounds,
+                  all_to_all_rows=_all_to_all_rows(compiled[f"ep/{what}"].as_text()),
+                  balanced_rows=args.batch * args.seq // n * cfg.num_experts_per_tok, loadavg=common.load_average())
+
+
 def run(args) -> None:
   cfg = common.model_config(args.config, args.set)
   if args.only_ep:
-    return run_ep(cfg, args)
+    run_ep(cfg, args)
+    if args.ep_routing:
+      run_ep_routing(cfg, args)
+    return
   common.emit("machine", **common.machine_info())
   local = [d for d in args.dispatch if d != "ep"]
   x = jax.random.normal(jax.random.key(2), (args.batch, args.seq, cfg.hidden_size), cfg.dtype)
@@ -131,6 +189,8 @@ def main(argv=None):
                       "pallas needs a Hopper GPU or a TPU)")
   p.add_argument("--ep", type=int, default=8, help="forced host devices (expert-parallel size) for 'ep'")
   p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--ep_routing", action="store_true",
+                 help="also ep vs one-device ragged under balanced and skewed routing (time, memory, rounds)")
   p.add_argument("--only_ep", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.dispatch is None:

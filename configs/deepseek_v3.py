@@ -7,8 +7,10 @@ loss alpha = 1e-4, MTP depth 1 with lambda = 0.3. Node-limited routing (8 groups
 
 Mesh (variants): weights need ~1.3 TB in bf16 plus ~5.4 TB of fp32 master weights and Adam
 moments, so both experts (expert axis) and everything else (fsdp) are sharded.
-  pod  (default) TPU v5p-512: fsdp=8 x expert=64 (512 chips; 256 experts, 4 per chip);
-        25 GB per chip by the planner. More chips: raise data (data=-1 fills).
+  pod  (default) TPU v5p-1024 (512 chips, 8x8x8; Cloud TPU counts TensorCores in the name):
+        fsdp=8 x expert=64 (256 experts, 4 per chip). More chips: raise data (data=-1 fills).
+        Check what a pod holds before launching: python -m moe_jax.aot --config=configs/deepseek_v3.py
+        --topology=v5p-1024 (compiles the real step for that topology from any host; BENCHMARKS.md).
   gpu   H100 nodes of 8: expert=8 within a node x dcn_expert=8 across nodes (one expert group
         per node, so a token reaches at most topk_group=4 nodes), fsdp across the remaining
         nodes (dcn_fsdp=-1; 32 nodes -> fsdp 4, 46 GB per GPU by the planner).

@@ -4,7 +4,10 @@ Layout: WORKDIR/config.json (the run's config, written once), WORKDIR/checkpoint
 with two items: `state` (step, params, opt_state, router, rng) and `config` (JSON).
 orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when every item is
 committed, so a process killed mid-save leaves only a tmp directory, which the next run
-ignores (and removes): the latest *complete* checkpoint is what resumes.
+ignores (and removes): the latest *complete* checkpoint is what resumes. A complete step
+whose files were damaged afterwards (truncated, deleted) fails to restore: resume and eval
+fall back to the newest intact step with one warning naming the damaged one, and training
+moves it aside to `<step>.damaged` so that step can be saved again.
 
 Restores go into abstract trees (jax.ShapeDtypeStruct with a sharding), so a checkpoint
 written on one mesh restores onto another. Shapes are compared with the checkpoint's
@@ -15,17 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import os
+import re
+import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import linen as nn
 
 from moe_jax import sharding
+from moe_jax import variables as model_variables
 from moe_jax.config import ModelConfig
 from moe_jax.errors import UserError
 from moe_jax.model import Transformer
@@ -86,8 +94,48 @@ def shape_mismatches(saved_tree, target_tree) -> list[str]:
   return out
 
 
+# --- damaged checkpoints ------------------------------------------------------------------
+T = TypeVar("T")
+# What a failed orbax read prints after the restore has already failed (tensorstore callbacks
+# into a closed event loop, the full TensorStore spec of every array left unread).
+_READ_NOISE = ("Event loop is closed", "Encountered error while reading array index", "in OCDBT database at")
+_quiet = False
+
+
+class Damaged(RuntimeError):
+  """A complete checkpoint step whose files cannot be read back (truncated, deleted, corrupt)."""
+
+
+def _silence_read_noise():
+  """After a failed read, drop the tracebacks its leftover callbacks print (once per process):
+  the damage is reported in one line instead. Other uncaught exceptions still print."""
+  global _quiet
+  if _quiet:
+    return
+  _quiet = True
+  hook, unraisable = sys.excepthook, sys.unraisablehook
+  noise = lambda e: any(n in str(e) for n in _READ_NOISE)  # noqa: E731
+  sys.excepthook = lambda t, v, tb: None if noise(v) else hook(t, v, tb)
+  sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisable(u)
+  # asyncio logs "Task exception was never retrieved" for the reads still in flight.
+  std_logging.getLogger("asyncio").addFilter(
+      lambda r: not (noise(r.getMessage()) or (r.exc_info and noise(r.exc_info[1]))))
+
+
+def damage_reason(e: BaseException) -> str:
+  """A short cause: the array that could not be read and the storage layer's own words."""
+  msg = str(e)
+  array = re.findall(r"'path': '([^'/][^']*)/'", msg)  # TensorStore spec: the array's key
+  cause = e.__cause__ or e.__context__
+  first = (str(cause) if cause is not None and array else msg).strip().splitlines() or [type(e).__name__]
+  text = first[0].split(" [source locations=")[0]
+  text = text if len(text) <= 160 else text[:157] + "..."
+  return f"cannot read {array[-1]}: {text}" if array else text
+
+
 class Checkpointer:
-  """The workdir's CheckpointManager: async saves, max_to_keep, restore into sharded abstract trees."""
+  """The workdir's CheckpointManager: async saves, max_to_keep, restore into sharded abstract trees,
+  and the newest *intact* step for resume and eval (restore_intact)."""
 
   def __init__(self, workdir: str, max_to_keep: Optional[int] = 3, async_save: bool = True,
                read_only: bool = False):
@@ -116,7 +164,13 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(config=_ConfigRestore()))["config"]["config"]
 
   def saved_tree(self, step: int):
-    return self.manager.item_metadata(step)["state"]
+    """The saved state's tree of array metadata; Damaged when its metadata cannot be read."""
+    if not os.path.isfile(os.path.join(self.directory, str(step), "state", "_METADATA")):
+      raise Damaged("state/_METADATA is missing")  # (orbax would warn, then answer None)
+    saved = self.manager.item_metadata(step)["state"]
+    if saved is None:
+      raise Damaged("state/_METADATA is missing or unreadable")
+    return saved
 
   def restore(self, step: int, abstract_state: dict, partial: bool = False) -> dict:
     """Restores `state` into abstract_state (ShapeDtypeStructs with shardings); refuses other shapes."""
@@ -132,6 +186,51 @@ class Checkpointer:
     else:
       args = ocp.args.StandardRestore(abstract_state)
     return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
+  def restore_intact(self, load: Callable[[int], T]) -> tuple[Optional[int], Optional[T]]:
+    """(step, load(step)) for the newest step whose load succeeds; (None, None) without steps.
+
+    A load that fails with anything but a UserError (a config that does not fit is the
+    user's to fix, not damage) marks its step damaged: one warning names the damaged steps
+    and the step used instead, and a writable Checkpointer moves them aside to
+    `<step>.damaged` so training can save those steps again. Every step damaged: UserError.
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        result = load(step)
+      except UserError:
+        raise
+      except Exception as e:  # noqa: BLE001  (any failure to read a step back is damage)
+        _silence_read_noise()
+        damaged.append((step, damage_reason(e)))
+        continue
+      if damaged:
+        logging.warning("%s; using step %d instead%s", self._describe(damaged), step, self._set_aside(damaged))
+      return step, result
+    if damaged:
+      raise UserError(f"no intact checkpoint in {self.directory}: {self._describe(damaged)}; delete the damaged "
+                      "step directories (or the whole workdir) to start over")
+    return None, None
+
+  def _describe(self, damaged: list[tuple[int, str]]) -> str:
+    return "; ".join(f"checkpoint step {s} in {self.directory} is damaged ({why})" for s, why in damaged)
+
+  def _set_aside(self, damaged: list[tuple[int, str]]) -> str:
+    """Renames damaged steps to <step>.damaged (kept for inspection); '' when read-only."""
+    if self.read_only:
+      return ""
+    names = []
+    if jax.process_index() == 0:
+      for step, _ in damaged:
+        base = dest = os.path.join(self.directory, f"{step}.damaged")
+        n = 1
+        while os.path.exists(dest):
+          dest, n = f"{base}.{n}", n + 1
+        os.rename(os.path.join(self.directory, str(step)), dest)
+        names.append(os.path.basename(dest))
+    self.manager.reload()
+    return f" (moved aside: {', '.join(names)})" if names else ""
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -177,7 +276,10 @@ def check_workdir(workdir: str, config: dict, abstract_state: dict):
       msg = f"workdir {workdir} holds a run of another config ({'; '.join(diff[:10])})"
       step = latest_step(workdir)
       if step is not None:
-        shapes = shape_mismatches(Checkpointer(workdir, read_only=True).saved_tree(step), abstract_state)
+        try:
+          shapes = shape_mismatches(Checkpointer(workdir, read_only=True).saved_tree(step), abstract_state)
+        except Damaged:  # the config difference alone is the message
+          shapes = []
         if shapes:
           msg += f"; its checkpoint {step} has other shapes: {'; '.join(shapes[:6])}"
       raise UserError(msg + "; use another --workdir, or delete this one to start over")
@@ -194,18 +296,6 @@ def check_workdir(workdir: str, config: dict, abstract_state: dict):
 
 
 # --- model helpers shared with training and evaluation ------------------------------------
-def abstract_variables(model: Transformer, tokens_shape: tuple[int, int], mesh, rules) -> dict:
-  """{'params', 'router'} as ShapeDtypeStructs carrying their target shardings; nothing allocated."""
-  def init(key):
-    v = model.init(key, jnp.zeros(tokens_shape, jnp.int32))
-    return {c: v[c] for c in ("params", "router") if c in v}
-
-  with sharding.activation_rules(mesh, rules):
-    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shardings = nn.unbox(sharding.named_shardings(boxed, mesh, rules))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
-
-
 def model_config(config) -> ModelConfig:
   """ModelConfig from the `model` ConfigDict (or dict); bad fields become a UserError."""
   d = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config["model"])
@@ -239,22 +329,43 @@ def latest_step(workdir: str) -> Optional[int]:
 def restore_for_eval(path: str, mesh=None, rules=None):
   """Restores a trained model for evaluation without its optimizer state.
 
-  path: a workdir (its latest step), its checkpoints/ directory, or a step directory.
+  path: a workdir (its newest intact step: a damaged newer one is named in a warning and
+  skipped), its checkpoints/ directory, or one step directory (damaged: UserError).
   mesh: target mesh (default: every device on 'data'); rules: default the config's.
-  Returns (config ConfigDict, Transformer, variables {'params', 'router'} sharded on mesh, step).
+  Returns (config ConfigDict, Transformer, variables {'params', 'router'} sharded on mesh, step);
+  `model.apply(variables, tokens)` works as is, under jit or eagerly.
   """
   workdir, step = _resolve(path)
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise UserError(f"no checkpoint at {path}: expected a workdir with checkpoints/ or a step directory")
-  ckpt = Checkpointer(workdir, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None or step not in ckpt.manager.all_steps():
-    raise UserError(f"no complete checkpoint at {path} (complete steps: {list(ckpt.manager.all_steps())})")
-  config = ml_collections.ConfigDict(ckpt.config(step))
-  model = Transformer(model_config(config))
   mesh = mesh if mesh is not None else sharding.make_mesh(data=-1)
-  rules = rules if rules is not None else sharding.merge_rules([tuple(r) for r in config.mesh.rules])
-  abstract = abstract_variables(model, (sharding.data_parallel_size(mesh, rules), 8), mesh, rules)
-  variables = ckpt.restore(step, abstract, partial=True)
-  ckpt.close()
+  ckpt = Checkpointer(workdir, read_only=True)
+
+  def load(step: int):
+    config = ml_collections.ConfigDict(ckpt.config(step))
+    model = Transformer(model_config(config))
+    r = rules if rules is not None else sharding.merge_rules([tuple(x) for x in config.mesh.rules])
+    abstract = model_variables.abstract_sharded(model, (sharding.data_parallel_size(mesh, r), 8), mesh, r)
+    return config, model, ckpt.restore(step, abstract, partial=True)
+
+  try:
+    steps = sorted(ckpt.manager.all_steps())
+    if step is None:
+      step, loaded = ckpt.restore_intact(load)
+      if step is None:
+        raise UserError(f"no complete checkpoint at {path} (no finished step in {ckpt.directory})")
+    elif step not in steps:
+      raise UserError(f"no complete checkpoint at {path} (complete steps: {steps})")
+    else:
+      try:
+        loaded = load(step)
+      except UserError:
+        raise
+      except Exception as e:  # noqa: BLE001  (any failure to read the step back is damage)
+        _silence_read_noise()
+        raise UserError(f"checkpoint {path} is damaged ({damage_reason(e)}); --workdir={workdir} evaluates the "
+                        "newest intact step instead") from None
+  finally:
+    ckpt.close()
+  config, model, variables = loaded
   return config, model, variables, step

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MOE_IMPLS = ("dense", "ragged", "capacity", "ep")
+CAPACITY_FACTOR = 1.25  # moe_impl='capacity' when capacity_factor is 0 (GShard's usual)
 BALANCE_LOSSES = ("sequence", "expert")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "einsum", "dot_product")
+ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "splash", "pallas_gpu")  # layers/attention.py
 MOE_GMMS = ("auto", "tiled", "ragged_dot", "pallas")  # layers/gmm.py
 
 
@@ -77,7 +78,14 @@ class ModelConfig:
   # --- moe_jax fields ---------------------------------------------------------------
   balance_loss: str = "sequence"  # V3 sequence-wise | V2 expert-level
   moe_impl: str = "ragged"  # dense (reference) | ragged (dropless) | capacity | ep
-  capacity_factor: float = 1.25  # only for moe_impl='capacity'
+  # Expert capacity, as a multiple of the balanced load (T*X/E per expert, T*X/P per shard pair).
+  # 0 (default): no capacity, nothing is dropped: 'ep' exchanges in rounds of ep_round_factor
+  # (layers/ep.py) and 'capacity' uses CAPACITY_FACTOR. > 0: 'capacity' and 'ep' keep at most
+  # that many per expert / shard pair and drop the rest, reported as dropped_fraction.
+  capacity_factor: float = 0.0
+  # 'ep' dropless rounds: slots per shard pair and round = ceil(T*X/P * ep_round_factor); the
+  # all-to-all buffers are that multiple of the balanced size, more rounds run when routing is skewed.
+  ep_round_factor: float = 1.25
   # grouped matmul for ragged/ep: auto | ragged_dot (XLA) | tiled (CPU) | pallas (Hopper GPU, TPU);
   # layers/gmm.py. FP8 grouped matmuls use XLA's ragged_dot_general on GPU/TPU whatever this says.
   moe_gmm: str = "auto"
@@ -85,10 +93,10 @@ class ModelConfig:
   param_dtype: str = "float32"  # master weights
   scan_layers: bool = False  # nn.scan over the dense and the MoE stacks
   remat_policy: str = "none"  # see REMAT_POLICIES
-  # expanded (training / prefill) attention: 'einsum' (scores as one einsum, fp32 softmax),
-  # 'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on GPU, XLA elsewhere;
-  # head dims zero-padded to max(qk_head_dim, v_head_dim), causal without packing is is_causal),
-  # or 'auto': dot_product where cuDNN takes it (GPU, bf16/fp16, padded head dim <= 128), else einsum
+  # expanded (training / prefill) attention, see ATTENTION_IMPLS and layers/attention.py: 'einsum'
+  # (one einsum, fp32 softmax), 'dot_product' (jax.nn.dot_product_attention, cuDNN on GPU), 'splash'
+  # (TPU Pallas), 'pallas_gpu' (Pallas flash on GPU); 'auto': splash on TPU, cuDNN or pallas_gpu on a
+  # GPU in bf16/fp16, einsum elsewhere
   attention_impl: str = "auto"
   fp8: bool = False  # DeepSeek-V3 fine-grained FP8 projections and experts (layers/fp8.py)
 
@@ -137,8 +145,10 @@ class ModelConfig:
       _fail("moe_layer_freq", f"must be >= 1, got {self.moe_layer_freq}")
     if self.num_nextn_predict_layers < 0:
       _fail("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
-    if self.capacity_factor <= 0:
-      _fail("capacity_factor", f"must be > 0, got {self.capacity_factor}")
+    if self.capacity_factor < 0:
+      _fail("capacity_factor", f"must be 0 (no capacity: dropless) or > 0, got {self.capacity_factor}")
+    if self.ep_round_factor <= 0:
+      _fail("ep_round_factor", f"must be > 0, got {self.ep_round_factor}")
     if self.aux_loss_alpha < 0:
       _fail("aux_loss_alpha", f"must be >= 0, got {self.aux_loss_alpha}")
     if self.num_moe_layers == 0:
@@ -320,6 +330,14 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 # --- presets ------------------------------------------------------------------------
+def dropless(cfg: ModelConfig) -> ModelConfig:
+  """The same model with no capacity (evaluation, generation): a score must not depend on the
+  other rows of its batch. 'capacity' -> 'ragged'; 'ep' keeps its all-to-all, in rounds."""
+  if cfg.moe_impl == "capacity":
+    return cfg.replace(moe_impl="ragged", capacity_factor=0.0)
+  return cfg.replace(capacity_factor=0.0) if cfg.capacity_factor else cfg
+
+
 def tiny(**kw) -> ModelConfig:
   """CPU seconds: 2 layers (1 dense, 1 MoE), 8 experts in 4 groups, MTP on."""
   base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,

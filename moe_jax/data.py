@@ -5,6 +5,8 @@ On disk (`python -m moe_jax.data prepare --input FILES --tokenizer byte|tokenize
   DIR/train.docs.npy, val.docs.npy  int64 start offset of every document
   DIR/meta.json                  dtype, vocab_size, max_token_id, eos_id, tokenizer, n_tokens
 A text file is one document; a JSONL file holds one document per line (its `text` field).
+DIR must be new or empty (`--overwrite` replaces a prepared dataset); opening a split checks
+its size against meta.json and scans its ids against the vocabulary once, in chunks.
 Without a path, the embedded corpus is the running Python's standard library (*.py files
 in sorted order, byte tokenizer), so `python train.py` needs no download.
 
@@ -20,17 +22,19 @@ process index)), so resuming needs only the step and a host never reads another'
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import sysconfig
+import tempfile
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+from absl import logging
 
-from moe_jax.errors import UserError
+from moe_jax.errors import ArgumentParser, UserError, main_guard, one_line, output_dir
 
 BYTE_EOS = 256
 BYTE_VOCAB = 257  # 256 bytes + end-of-document
@@ -61,10 +65,17 @@ class HFTokenizer:
     except ImportError as e:
       raise UserError("a tokenizer.json needs the `tokenizers` package: pip install tokenizers") from e
     self.name = path
-    self._tok = Tokenizer.from_file(path)
+    try:
+      self._tok = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception for unparsable or foreign JSON
+      raise UserError(f"tokenizer {path}: not a Hugging Face tokenizer.json ({one_line(e)})") from None
     self.vocab_size = self._tok.get_vocab_size()
     ids = [self._tok.token_to_id(n) for n in _EOS_NAMES]
     self.eos_id = next((i for i in ids if i is not None), None)
+
+  @property
+  def eos_token(self) -> Optional[str]:
+    return None if self.eos_id is None else self._tok.id_to_token(self.eos_id)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -73,13 +84,37 @@ class HFTokenizer:
     return self._tok.decode([int(i) for i in ids])
 
 
-def load_tokenizer(spec: str):
-  """'byte' or a path to a Hugging Face tokenizer.json."""
+def tokenizer_path(spec: Optional[str]) -> Optional[str]:
+  """The tokenizer.json a spec names (a file, or a directory holding tokenizer.json); None for 'byte'."""
   if spec in ("byte", "", None):
-    return ByteTokenizer()
+    return None
+  if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "tokenizer.json")):
+    return os.path.join(spec, "tokenizer.json")
   if not os.path.isfile(spec):
     raise UserError(f"tokenizer {spec!r}: no such file (use 'byte' or a path to tokenizer.json)")
-  return HFTokenizer(spec)
+  return spec
+
+
+def load_tokenizer(spec: str):
+  """'byte', a path to a Hugging Face tokenizer.json, or a directory that holds one."""
+  path = tokenizer_path(spec)
+  return ByteTokenizer() if path is None else HFTokenizer(path)
+
+
+def same_tokenizer(a: Optional[str], b: Optional[str]) -> bool:
+  """Whether two tokenizer specs name the same tokenizer: equal specs, or files with equal bytes
+  (a run's tokenizer.json and the copy `moe_jax.convert` writes beside exported weights)."""
+  a, b = a or "byte", b or "byte"
+  if a == b:
+    return True
+  try:
+    pa, pb = tokenizer_path(a), tokenizer_path(b)
+  except UserError:
+    return False
+  if pa is None or pb is None:
+    return False
+  with open(pa, "rb") as fa, open(pb, "rb") as fb:
+    return fa.read() == fb.read()
 
 
 # --- token stores ---------------------------------------------------------------------
@@ -89,6 +124,7 @@ class TokenStore:
 
   tokens: np.ndarray  # [N] uint16 | uint32
   doc_starts: np.ndarray  # [n_docs] int64, doc_starts[0] == 0
+  max_id: Optional[int] = None  # the largest id, when a scan has read the whole split
 
   def __len__(self) -> int:
     return int(self.tokens.shape[0])
@@ -130,6 +166,8 @@ def stdlib_documents() -> Iterator[bytes]:
 
 def embedded_corpus(val_fraction: float) -> tuple[TokenStore, TokenStore, dict]:
   """Byte-tokenized standard library, split by document, held in memory (~30M tokens)."""
+  if not 0 <= val_fraction <= 0.5:
+    raise UserError(f"data.val_fraction={val_fraction}: give a fraction in [0, 0.5]")
   parts = {"train": [], "val": []}
   for i, doc in enumerate(stdlib_documents()):
     arr = np.frombuffer(doc, np.uint8).astype(np.uint16)
@@ -146,25 +184,73 @@ def embedded_corpus(val_fraction: float) -> tuple[TokenStore, TokenStore, dict]:
   return stores["train"], stores["val"], meta
 
 
+META_KEYS = ("dtype", "vocab_size", "max_token_id", "tokenizer", "n_tokens")
+_SCAN_CHUNK = 1 << 26  # tokens per chunk of the id scan (128 MiB of uint16)
+
+
 def load_meta(path: str) -> dict:
   meta_path = os.path.join(path, "meta.json")
+  if os.path.isfile(path):
+    raise UserError(f"data.path {path!r} is a file; give the directory `python -m moe_jax.data prepare --out` wrote")
   if not os.path.isdir(path):
     raise UserError(f"data.path {path!r} does not exist (prepare it with `python -m moe_jax.data prepare`)")
   if not os.path.isfile(meta_path):
     raise UserError(f"data.path {path!r} has no meta.json; it is not a prepared token directory")
-  with open(meta_path) as f:
-    return json.load(f)
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{meta_path}: not valid JSON ({e}); prepare the directory again") from None
+  missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+  if missing:
+    raise UserError(f"{meta_path}: missing {missing}; prepare the directory again")
+  if meta["dtype"] not in ("uint16", "uint32"):
+    raise UserError(f"{meta_path}: dtype {meta['dtype']!r} is not uint16 or uint32")
+  return meta
 
 
-def open_split(path: str, split: str, meta: Optional[dict] = None) -> TokenStore:
-  """Memory-maps DIR/{split}.bin with its document offsets."""
+def max_token_id(tokens: np.ndarray) -> int:
+  """The largest id in a token array, read in chunks (a memmap is never loaded whole); -1 if empty."""
+  out = -1
+  for start in range(0, len(tokens), _SCAN_CHUNK):
+    out = max(out, int(tokens[start:start + _SCAN_CHUNK].max()))
+  return out
+
+
+def open_split(path: str, split: str, meta: Optional[dict] = None, check_ids: bool = True) -> TokenStore:
+  """Memory-maps DIR/{split}.bin with its document offsets.
+
+  The file's size must match meta's token count, and (check_ids) every id must be below
+  meta's vocab_size: one chunked pass over the file, so a damaged or foreign file is named
+  here instead of turning into NaN losses mid-run.
+  """
   meta = meta or load_meta(path)
   bin_path = os.path.join(path, f"{split}.bin")
-  n = meta["n_tokens"].get(split, 0)
-  if n == 0 or not os.path.isfile(bin_path):
+  docs_path = os.path.join(path, f"{split}.docs.npy")
+  n = int(meta["n_tokens"].get(split, 0))
+  if n == 0:
     return TokenStore(np.zeros(0, meta["dtype"]), np.zeros(1, np.int64))
+  if not os.path.isfile(bin_path):
+    raise UserError(f"{bin_path}: missing, but meta.json counts {n} {split} tokens; prepare the directory again")
+  want, have = n * np.dtype(meta["dtype"]).itemsize, os.path.getsize(bin_path)
+  if have != want:
+    raise UserError(f"{bin_path}: {have} bytes, but meta.json's {n} {meta['dtype']} tokens need {want} "
+                    "(truncated or replaced); prepare the directory again")
   tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(n,))
-  return TokenStore(tokens, np.load(os.path.join(path, f"{split}.docs.npy")))
+  try:
+    doc_starts = np.load(docs_path)
+  except (OSError, ValueError, EOFError) as e:
+    raise UserError(f"{docs_path}: unreadable ({one_line(e)}); prepare the directory again") from None
+  if (doc_starts.ndim != 1 or not len(doc_starts) or doc_starts[0] != 0 or doc_starts[-1] >= n
+      or np.any(np.diff(doc_starts) <= 0)):
+    raise UserError(f"{docs_path}: document offsets are not increasing from 0 below {n}; prepare the directory again")
+  if check_ids:
+    top = max_token_id(tokens)
+    if top >= meta["vocab_size"]:
+      raise UserError(f"{bin_path}: token id {top} >= vocab_size {meta['vocab_size']} of its meta.json "
+                      f"(tokenizer {meta['tokenizer']!r}); the file does not belong to this tokenizer: prepare it again")
+    return TokenStore(tokens, doc_starts.astype(np.int64), top)
+  return TokenStore(tokens, doc_starts.astype(np.int64))
 
 
 # --- prepare ------------------------------------------------------------------------------
@@ -172,26 +258,73 @@ def read_documents(paths: Sequence[str]) -> Iterator[str]:
   """Text files are one document each; .jsonl files one per line (the `text` field)."""
   for p in paths:
     if not os.path.isfile(p):
-      raise UserError(f"--input {p!r}: no such file")
+      raise UserError(f"--input {p!r}: {'a directory, not a file' if os.path.isdir(p) else 'no such file'}")
     if p.endswith((".jsonl", ".json")):
-      with open(p, encoding="utf-8") as f:
+      with open(p, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
           if line.strip():
             try:
               text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-              raise UserError(f"{p}:{lineno}: not a JSON object with a 'text' field ({e})") from None
+              if not isinstance(text, str):
+                raise TypeError(f"'text' is a {type(text).__name__}")
+              text.encode("utf-8")  # undecodable bytes stay as surrogates until here
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeError) as e:
+              raise UserError(f"{p}:{lineno}: not a UTF-8 JSON object with a 'text' string ({e})") from None
             yield text
     else:
       with open(p, encoding="utf-8", errors="replace") as f:
         yield f.read()
 
 
-def prepare(inputs: Sequence[str], tokenizer: str, out: str, val_fraction: float = 0.01) -> dict:
-  """Tokenizes documents into DIR/{train,val}.bin (+ .docs.npy, meta.json); returns the metadata."""
+PREPARED_FILES = ("train.bin", "val.bin", "train.docs.npy", "val.docs.npy", "meta.json")
+
+
+def _check_out(out: str, overwrite: bool) -> str:
+  """--out must be new, empty, or (with overwrite) a prepared token directory; never a file."""
+  out = output_dir(out, "--out")
+  if os.path.isdir(out) and os.listdir(out):
+    prepared = os.path.isfile(os.path.join(out, "meta.json"))
+    if not overwrite:
+      what = "a prepared token directory" if prepared else "not empty"
+      raise UserError(f"--out {out} is {what}; refusing to overwrite it: pick a new --out, or pass --overwrite "
+                      "to replace a prepared dataset")
+    foreign = sorted(set(os.listdir(out)) - set(PREPARED_FILES))
+    if not prepared or foreign:
+      raise UserError(f"--out {out} holds files prepare did not write ({', '.join(foreign[:5]) or 'no meta.json'}); "
+                      "--overwrite only replaces a prepared dataset: pick a new --out")
+  return out
+
+
+def prepare(inputs: Sequence[str], tokenizer: str, out: str, val_fraction: float = 0.01,
+            overwrite: bool = False) -> dict:
+  """Tokenizes documents into DIR/{train,val}.bin (+ .docs.npy, meta.json); returns the metadata.
+
+  Everything is written into a temporary directory beside DIR and moved into place at the
+  end, so a failure or Ctrl-C leaves DIR as it was. DIR must be new or empty; overwrite=True
+  replaces a prepared dataset (and nothing else).
+  """
+  if not 0 <= val_fraction <= 0.5:
+    raise UserError(f"--val_fraction={val_fraction}: give a fraction in [0, 0.5]")
+  for p in inputs:  # all of them, before --out is touched
+    if not os.path.isfile(p):
+      raise UserError(f"--input {p!r}: {'a directory, not a file' if os.path.isdir(p) else 'no such file'}")
   tok = load_tokenizer(tokenizer)
+  out = _check_out(out, overwrite)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.prepare-", dir=parent)
+  try:
+    meta = _write_splits(inputs, tok, tokenizer, tmp, val_fraction)
+    os.makedirs(out, exist_ok=True)
+    for name in PREPARED_FILES:  # meta.json last: until it lands, DIR is not taken for a dataset
+      os.replace(os.path.join(tmp, name), os.path.join(out, name))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return meta
+
+
+def _write_splits(inputs: Sequence[str], tok, tokenizer: str, out: str, val_fraction: float) -> dict:
   dtype = _dtype_for(tok.vocab_size)
-  os.makedirs(out, exist_ok=True)
   files = {s: open(os.path.join(out, f"{s}.bin"), "wb") for s in ("train", "val")}
   starts = {"train": [], "val": []}
   count = {"train": 0, "val": 0}
@@ -291,32 +424,43 @@ def make_source(data_cfg, seq_len: int, batch_size: int, seed: int, vocab_size: 
     train, val = open_split(path, "train", meta), open_split(path, "val", meta)
     if len(train) == 0:
       raise UserError(f"data.path {path!r}: the train split is empty")
-    src = Source(train, val if len(val) > seq_len else train, seq_len, batch_size, seed, meta)
+    src = Source(train, _val_or_train(val, train, seq_len), seq_len, batch_size, seed, meta)
   else:
+    if data_cfg.get("tokenizer", "byte") not in ("byte", "", None):  # it would be ignored, and eval would use it
+      raise UserError(f"data.tokenizer={data_cfg.tokenizer!r} but data.path is empty: the embedded corpus is "
+                      "byte-level; set data.tokenizer=byte, or data.path to a directory prepared with that tokenizer")
     train, val, meta = embedded_corpus(data_cfg.val_fraction)
-    src = Source(train, val if len(val) > seq_len else train, seq_len, batch_size, seed, meta)
-  if src.meta["max_token_id"] >= vocab_size:
-    raise UserError(f"data: token id {src.meta['max_token_id']} >= model.vocab_size {vocab_size} "
+    src = Source(train, _val_or_train(val, train, seq_len), seq_len, batch_size, seed, meta)
+  stores = src.splits.values() if isinstance(src, Source) else ()
+  top = max([src.meta["max_token_id"]] + [s.max_id for s in stores if s.max_id is not None])
+  if top >= vocab_size:
+    raise UserError(f"data: token id {top} >= model.vocab_size {vocab_size} "
                     f"(tokenizer {src.meta.get('tokenizer')!r}); raise model.vocab_size or re-tokenize")
   if isinstance(src, Source) and len(src.splits["train"]) <= seq_len:
     raise UserError(f"data: {len(src.splits['train'])} train tokens, fewer than seq_len + 1 = {seq_len + 1}")
   return src
 
 
+def _val_or_train(val: TokenStore, train: TokenStore, seq_len: int) -> TokenStore:
+  if len(val) > seq_len:
+    return val
+  logging.warning("data: the val split has %d tokens, fewer than seq_len + 1 = %d; val_loss is measured on the "
+                  "train split", len(val), seq_len + 1)
+  return train
+
+
+@main_guard
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m moe_jax.data", description=__doc__.split("\n")[0])
+  parser = ArgumentParser(prog="python -m moe_jax.data", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="cmd", required=True)
   p = sub.add_parser("prepare", help="tokenize text/JSONL files into a token directory")
   p.add_argument("--input", nargs="+", required=True, help="text files (one document each) or .jsonl")
   p.add_argument("--tokenizer", default="byte", help="'byte' or PATH/tokenizer.json")
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--val_fraction", type=float, default=0.01)
+  p.add_argument("--out", required=True, help="output directory: new or empty")
+  p.add_argument("--overwrite", action="store_true", help="replace the prepared dataset already in --out")
+  p.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out, in [0, 0.5]")
   args = parser.parse_args(argv)
-  try:
-    meta = prepare(args.input, args.tokenizer, args.out, args.val_fraction)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  meta = prepare(args.input, args.tokenizer, args.out, args.val_fraction, overwrite=args.overwrite)
   print(json.dumps(meta))
   return 0
 

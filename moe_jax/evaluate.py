@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from moe_jax import data, scoring, sharding
+from moe_jax import variables as model_variables
 from moe_jax.data import load_tokenizer
 from moe_jax.errors import UserError
 
@@ -108,7 +109,7 @@ def read_lm_tokens(tok, path: str) -> list[int]:
     directory, split = os.path.dirname(path) or ".", os.path.basename(path)[:-len(".bin")]
   if os.path.isfile(os.path.join(directory, "meta.json")):
     meta = data.load_meta(directory)
-    if meta.get("tokenizer") != tok.name:
+    if not data.same_tokenizer(meta.get("tokenizer"), tok.name):  # a path, or an exported copy of it
       raise UserError(f"{path}: tokenized with {meta.get('tokenizer')!r}, but evaluating with tokenizer "
                       f"{tok.name!r}; pass --tokenizer={meta.get('tokenizer')}")
     return np.asarray(data.open_split(directory, split, meta).tokens).astype(np.int64).tolist()
@@ -303,8 +304,11 @@ def load_model(*, workdir: Optional[str] = None, checkpoint: Optional[str] = Non
     overrides = {"vocab_size": vocab_size} if vocab_size else {}
     if dtype:
       overrides["dtype"] = dtype
-    model = Transformer(PRESETS[preset](**overrides))
-    variables, _ = sharding.init_variables(model, jax.random.key(seed), (sharding.data_parallel_size(mesh, rules), 1),
+    try:
+      model = Transformer(PRESETS[preset](**overrides))
+    except (TypeError, ValueError) as e:  # --dtype, or a tokenizer vocabulary the preset cannot take
+      raise UserError(f"--preset={preset}: {e}") from None
+    variables, _ = model_variables.init_sharded(model, jax.random.key(seed), (sharding.data_parallel_size(mesh, rules), 1),
                                            mesh, rules)
     return for_eval(model), variables, {"name": f"{preset} (random init, seed {seed})", "step": 0, "mesh": mesh,
                                         "rules": rules, "tokenizer": "byte"}
@@ -314,11 +318,12 @@ def load_model(*, workdir: Optional[str] = None, checkpoint: Optional[str] = Non
 
 
 def for_eval(model):
-  """The same weights with a dropless MoE: capacity dispatch would make a score depend on the
-  other rows of its batch (dropped tokens), so evaluation swaps it for 'ragged'."""
-  if model.cfg.moe_impl != "capacity":
-    return model
-  return type(model)(model.cfg.replace(moe_impl="ragged"))
+  """The same weights with a dropless MoE: a capacity would make a score depend on the other
+  rows of its batch (dropped tokens), so evaluation swaps 'capacity' for 'ragged' and runs 'ep'
+  without a capacity (config.dropless), whatever the training setting."""
+  from moe_jax.config import dropless
+  cfg = dropless(model.cfg)
+  return model if cfg == model.cfg else type(model)(cfg)
 
 
 # --- the run ------------------------------------------------------------------------

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from moe_jax.config import dropless
+
 NEG_INF = -1e30
 
 
@@ -134,6 +136,8 @@ def generate(model: nn.Module, variables, prompt_tokens, max_new_tokens: int, *,
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
   rng = jax.random.key(0) if rng is None else rng
+  if dropless(model.cfg) != model.cfg:  # generation never drops a token, whatever the training setting
+    model = type(model)(dropless(model.cfg))
   return _generate(_strip(variables), prompt, lengths, rng, model=model, max_new_tokens=int(max_new_tokens),
                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                    stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id), absorb=bool(absorb))

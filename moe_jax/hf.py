@@ -68,7 +68,10 @@ class SafetensorsReader:
     d = Path(directory)
     index = d / "model.safetensors.index.json"
     if index.exists():
-      files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+      weight_map = read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise UserError(f"{index}: no 'weight_map' object; is the download complete?")
+      files = sorted(set(weight_map.values()))
     elif (d / "model.safetensors").exists():
       files = ["model.safetensors"]
     else:
@@ -76,13 +79,10 @@ class SafetensorsReader:
     self.entries: dict[str, tuple[Path, int, int, str, tuple[int, ...]]] = {}
     for name in files:
       f = d / name
-      with open(f, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-      for key, meta in header.items():
-        if key != "__metadata__":
-          begin, end = meta["data_offsets"]
-          self.entries[key] = (f, 8 + n + begin, end - begin, meta["dtype"], tuple(meta["shape"]))
+      if not f.is_file():
+        raise UserError(f"{f}: missing, but {index.name} lists it; is the download complete?")
+      for key, entry in _read_header(f).items():
+        self.entries[key] = (f, *entry)
 
   def keys(self) -> list[str]:
     return list(self.entries)
@@ -103,9 +103,53 @@ class SafetensorsReader:
       return np.frombuffer(fh.read(nbytes), dtype=_ST_DTYPES[dtype]).reshape(shape)
 
 
+def read_json(path: Path) -> dict:
+  """A JSON object from `path`; a file that does not parse is named (truncated downloads are common)."""
+  try:
+    value = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: not valid JSON ({e}); is the file complete?") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
+
+
+def _read_header(f: Path) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
+  """key -> (offset, nbytes, dtype, shape) from a safetensors header, checked against the file size."""
+  size = f.stat().st_size
+  damaged = f"{f}: not a complete safetensors file"
+  with open(f, "rb") as fh:
+    n = int.from_bytes(fh.read(8), "little")
+    if size < 8 or 8 + n > size:
+      raise UserError(f"{damaged} ({size} bytes, header claims {n}); is the download complete?")
+    try:
+      header = json.loads(fh.read(n))
+      out = {}
+      for key, meta in header.items():
+        if key != "__metadata__":
+          begin, end = meta["data_offsets"]
+          out[key] = (8 + n + begin, end - begin, meta["dtype"], tuple(meta["shape"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
+      raise UserError(f"{damaged} (unreadable header: {e})") from None
+  for key, (_, nbytes, dtype, shape) in out.items():
+    if dtype in _ST_DTYPES and nbytes != math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize:
+      raise UserError(f"{damaged}: tensor {key!r} {dtype}{list(shape)} spans {nbytes} bytes")
+  end = max((off + nb for off, nb, _, _ in out.values()), default=8 + n)
+  if end > size:
+    raise UserError(f"{damaged}: its tensors need {end} bytes, the file has {size} (truncated?)")
+  return out
+
+
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]):
   from safetensors.numpy import save_file
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+  os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; other files here get the usual mode
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 # --- FP8 ------------------------------------------------------------------------------
@@ -310,14 +354,22 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
   path = Path(path)
   if not (path / "config.json").exists():
     raise UserError(f"{path}: no config.json (expected a Hugging Face DeepSeek-V2/V3 directory)")
-  hf = json.loads((path / "config.json").read_text())
+  hf = read_json(path / "config.json")
+  if "model_type" not in hf and (path / "checkpoints").is_dir():
+    raise UserError(f"{path} is a train.py workdir, not a Hugging Face directory: evaluate it with --workdir, or "
+                    "export it with `python -m moe_jax.convert --from_ckpt`")
   v3 = _arch(hf) == "deepseek_v3"
   reader = SafetensorsReader(path)
   keys = set(reader.keys())
-  depths = _mtp_depths(keys, hf["num_hidden_layers"]) if v3 else 0
-  overrides = {"dtype": dtype, "param_dtype": dtype, "num_nextn_predict_layers": depths, "fp8": keep_fp8,
-               **config_overrides}
-  cfg = ModelConfig.from_hf(hf, **overrides)
+  try:
+    depths = _mtp_depths(keys, hf["num_hidden_layers"]) if v3 else 0
+    overrides = {"dtype": dtype, "param_dtype": dtype, "num_nextn_predict_layers": depths, "fp8": keep_fp8,
+                 **config_overrides}
+    cfg = ModelConfig.from_hf(hf, **overrides)
+  except KeyError as e:
+    raise UserError(f"{path / 'config.json'}: missing field {e}") from None
+  except (TypeError, ValueError) as e:
+    raise UserError(f"{path / 'config.json'}: {e}") from None
   model = Transformer(cfg)
   shapes = abstract_variables(model)
   rules = hf_rules(cfg, v3)

@@ -24,6 +24,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -32,8 +34,9 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AbstractMesh, AxisType
 
-from moe_jax import sharding
+from moe_jax import sharding, variables
 from moe_jax.config import PRESETS, ModelConfig
+from moe_jax.errors import ArgumentParser, UserError, main_guard, one_line
 
 GB = 1e9
 
@@ -84,7 +87,7 @@ def plan(cfg: ModelConfig, axis_sizes: dict[str, int], batch: int, seq: int, dev
   rules = sharding.check_rules(sharding.DEFAULT_RULES if rules is None else rules)
   mesh = AbstractMesh(tuple(axis_sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES,
                       axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
-  abstract = sharding.eval_shape_variables(cfg) if abstract is None else abstract
+  abstract = variables.abstract(cfg) if abstract is None else abstract
   sharding.validate(cfg, batch, mesh, rules, abstract)
   specs = sharding.mesh_specs(abstract, rules)
   shapes = nn.unbox(abstract)
@@ -159,19 +162,35 @@ def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None, dcn: Optional[
 
 
 def _sizes(text: str, what: str) -> dict[str, int]:
-  vals = [int(v) for v in text.split(",")]
-  if len(vals) != len(sharding.MESH_AXES):
-    raise ValueError(f"--{what}={text!r}: give {len(sharding.MESH_AXES)} sizes {','.join(sharding.MESH_AXES)}")
+  try:
+    vals = [int(v) for v in text.split(",")]
+  except ValueError:
+    vals = []
+  if len(vals) != len(sharding.MESH_AXES) or any(v == 0 or v < -1 for v in vals):
+    raise UserError(f"--{what}={text!r}: give {len(sharding.MESH_AXES)} integers {','.join(sharding.MESH_AXES)} "
+                    "(positive, or -1 to fill)")
   return dict(zip(sharding.MESH_AXES, vals))
 
 
 def load_config(spec: str):
   """configs/x.py[:arg] -> the ConfigDict its get_config(arg) returns."""
   path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"--config={spec}: no such file {path!r} (e.g. configs/small.py, or use --preset)")
   module_spec = importlib.util.spec_from_file_location("plan_config", path)
+  if module_spec is None:
+    raise UserError(f"--config={spec}: {path} is not a Python file (configs/x.py with get_config)")
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # the user's config file: any error in it is theirs to fix
+    raise UserError(f"--config={spec}: {path} failed to load: {type(e).__name__}: {one_line(e)}") from None
+  if not hasattr(module, "get_config"):
+    raise UserError(f"--config={spec}: {path} defines no get_config()")
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except (ValueError, TypeError, KeyError) as e:  # e.g. an unknown variant
+    raise UserError(f"--config={spec}: get_config({arg!r}) failed: {one_line(e)}") from None
 
 
 def model_config_from(config) -> ModelConfig:
@@ -185,8 +204,25 @@ def model_config_from(config) -> ModelConfig:
   return PRESETS[preset](**d) if preset else ModelConfig.from_dict(d)
 
 
+def _positive(name: str, value, kind=int):
+  if value is not None and not value > 0:
+    raise UserError(f"--{name}={value}: must be positive")
+  return value
+
+
+def _rules(text: Optional[str]) -> list[tuple]:
+  try:
+    rules = json.loads(text or "[]")
+  except json.JSONDecodeError as e:
+    raise UserError(f"--rules={text!r}: not JSON ({e}); e.g. '[[\"kv_lora\", \"fsdp\"]]'") from None
+  if not isinstance(rules, list) or not all(isinstance(r, list) and len(r) == 2 for r in rules):
+    raise UserError(f"--rules={text!r}: give a JSON list of [logical_axis, mesh_axis or null] pairs")
+  return [tuple(r) for r in rules]
+
+
+@main_guard
 def main(argv: Optional[list[str]] = None):
-  ap = argparse.ArgumentParser(prog="python -m moe_jax.plan", description=__doc__.split("\n")[0])
+  ap = ArgumentParser(prog="python -m moe_jax.plan", description=__doc__.split("\n")[0])
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--config", help="configs/x.py[:arg] (get_config -> ConfigDict with a model field)")
   src.add_argument("--preset", choices=sorted(PRESETS))
@@ -201,35 +237,40 @@ def main(argv: Optional[list[str]] = None):
   ap.add_argument("--param_dtype", help="override the config's param_dtype")
   ap.add_argument("--dtype", help="override the config's compute dtype")
   args = ap.parse_args(argv)
+  for name in ("devices", "device_memory_gb", "batch", "seq"):
+    _positive(name, getattr(args, name))
 
   config = load_config(args.config) if args.config else None
-  cfg = model_config_from(config) if config is not None else PRESETS[args.preset]()
-  over = {k: v for k, v in (("param_dtype", args.param_dtype), ("dtype", args.dtype)) if v}
-  cfg = cfg.replace(**over) if over else cfg
+  try:
+    cfg = model_config_from(config) if config is not None else PRESETS[args.preset]()
+    over = {k: v for k, v in (("param_dtype", args.param_dtype), ("dtype", args.dtype)) if v}
+    cfg = cfg.replace(**over) if over else cfg
+  except (TypeError, ValueError, KeyError) as e:  # a model field or dtype the config cannot take
+    raise UserError(f"model config: {one_line(e)}") from None
   get = lambda key, default=None: config.get(key, default) if config is not None else default  # noqa: E731
   mesh_cfg = dict(get("mesh") or {})
   ici = _sizes(args.mesh, "mesh") if args.mesh else {a: mesh_cfg.get(a, 1) for a in sharding.MESH_AXES}
   dcn = (_sizes(args.dcn, "dcn") if args.mesh or not mesh_cfg
          else {a: mesh_cfg.get("dcn_" + a, 1) for a in sharding.MESH_AXES})
   if -1 in ici.values() and not args.devices:
-    raise SystemExit("--mesh has a -1: also give --devices")
+    raise UserError("--mesh has a -1: also give --devices")
   devices = args.devices or math.prod(ici.values()) * math.prod(dcn.values())
-  ici_t, dcn_t = sharding.hybrid_mesh_shape(tuple(ici.values()), tuple(dcn.values()), devices)
-  axis_sizes = {a: i * d for a, i, d in zip(sharding.MESH_AXES, ici_t, dcn_t)}
-  overrides = [tuple(r) for r in mesh_cfg.get("rules", ())] + [tuple(r) for r in json.loads(args.rules or "[]")]
-  rules = sharding.merge_rules(overrides)
-  accum = (get("optim") or {}).get("grad_accum", 1)  # one step's activations are a micro-batch's
-  batch = args.batch or (get("batch_size") or 0) // accum or sharding.data_parallel_size(
-      AbstractMesh(tuple(axis_sizes.values()), sharding.MESH_AXES), rules)
-  seq = args.seq or get("seq_len") or 4096
+  overrides = [tuple(r) for r in mesh_cfg.get("rules", ())] + _rules(args.rules)
   try:
+    ici_t, dcn_t = sharding.hybrid_mesh_shape(tuple(ici.values()), tuple(dcn.values()), devices)
+    axis_sizes = {a: i * d for a, i, d in zip(sharding.MESH_AXES, ici_t, dcn_t)}
+    rules = sharding.merge_rules(overrides)
+    accum = (get("optim") or {}).get("grad_accum", 1)  # one step's activations are a micro-batch's
+    batch = args.batch or (get("batch_size") or 0) // accum or sharding.data_parallel_size(
+        AbstractMesh(tuple(axis_sizes.values()), sharding.MESH_AXES), rules)
+    seq = args.seq or get("seq_len") or 4096
     p = plan(cfg, axis_sizes, batch, seq, args.device_memory_gb, rules)
-  except ValueError as e:  # the layout does not fit the model: say why, no traceback
-    raise SystemExit(f"plan: {e}") from None
+  except ValueError as e:  # the mesh, the rules or the layout do not fit the model: say why
+    raise UserError(f"plan: {one_line(e)}") from None
   print(format_plan(p, cfg, args.preset or args.config, rules, dict(zip(sharding.MESH_AXES, dcn_t))))
   print(json.dumps({"model": args.preset or args.config, "dcn": dict(zip(sharding.MESH_AXES, dcn_t)), **p.to_json()}))
-  return p
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

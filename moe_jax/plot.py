@@ -19,10 +19,20 @@ from moe_jax.errors import UserError
 
 
 def _read_jsonl(path: str) -> list[dict]:
+  """The records of a JSONL file; a last line cut short (a run killed mid-write) is skipped."""
   if not os.path.isfile(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+  out = []
+  for i, (n, line) in enumerate(lines):
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1 and not line.endswith("\n"):
+        break
+      raise UserError(f"{path}:{n}: not a JSON record ({e})") from None
+  return out
 
 
 def _pyplot():
@@ -88,8 +98,14 @@ def plot(workdir: str, out: Optional[str] = None) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> int:
+  if argv in (["--help"], ["-h"]):
+    print(__doc__)
+    return 0
   if len(argv) != 1 or argv[0].startswith("-"):
-    print("usage: python -m moe_jax.plot WORKDIR", file=sys.stderr)
+    print("error: give one run directory: python -m moe_jax.plot WORKDIR", file=sys.stderr)
+    return 2
+  if not os.path.isdir(argv[0]):
+    print(f"error: {argv[0]}: no such directory (give a train.py --workdir)", file=sys.stderr)
     return 2
   try:
     for path in plot(argv[0]):

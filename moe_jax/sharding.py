@@ -15,7 +15,7 @@ given there replaces every default rule of that name, e.g.
 
 Also here: mesh construction (one slice, or ICI x DCN over slices / nodes), validation
 that names the numbers before anything compiles, and the multi-host helpers
-(`initialize_distributed`, `global_batch`).
+(`initialize_distributed`, `process_rows`, `global_batch`).
 """
 
 from __future__ import annotations
@@ -259,13 +259,13 @@ def check_divisible(abstract_variables, rules, sizes: dict[str, int]):
                          f"mesh.rules=[{fix}], or change the mesh")
 
 
-def validate(cfg, batch_size: int, mesh: Mesh, rules=None, abstract_variables=None):
+def validate(cfg, batch_size: int, mesh: Mesh, rules, abstract_variables):
   """Checks before compiling that the model and batch fit the mesh; errors name the numbers.
 
   Rules: known names and axes. Batch: divisible by the data-parallel size. Experts:
   divisible by the expert-parallel size (and, for moe_impl='ep', a layout shard_map can run).
-  Parameters: every sharded dimension divisible (from abstract_variables, the boxed
-  eval_shape of init; computed here when not given).
+  Parameters: every sharded dimension divisible (abstract_variables: the boxed eval_shape
+  of init, `variables.abstract(cfg)`).
   """
   rules = check_rules(DEFAULT_RULES if rules is None else rules)
   sizes = dict(mesh.shape)
@@ -278,22 +278,7 @@ def validate(cfg, batch_size: int, mesh: Mesh, rules=None, abstract_variables=No
     raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel size {dp} "
                      f"(mesh axes {_axes_str(dp_axes, sizes)}); use a multiple of {dp}")
   check_moe_layout(cfg, rules, sizes)
-  if abstract_variables is None:
-    abstract_variables = eval_shape_variables(cfg)
   check_divisible(abstract_variables, rules, sizes)
-
-
-def eval_shape_variables(cfg, seq: int = 8):
-  """Boxed ShapeDtypeStructs of params + router state (no memory; every dispatch declares the same)."""
-  import jax.numpy as jnp
-  from moe_jax.model import Transformer  # here: the layers import this module
-  model = Transformer(cfg.replace(moe_impl="ragged"))
-
-  def init(key):
-    v = model.init(key, jnp.zeros((1, seq), jnp.int32))
-    return {c: v[c] for c in ("params", "router") if c in v}
-
-  return jax.eval_shape(init, jax.random.key(0))
 
 
 @contextlib.contextmanager
@@ -304,23 +289,6 @@ def activation_rules(mesh: Mesh, rules):
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
-
-
-def init_variables(model: nn.Module, rng: jax.Array, tokens_shape: tuple[int, int], mesh: Mesh, rules,
-                   collections: Sequence[str] = ("params", "router")):
-  """Parameters born sharded: eval_shape -> specs -> jit(init, out_shardings). Returns unboxed trees."""
-  import jax.numpy as jnp
-
-  def init(key):
-    tokens = jnp.zeros(tokens_shape, jnp.int32)
-    variables = model.init(key, tokens)
-    return {c: variables[c] for c in collections if c in variables}
-
-  with activation_rules(mesh, rules):
-    abstract = jax.eval_shape(init, rng)
-    shardings = named_shardings(abstract, mesh, rules)
-    variables = jax.jit(init, out_shardings=shardings)(rng)
-  return nn.unbox(variables), nn.unbox(shardings)
 
 
 # --- multi-host ---------------------------------------------------------------------
@@ -346,25 +314,45 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
   return True
 
 
-def process_batch_rows(mesh: Mesh, global_batch_size: int, rules=None) -> slice:
-  """The rows of the global batch this process feeds (contiguous; what its data loader reads)."""
-  sharding = batch_sharding(mesh, 1, rules)
-  rows = set()
-  for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
-    rows.update(range(global_batch_size)[index[0]])
-  lo, hi = min(rows), max(rows) + 1
-  if hi - lo != len(rows):
-    raise ValueError(f"process {jax.process_index()} holds batch rows {sorted(rows)}, not one contiguous block; "
-                     "order the mesh so each process's devices are adjacent along the batch axes")
-  return slice(lo, hi)
+def process_rows(mesh: Mesh, global_batch_size: int, rules=None, process_index: Optional[int] = None) -> np.ndarray:
+  """The rows of the global batch that process `process_index` (default: this one) must feed, sorted.
 
-
-def global_batch(local_batch, mesh: Mesh, rules=None):
-  """Process-local rows (a pytree of [b, ...] arrays) -> global jax.Arrays sharded over the batch axes.
-
-  Each process passes only its rows (process_batch_rows); the global batch is the
-  processes' rows stacked, b * process_count.
+  On a real topology a process's devices need not hold one contiguous block of rows: on a v5p
+  pod (4 chips per host) a data-parallel axis over 64 chips gives host 0 rows [0, 1, 8, 9].
+  The loader reads exactly these rows (the sampler is keyed per row) and global_batch places
+  each on the devices that hold it. Works for compile-only devices too (nothing runs).
   """
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x), rules), np.asarray(x)),
-      local_batch)
+  process_index = jax.process_index() if process_index is None else process_index
+  index_map = batch_sharding(mesh, 1, rules).devices_indices_map((global_batch_size,))
+  rows = set()
+  for device, index in index_map.items():
+    if device.process_index == process_index:
+      rows.update(range(global_batch_size)[index[0]])
+  if not rows:
+    raise ValueError(f"process {process_index} holds no device of the mesh; every process must take part")
+  return np.asarray(sorted(rows), dtype=np.int64)
+
+
+def global_batch(local_batch, mesh: Mesh, rows: np.ndarray, global_batch_size: int, rules=None):
+  """This process's rows (a pytree of [len(rows), ...] arrays, in the order of `rows`) -> global
+  jax.Arrays [global_batch_size, ...] sharded over the batch axes.
+
+  Each addressable device gets the rows its shard covers, found in `rows` (process_rows):
+  the rows may be scattered over the batch, as on multi-host TPU layouts.
+  """
+  rows = np.asarray(rows)
+
+  def put(x):
+    x = np.asarray(x)
+    if x.shape[0] != len(rows):
+      raise ValueError(f"global_batch: local data has {x.shape[0]} rows, this process feeds {len(rows)}")
+    shape = (global_batch_size,) + x.shape[1:]
+    sharding_ = batch_sharding(mesh, x.ndim, rules)
+    shards = []
+    for device, index in sharding_.addressable_devices_indices_map(shape).items():
+      wanted = np.arange(global_batch_size)[index[0]]
+      at = np.searchsorted(rows, wanted)
+      shards.append(jax.device_put(x[at], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding_, shards)
+
+  return jax.tree.map(put, local_batch)

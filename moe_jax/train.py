@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from typing import Any
 
@@ -28,12 +27,13 @@ from absl import logging
 from flax import linen as nn, struct, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax import checkpoint, data, flops, optim, sharding
-from moe_jax.config import ModelConfig
+from moe_jax import checkpoint, data, flops, interrupts, optim, sharding, variables
+from moe_jax.config import ModelConfig, dropless
 from moe_jax.errors import UserError
 from moe_jax.model import Transformer
 
-__all__ = ["TrainState", "Trainer", "UserError", "Diverged", "base_config", "run"]
+__all__ = ["TrainState", "Trainer", "UserError", "Diverged", "Interrupted", "base_config", "run"]
+Interrupted = interrupts.Interrupted
 
 
 class Diverged(RuntimeError):
@@ -90,13 +90,18 @@ def targets(batch: dict, depth: int):
 
 
 def cross_entropy(logits_BSV, tgt_BS, ok_BS):
-  """(sum of masked CE, number of correct argmax predictions), fp32."""
+  """(sum of masked CE, number of correct predictions), fp32.
+
+  Correct iff the target's logit beats every other logit strictly: a tie is wrong (after a
+  collapse every logit is equal, and that is not 100% accuracy), and so is NaN. A max reduction
+  over the other logits, like logsumexp's, instead of an argmax pass over [B, S, vocab].
+  """
   logits = logits_BSV.astype(jnp.float32)
   label = jnp.take_along_axis(logits, tgt_BS[..., None], -1)[..., 0]
   ce = jax.nn.logsumexp(logits, -1) - label
-  # Correct iff the target's logit is the row max (a tie counts as correct): a max reduction
-  # like logsumexp's instead of an argmax pass over [B, S, vocab] (4% of the CPU step).
-  correct = (label >= logits.max(-1)) & ok_BS
+  is_tgt = jnp.arange(logits.shape[-1]) == tgt_BS[..., None]
+  others = jnp.where(is_tgt, -jnp.inf, logits).max(-1)
+  correct = (label > others) & ok_BS
   return jnp.sum(ce * ok_BS), jnp.sum(correct).astype(jnp.float32)
 
 
@@ -104,6 +109,13 @@ def expert_counts(intermediates) -> dict[str, jax.Array]:
   """{module path of the router: tokens per expert [E] (or [L, E] scanned)}, from sown intermediates."""
   flat = traverse_util.flatten_dict(dict(intermediates))
   return {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "expert_counts"}
+
+
+def dropped_tokens(intermediates) -> dict[str, jax.Array]:
+  """{module path of the MoE layer: routed assignments its dispatch dropped (scalar, or [L] scanned)};
+  only dispatches that can drop ('capacity', 'ep') sow it."""
+  flat = traverse_util.flatten_dict(dict(intermediates))
+  return {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "dropped_tokens"}
 
 
 def attention_segments(batch: dict, document_mask: bool):
@@ -134,7 +146,8 @@ def make_train_step(model: Transformer, config, tx: optax.GradientTransformation
     if nan_at >= 0:  # test hook (debug.nan_at_step): NaN loss and gradients at that 1-based step
       loss = loss * jnp.where(step + 1 == nan_at, jnp.nan, 1.0)
     aux = {"loss": loss, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "correct": correct,
-           "counts": expert_counts(mut.get("intermediates", {}))}
+           "counts": expert_counts(mut.get("intermediates", {})),
+           "dropped": dropped_tokens(mut.get("intermediates", {}))}
     return loss, aux
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -173,7 +186,7 @@ def make_train_step(model: Transformer, config, tx: optax.GradientTransformation
                            rng=jax.random.split(state.rng)[0])
     metrics = {k: aux[k] for k in ("loss", "lm_loss", "mtp_loss", "balance_loss")}
     metrics.update(grad_norm=grad_norm, lr=schedule(state.step), accuracy=aux["correct"] / norms[0],
-                   nonfinite=~ok, expert_counts=aux["counts"])
+                   nonfinite=~ok, expert_counts=aux["counts"], dropped_tokens=aux["dropped"])
     return new_state, metrics
 
   return train_step
@@ -193,41 +206,47 @@ def make_eval_step(model: Transformer, document_mask: bool = True):
 class Trainer:
   """Model, mesh, optimizer, shardings and the compiled step for one config."""
 
-  def __init__(self, config):
+  def __init__(self, config, devices=None):
+    """devices: the mesh's devices (default: all); compile-only TPU devices for moe_jax.aot."""
     self.config = config
     self.mcfg = mcfg = checkpoint.model_config(config)
     b, s, accum = config.batch_size, config.seq_len, config.optim.grad_accum
     if config.nan_policy not in ("skip", "stop"):
       raise UserError(f"nan_policy {config.nan_policy!r} is not 'skip' or 'stop'")
-    for name in ("steps", "batch_size", "seq_len"):
+    for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "log_every"):
       if config[name] < 1:
         raise UserError(f"{name}={config[name]} must be >= 1")
+    if not config.optim.lr > 0 or config.eval_every < 0:  # a negative rate would ascend the loss
+      raise UserError(f"optim.lr={config.optim.lr} must be > 0 and eval_every={config.eval_every} >= 0 (0: off)")
+    if s > mcfg.max_position_embeddings:  # eval and generation refuse positions past it
+      raise UserError(f"seq_len={s} is longer than model.max_position_embeddings={mcfg.max_position_embeddings}; "
+                      "lower --config.seq_len or raise --config.model.max_position_embeddings")
     if accum < 1 or b % accum:
       raise UserError(f"batch_size {b} is not divisible by optim.grad_accum {accum}")
     m = config.mesh
     try:
       self.mesh = sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor, dcn_data=m.dcn_data, dcn_fsdp=m.dcn_fsdp,
-                                     dcn_expert=m.dcn_expert, dcn_tensor=m.dcn_tensor)
+                                     dcn_expert=m.dcn_expert, dcn_tensor=m.dcn_tensor, devices=devices)
       self.rules = sharding.merge_rules([tuple(r) for r in m.rules])
-      sharding.validate(mcfg, b // accum, self.mesh, self.rules)
-      self.rows = sharding.process_batch_rows(self.mesh, b, self.rules)  # this process's slice of the batch
+      sharding.validate(mcfg, b // accum, self.mesh, self.rules, variables.abstract(mcfg))
+      self.rows = sharding.process_rows(self.mesh, b, self.rules)  # the batch rows this process feeds
     except ValueError as e:
       raise UserError(str(e)) from None
     self.model = Transformer(mcfg)
     self.schedule = optim.lr_schedule(config.optim, config.steps)
     self.tx = optim.make_optimizer(config.optim, config.steps)
 
-    variables = checkpoint.abstract_variables(self.model, (b // accum, s), self.mesh, self.rules)
+    abstract = variables.abstract_sharded(self.model, (b // accum, s), self.mesh, self.rules)
     sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     replicated = NamedSharding(self.mesh, P())
-    params = variables["params"]
+    params = abstract["params"]
     opt_abstract = jax.eval_shape(self.tx.init, params)
     opt_sharding = optax.tree_map_params(self.tx, lambda _, sh: sh, opt_abstract, sharding_of(params),
                                          transform_non_params=lambda _: replicated)
     self.state_sharding = TrainState(step=replicated, params=sharding_of(params), opt_state=opt_sharding,
-                                     router=sharding_of(variables.get("router", {})), rng=replicated)
+                                     router=sharding_of(abstract.get("router", {})), rng=replicated)
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_abstract,
-                        router=variables.get("router", {}), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+                        router=abstract.get("router", {}), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     self.abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                        shapes, self.state_sharding)
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -262,14 +281,16 @@ class Trainer:
 
   def batch(self, source, split: str, step: int) -> dict:
     """The global batch of `step` as sharded jax.Arrays; this process reads only its rows."""
-    local = source.rows(split, step, range(self.rows.start, self.rows.stop))
-    return sharding.global_batch(local, self.mesh, self.rules)
+    local = source.rows(split, step, self.rows)
+    return sharding.global_batch(local, self.mesh, self.rows, self.config.batch_size, self.rules)
 
   def evaluate(self, state: TrainState, source, num_batches: int) -> dict:
     """Validation LM loss and accuracy over the first num_batches val batches (fixed, so comparable)."""
     if self._eval_fn is None:
       with sharding.activation_rules(self.mesh, self.rules):
-        self._eval_fn = jax.jit(make_eval_step(self.model, self.config.data.get("document_mask", True)))
+        # Validation never drops (config.dropless), whatever capacity training uses.
+        self._eval_fn = jax.jit(make_eval_step(Transformer(dropless(self.mcfg)),
+                                               self.config.data.get("document_mask", True)))
     totals = np.zeros(3)
     with sharding.activation_rules(self.mesh, self.rules):
       for i in range(num_batches):
@@ -301,12 +322,34 @@ def layer_loads(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
+def layer_drops(dropped: dict[str, np.ndarray]) -> dict[str, float]:
+  """{layer name (as layer_loads): dropped assignments}, from {MoE path: scalar or [L] (scanned)}."""
+  out = {}
+  for path, v in dropped.items():
+    name, v = path.removesuffix("/moe"), np.asarray(v)
+    out.update({name: float(v)} if v.ndim == 0 else {f"{name}/{i}": float(x) for i, x in enumerate(v)})
+  return out
+
+
+DROP_WARN_FRACTION = 0.01  # warn when a MoE layer drops more than this share of its routed assignments
+
+
+def nonfinite_cause(m: dict) -> str:
+  """Names what was non-finite in a step's (host) metrics: the loss, or a finite loss's gradient."""
+  loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+  if not np.isfinite(loss):
+    return f"non-finite loss ({loss}; lm_loss {float(m['lm_loss'])})"
+  return f"non-finite gradient (global norm {gnorm}) with a finite loss ({loss:.6g})"
+
+
 class Logger:
   """Host side of the metrics: nan policy, progress bar, metrics.jsonl, expert_load.jsonl, TensorBoard."""
 
   def __init__(self, workdir: str, config, trainer: Trainer, start: int):
     self.config, self.main = config, jax.process_index() == 0
     self.workdir, self.skipped, self.last = workdir, 0, None
+    self.latest = None  # the last metrics record written (the run's final summary)
+    self.dropped, self.routed = 0.0, 0.0  # assignments over the steps this run recorded (drop-counting layers)
     self.tokens_per_step = config.batch_size * config.seq_len
     self.flops_per_step = flops.train_flops_per_token(trainer.mcfg, config.seq_len) * self.tokens_per_step
     if config.peak_flops > 0:
@@ -336,14 +379,15 @@ class Logger:
     m = jax.device_get(metrics)
     now = time.perf_counter()
     if bool(m["nonfinite"]):
+      what = nonfinite_cause(m)
       if self.config.nan_policy == "stop":
-        raise Diverged(f"non-finite loss ({float(m['loss'])}) or gradient at step {step}; nan_policy='stop' "
-                       "(the update was not applied)")
+        raise Diverged(f"{what} at step {step}; nan_policy='stop' (the update was not applied)")
       self.skipped += 1
-      logging.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step, self.skipped)
+      logging.warning("step %d: %s, update skipped (%d so far)", step, what, self.skipped)
     if not self.main:
       return
     self.bar.update(1)
+    drops = self._drops(m)
     first = self.last is None  # its wall time includes compilation: logged, but not timed
     if not first and step % self.config.log_every and step != self.config.steps:
       return
@@ -353,17 +397,40 @@ class Logger:
                                                      "lr", "accuracy")}}
     rec.update(skipped=self.skipped, load_violation=violation,
                load_violation_max=max(violation.values()) if violation else 0.0)
+    if drops:  # only dispatches that can drop report it: 'capacity', 'ep' (0 unless capacity_factor > 0)
+      worst = max(drops, key=drops.get)
+      rec.update(dropped_fraction=drops, dropped_fraction_max=drops[worst])
+      if drops[worst] > DROP_WARN_FRACTION:
+        logging.warning("step %d: the MoE dispatch dropped %.2f%% of the routed assignments in %s "
+                        "(model.capacity_factor=%g; 0 is dropless)", step, 100 * drops[worst], worst,
+                        self.config.model.capacity_factor)
     if not first:
       n, dt = step - self.last[0], now - self.last[1]
       rec.update(tokens_per_s=n * self.tokens_per_step / dt, flops_per_s=n * self.flops_per_step / dt)
       rec["mfu"] = rec["flops_per_s"] / self.peak
-      self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", mfu=f"{rec['mfu']:.1%}")
+      # lm_loss is what the README and eval quote; total adds MTP and balance losses.
+      postfix = dict(lm_loss=f"{rec['lm_loss']:.3f}", total_loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", mfu=f"{rec['mfu']:.1%}")
+      if drops:
+        postfix["dropped"] = f"{rec['dropped_fraction_max']:.2%}"
+      self.bar.set_postfix(postfix)  # positional: tqdm keeps this order (it sorts keyword arguments)
     self.last = (step, now)
     self._write("metrics.jsonl", rec)
+    self.latest = rec
     if loads:
       self._write("expert_load.jsonl", {"step": step, **{k: (v / max(v.sum(), 1)).tolist() for k, v in loads.items()}})
     self.scalars(step, {k: v for k, v in rec.items() if isinstance(v, float)} | {
-        f"load_violation/{k}": v for k, v in violation.items()})
+        f"load_violation/{k}": v for k, v in violation.items()} | {f"dropped_fraction/{k}": v for k, v in drops.items()})
+
+  def _drops(self, m: dict) -> dict[str, float]:
+    """{layer: dropped / routed assignments} of this step; adds to the run's totals."""
+    dropped = layer_drops(m.get("dropped_tokens", {}))
+    loads = layer_loads(m["expert_counts"]) if dropped else {}
+    out = {}
+    for name, d in dropped.items():
+      routed = float(loads[name].sum()) if name in loads else 0.0
+      self.dropped, self.routed = self.dropped + d, self.routed + routed
+      out[name] = d / max(routed, 1.0)
+    return out
 
   def scalars(self, step: int, values: dict):
     if self.tb is not None:
@@ -379,68 +446,109 @@ class Logger:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+    if self.main and self.routed:
+      (logging.warning if self.dropped else logging.info)(
+          "MoE dispatch dropped %d of %d routed assignments (%.3f%%) over this run's steps%s", self.dropped,
+          self.routed, 100 * self.dropped / self.routed, " (model.capacity_factor > 0)" if self.dropped else "")
     if self.tb is not None:
       self.tb.close()
 
 
-class Preemption:
-  """SIGTERM / SIGINT set a flag; the loop checkpoints and returns (a second SIGINT kills)."""
-
-  def __init__(self):
-    self.requested = False
-
-  def __enter__(self):
-    main = threading.current_thread() is threading.main_thread()  # only it may install handlers
-    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
-    return self
-
-  def _handle(self, signum, frame):
-    self.requested = True
-    signal.signal(signum, self._old[signum])
-
-  def __exit__(self, *exc):
-    for s, h in self._old.items():
-      signal.signal(s, h)
-
-
 # --- the loop ------------------------------------------------------------------------------
-def run(config, workdir: str) -> dict:
-  """Trains config.steps steps in workdir, resuming from its latest checkpoint; returns the last metrics."""
+def _setup(config, workdir: str):
+  """Everything before the first step -> (trainer, source, checkpointer, start, state); state is
+  None when the workdir already holds the final step. Runs in a helper thread (run)."""
   trainer = Trainer(config)  # validates config, mesh and shapes; compiles nothing yet
   source = data.make_source(config.data, config.seq_len, config.batch_size, config.seed, trainer.mcfg.vocab_size)
-  if config.data.path not in ("", "synthetic:copy") and source.meta.get("tokenizer") != config.data.tokenizer:
+  if (config.data.path not in ("", "synthetic:copy")
+      and not data.same_tokenizer(source.meta.get("tokenizer"), config.data.tokenizer)):
     raise UserError(f"data.path {config.data.path!r} was prepared with tokenizer {source.meta.get('tokenizer')!r} "
                     f"but data.tokenizer is {config.data.tokenizer!r}; set --config.data.tokenizer to match")
-  cfg_dict = config.to_dict()
-  checkpoint.check_workdir(workdir, cfg_dict, trainer.abstract_state.to_dict())
+  abstract = trainer.abstract_state.to_dict()
+  checkpoint.check_workdir(workdir, config.to_dict(), abstract)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
-  start = ckpt.latest_step()
-  if start is None:
-    start, state = 0, trainer.init_state(config.seed)
-  else:
-    state = TrainState(**ckpt.restore(start, trainer.abstract_state.to_dict()))
-  logging.info("%s: %.2fM parameters, mesh %s, %d processes, steps %d..%d, workdir %s", config.name,
-               trainer.num_params / 1e6, dict(trainer.mesh.shape), jax.process_count(), start, config.steps, workdir)
-  logger = Logger(workdir, config, trainer, start)
-  pending, done = None, start
   try:
-    with Preemption() as preempt:
+    latest = ckpt.latest_step()
+    if latest is not None and latest >= config.steps:
+      ckpt.close()
+      return trainer, source, None, latest, None
+    # The newest step that reads back whole (config item and state); damaged newer ones are named and set aside.
+    start, state = ckpt.restore_intact(lambda step: (ckpt.config(step), ckpt.restore(step, abstract))[1])
+    state = trainer.init_state(config.seed) if start is None else TrainState(**state)
+    start = start or 0
+    logging.info("%s: %.2fM parameters, mesh %s, %d processes, steps %d..%d, workdir %s; compiling the step",
+                 config.name, trainer.num_params / 1e6, dict(trainer.mesh.shape), jax.process_count(), start,
+                 config.steps, workdir)
+    trainer.step_fn  # noqa: B018  (compiles here, where a Ctrl-C does not wait for it)
+  except BaseException:
+    ckpt.close()
+    raise
+  return trainer, source, ckpt, start, state
+
+
+def run(config, workdir: str) -> dict:
+  """Trains config.steps steps in workdir, resuming from its newest intact checkpoint.
+
+  Returns {"step": steps completed, "state": the TrainState (None if the workdir already held
+  the final step)}. SIGINT (Ctrl-C) / SIGTERM: saves the steps completed since the last
+  checkpoint, then raises interrupts.Interrupted (exit_code 130 / 0); setup and compiles run in
+  a helper thread, so a signal during them stops the run at once (nothing to save yet).
+  """
+  with interrupts.Signals() as signals:
+    try:
+      trainer, source, ckpt, start, state = signals.wait(_setup, config, workdir)
+    except interrupts.Interrupted as e:
+      logging.warning("%s before the first step: nothing to save, exiting", _signal_name(e.signum))
+      raise
+    if state is None:
+      logging.warning("workdir %s already holds the final checkpoint (step %d, config steps=%d): nothing to train; "
+                      "raise --config.steps to continue this run", workdir, start, config.steps)
+      return {"step": start, "state": None}
+    cfg_dict = config.to_dict()
+    logger = Logger(workdir, config, trainer, start)
+    pending, done, saved, preempted = None, start, start, False
+    try:
       for step in range(start, config.steps):
+        if signals.requested:
+          break
         state, metrics = trainer.step_fn(state, trainer.batch(source, "train", step))
         if pending is not None:
           logger.record(*pending)
         pending, done = (step + 1, metrics), step + 1
-        stop = preempt.requested or (jax.process_count() > 1 and ckpt.manager.reached_preemption(done))
+        preempted = jax.process_count() > 1 and ckpt.manager.reached_preemption(done)
+        stop = signals.requested or preempted
         if done % config.checkpoint_every == 0 or done == config.steps or stop:
           ckpt.save(done, state.to_dict(), cfg_dict)
-        if config.eval_every and done % config.eval_every == 0:
-          logger.eval(done, trainer.evaluate(state, source, config.eval_batches))
+          saved = done
+        if config.eval_every and done % config.eval_every == 0 and not stop:
+          try:
+            logger.eval(done, signals.wait(trainer.evaluate, state, source, config.eval_batches))
+          except interrupts.Interrupted:
+            stop = True
         if stop:
-          logging.warning("preempted: checkpoint at step %d written, exiting", done)
           break
       if pending is not None:
         logger.record(*pending)
-  finally:
-    ckpt.close()
-    logger.close()
+      if signals.requested and done > saved:  # the signal came during an eval
+        ckpt.save(done, state.to_dict(), cfg_dict)
+        saved = done
+    finally:
+      ckpt.close()
+      logger.close()
+    if signals.requested:
+      what = f"checkpoint at step {done} written" if done > start else (
+          f"no step completed since the checkpoint at step {start}" if start else "no step completed, nothing saved")
+      logging.warning("%s: %s, exiting", _signal_name(signals.signum), what)
+      raise interrupts.Interrupted(signals.signum)
+    if preempted:
+      logging.warning("preempted: checkpoint at step %d written, exiting", done)
+    elif logger.latest is not None:
+      r = logger.latest
+      logging.info("%s: finished step %d of %d, lm_loss %.4f (total loss %.4f, accuracy %.3f); checkpoint %s",
+                   config.name, done, config.steps, r["lm_loss"], r["loss"], r["accuracy"],
+                   os.path.join(ckpt.directory, str(saved)))
   return {"step": done, "state": state}
+
+
+def _signal_name(signum: int) -> str:
+  return "interrupted (Ctrl-C)" if signum == signal.SIGINT else "preempted (SIGTERM)"

@@ -11,6 +11,8 @@ import numpy as np
 from flax import linen as nn, traverse_util
 
 from moe_jax import sharding
+
+from moe_jax import variables as model_variables
 from moe_jax.config import ModelConfig, tiny
 from moe_jax.model import Transformer
 
@@ -19,8 +21,8 @@ BATCH, SEQ = 8, 12
 
 
 def tiny_config(**kw) -> ModelConfig:
-  """The tiny preset; capacity_factor 8 >= any expert-parallel size here, so 'ep' drops nothing."""
-  return tiny(**{"capacity_factor": 8.0, **kw})
+  """The tiny preset (capacity_factor 0: every dispatch, 'ep' included, is dropless)."""
+  return tiny(**kw)
 
 
 def tokens(cfg: ModelConfig, batch: int = BATCH, seq: int = SEQ, seed: int = 1) -> np.ndarray:
@@ -50,7 +52,7 @@ def loss_fn(params, router, tokens_BS, model: Transformer):
                                      mutable=["intermediates", "losses"])
   def ce(lg, targets):
     return jnp.mean(jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, targets[..., None], -1)[..., 0])
-  balance = sum(jax.tree.leaves(state.get("losses", {})), jnp.zeros((), jnp.float32))
+  balance = sum((jnp.sum(b) for b in jax.tree.leaves(state.get("losses", {}))), jnp.zeros((), jnp.float32))
   loss = ce(logits[:, :-1], tokens_BS[:, 1:]) + balance
   for k in range(mtp.shape[0]):  # depth k+1 predicts token i+k+2
     loss += 0.3 * ce(mtp[k][:, :-(k + 2)], tokens_BS[:, k + 2:])
@@ -82,7 +84,7 @@ def reference(cfg: ModelConfig):
 
 def sharded_step(cfg: ModelConfig, mesh, rules=sharding.DEFAULT_RULES):
   """Compiles the step on `mesh` once; returns (compiled, sharded variables, sharded tokens)."""
-  abstract = sharding.eval_shape_variables(cfg)
+  abstract = model_variables.abstract(cfg)
   shardings = nn.unbox(sharding.named_shardings(abstract, mesh, rules))
   variables = jax.device_put(host_variables(cfg), shardings)
   toks = jax.device_put(tokens(cfg), sharding.batch_sharding(mesh, 2, rules))

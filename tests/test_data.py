@@ -67,6 +67,84 @@ def test_prepare_errors(tmp_path):
   with pytest.raises(UserError, match="no such file"):
     data.prepare([str(tmp_path / "missing.txt")], "byte", str(tmp_path / "o3"))
   assert data.main(["prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o4")]) == 2
+  with pytest.raises(UserError, match=r"val_fraction=0.9"):
+    data.prepare([str(tmp_path / "bad.jsonl")], "byte", str(tmp_path / "o5"), val_fraction=0.9)
+  assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "empty.txt"]  # nothing half-written left behind
+
+
+def _error(capsys) -> str:
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and err.count("error: ") == 1 and err.startswith("error: "), err
+  return err
+
+
+def test_prepare_refuses_to_overwrite(tmp_path, capsys):
+  """A second prepare into the same --out keeps the first dataset (issue 14: 124k tokens became 1)."""
+  (tmp_path / "big.txt").write_text("some text " * 500)
+  (tmp_path / "small.txt").write_text("x")
+  out = str(tmp_path / "tok")
+  prepare = ["prepare", "--out", out, "--val_fraction", "0.1", "--input"]
+  assert data.main(prepare + [str(tmp_path / "big.txt")]) == 0
+  capsys.readouterr()
+  before = {f: (tmp_path / "tok" / f).read_bytes() for f in data.PREPARED_FILES}
+  assert data.main(prepare + [str(tmp_path / "small.txt")]) == 2
+  assert "is a prepared token directory; refusing to overwrite it" in _error(capsys)
+  assert {f: (tmp_path / "tok" / f).read_bytes() for f in data.PREPARED_FILES} == before
+  assert data.main(prepare + [str(tmp_path / "small.txt"), "--overwrite"]) == 0
+  assert data.load_meta(out)["n_tokens"] == {"train": 2, "val": 0}
+  assert sorted(os.listdir(tmp_path / "tok")) == sorted(data.PREPARED_FILES)  # no temporary directory left
+  capsys.readouterr()
+  # --overwrite never replaces a directory prepare did not write, nor a file.
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("precious")
+  assert data.main(["prepare", "--input", str(tmp_path / "small.txt"), "--out", str(tmp_path / "mine"),
+                    "--overwrite"]) == 2
+  assert "files prepare did not write (notes.txt)" in _error(capsys)
+  assert data.main(["prepare", "--input", str(tmp_path / "small.txt"), "--out", str(tmp_path / "small.txt")]) == 2
+  assert "is a file, not a directory" in _error(capsys)
+  assert (tmp_path / "small.txt").read_text() == "x"
+
+
+def test_bad_tokenizer_and_flags_are_one_line(tmp_path, capsys):
+  (tmp_path / "a.txt").write_text("abc")
+  (tmp_path / "tok.json").write_text("not json")
+  out = ["--out", str(tmp_path / "o")]
+  assert data.main(["prepare", "--input", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "tok.json")]
+                   + out) == 2
+  assert "tok.json: not a Hugging Face tokenizer.json" in _error(capsys)
+  assert data.main(["prepare", "--input", str(tmp_path / "a.txt"), "--val_fraction=x"] + out) == 2
+  assert "--val_fraction: invalid float value: 'x'" in _error(capsys)
+  assert data.main(["prepare"] + out) == 2
+  assert "required: --input" in _error(capsys)
+  assert not (tmp_path / "o").exists()
+
+
+def test_damaged_token_files_are_named(tmp_path):
+  (tmp_path / "a.txt").write_text("some text " * 50)
+  out = tmp_path / "tok"
+  data.prepare([str(tmp_path / "a.txt")], "byte", str(out))
+  cfg = _cfg(str(out))
+  (out / "train.bin").write_bytes(b"")  # emptied ("mmap length is greater than file size" before)
+  with pytest.raises(UserError, match=r"train.bin: 0 bytes, but meta.json's 495 uint16 tokens need 990"):
+    data.make_source(cfg, 16, 4, 0, 264)
+  data.prepare([str(tmp_path / "a.txt")], "byte", str(out), overwrite=True)
+  tokens = np.fromfile(out / "train.bin", np.uint16)
+  tokens[7] = 300  # an id the byte vocabulary (257) does not have
+  tokens.tofile(out / "train.bin")
+  with pytest.raises(UserError, match=r"train.bin: token id 300 >= vocab_size 257 of its meta.json"):
+    data.make_source(cfg, 16, 4, 0, 512)
+  data.prepare([str(tmp_path / "a.txt")], "byte", str(out), overwrite=True)
+  (out / "meta.json").write_text("{")
+  with pytest.raises(UserError, match=r"meta.json: not valid JSON"):
+    data.make_source(cfg, 16, 4, 0, 264)
+
+
+def test_id_scan_is_chunked(monkeypatch):
+  monkeypatch.setattr(data, "_SCAN_CHUNK", 7)
+  tokens = np.zeros(100, np.uint16)
+  tokens[99] = 5
+  assert data.max_token_id(tokens) == 5 and data.max_token_id(tokens[:99]) == 0
+  assert data.max_token_id(tokens[:0]) == -1
 
 
 def test_packing_segments_and_positions():

@@ -4,6 +4,7 @@ Every mesh compiles one step (loss, logits, grads, balance statistics) once per 
 (shard_util.run_on_mesh caches it for the other tests, test_multiprocess.py included).
 """
 
+import functools
 import math
 
 import jax
@@ -14,6 +15,7 @@ from flax import linen as nn
 
 import shard_util as su
 from moe_jax import sharding
+from moe_jax import variables as model_variables
 from moe_jax.layers import ep
 from moe_jax.layers.moe import MoE, dispatch_ragged
 from moe_jax.layers.router import Router
@@ -38,7 +40,7 @@ def test_matches_single_device(shape, impl):
   diffs = jax.tree.map(su.max_rel_diff, out["grads"], ref["grads"])
   worst = max(jax.tree_util.tree_leaves_with_path(diffs), key=lambda kv: kv[1])
   assert worst[1] <= TOL, f"gradient {jax.tree_util.keystr(worst[0])} differs by {worst[1]:.2e}"
-  assert out["dropped"] == 0  # capacity_factor 8 >= every expert-parallel size here
+  assert out["dropped"] == 0  # capacity_factor 0 (default): dropless
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2, 1), (1, 1, 8, 1)], ids=_mesh_id)
@@ -62,9 +64,12 @@ def test_hlo_has_all_to_all_and_no_expert_weight_all_gather(shape):
 
 
 def test_hlo_check_sees_the_all_gather_regression():
-  """The GSPMD 'ragged' dispatch on an expert mesh gathers whole expert weights: the check must see it."""
+  """An expert stack gathered whole along E (what GSPMD once made of 'ragged'): the check must see it."""
   mesh = sharding.make_mesh(1, 1, 8, 1)
-  _, hlo = su.run_on_mesh(CFG.replace(moe_impl="ragged"), (1, 1, 8, 1))
+  e, d, f = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert"))
+  gather = jax.jit(lambda w: w * 2, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  hlo = gather.lower(jax.ShapeDtypeStruct((e, d, f), jnp.float32, sharding=spec)).compile().as_text()
   assert su.expert_weight_all_gathers(hlo, CFG, mesh)
 
 
@@ -113,6 +118,29 @@ def test_capacity_drops_are_counted_and_zeroed():
   assert su.max_rel_diff(y, y_ref) <= TOL
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 4, 1), (2, 1, 2, 2)], ids=_mesh_id)
+def test_dropless_dispatch_under_one_shard_routing(shape):
+  """Default (capacity_factor 0): every token to shard 0's experts takes several rounds of the
+  fixed buffers; output and gradients (x, routing weights, expert weights) equal ragged."""
+  cfg = CFG
+  skew = jnp.array([9.0, 9.0, 0, 0, 0, 0, 0, 0])
+  xs, w, idx, gate, up, down = _dispatch_inputs(cfg, 64, skew=skew)
+  assert (np.asarray(idx) < 2).all()
+
+  def loss(dispatch, xs, w, gate, up, down):
+    y, stats = dispatch(xs, w, idx, gate, up, down, cfg)
+    return jnp.sum(jnp.sin(y)), stats
+
+  grad = jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5), has_aux=True)
+  with sharding.activation_rules(sharding.make_mesh(*shape), sharding.DEFAULT_RULES):
+    (l, stats), g = jax.jit(functools.partial(grad, ep.dispatch_ep))(xs, w, gate, up, down)
+  (l_ref, _), g_ref = grad(dispatch_ragged, xs, w, gate, up, down)
+  assert float(stats["dropped_tokens"]) == 0 and float(stats["ep_rounds"]) > 1
+  assert su.max_rel_diff(l, l_ref) <= TOL
+  for a, b in zip(g, g_ref):
+    assert su.max_rel_diff(a, b) <= TOL
+
+
 def test_without_a_mesh_ep_is_ragged():
   xs, w, idx, gate, up, down = _dispatch_inputs(CFG, 24)
   y, stats = ep.dispatch_ep(xs, w, idx, gate, up, down, CFG)
@@ -144,7 +172,7 @@ def test_node_limited_routing_reaches_at_most_topk_group_shards():
   ep_size, e_local = 4, 4
   # Layout: expert e's weights live on expert-axis coordinate e // e_local.
   gate_sharding = sharding.named_shardings(
-      sharding.eval_shape_variables(cfg), mesh, sharding.DEFAULT_RULES)["params"]["layers_1"]["moe"]["gate"]
+      model_variables.abstract(cfg), mesh, sharding.DEFAULT_RULES)["params"]["layers_1"]["moe"]["gate"]
   gate_sharding = nn.unbox(gate_sharding)
   for device, index in gate_sharding.devices_indices_map((16, cfg.hidden_size, cfg.moe_intermediate_size)).items():
     coord = int(np.argwhere(mesh.devices == device)[0][2])
@@ -179,7 +207,9 @@ def test_tensor_parallel_on_a_batch_axis_is_rejected():
 
 
 def test_capacity_formula():
+  assert ep.ep_capacity(64, 4, su.tiny_config()) == math.ceil(64 * 2 / 4 * 1.25)  # dropless rounds: ep_round_factor
+  assert ep.ep_capacity(64, 4, su.tiny_config(ep_round_factor=2.0)) == 64
   cfg = su.tiny_config(capacity_factor=1.25)  # E=8, X=2
   assert ep.ep_capacity(64, 4, cfg) == math.ceil(64 * 2 / 4 * 1.25)
-  assert ep.ep_capacity(64, 4, cfg.replace(capacity_factor=8.0)) == 64 * 2  # worst case: dropless
+  assert ep.ep_capacity(64, 4, cfg.replace(capacity_factor=8.0)) == 64 * 2  # worst case: nothing drops
   assert ep.ep_capacity(64, 8, cfg.replace(capacity_factor=8.0)) == 64  # one local expert: once per token

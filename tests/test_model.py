@@ -344,7 +344,7 @@ def test_deepseek_v2_lite_count():
     (dict(first_k_dense_replace=3), "first_k_dense_replace"),
     (dict(hidden_size=0), "hidden_size"),
     (dict(dtype="float33"), "dtype"),
-    (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(capacity_factor=-1.0), "capacity_factor"),
     (dict(n_routed_experts=8, n_group=8, topk_group=2), "n_group"),  # sigmoid groups need >= 2 experts
     (dict(scan_layers=True, moe_layer_freq=2, num_hidden_layers=3), "scan_layers"),
     (dict(balance_loss="token"), "balance_loss"),

@@ -3,8 +3,9 @@
 The worker (this file run as a script) joins a 2-process cluster through
 sharding.initialize_distributed, builds the (data=2, fsdp=1, expert=2, tensor=2) mesh as
 one data slice per process (make_mesh(..., dcn_data=2): create_hybrid_device_mesh with
-processes as granules), feeds only its rows of the batch (process_batch_rows +
-global_batch), runs the expert-parallel step and gathers the results to process 0.
+processes as granules), feeds only its rows of the batch (process_rows +
+global_batch), runs the expert-parallel step and gathers the results to process 0. It also
+feeds a layout where each process holds scattered rows (as hosts do on a TPU pod).
 """
 
 import os
@@ -74,6 +75,7 @@ def _worker(process_id: int, port: int, out: str):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import shard_util as su
   from moe_jax import sharding
+  from moe_jax import variables as model_variables
 
   assert sharding.initialize_distributed(f"127.0.0.1:{port}", 2, process_id, initialization_timeout=60,
                                          heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
@@ -84,17 +86,30 @@ def _worker(process_id: int, port: int, out: str):
   assert {d.process_index for d in mesh.devices[process_id].flat} == {process_id}
 
   cfg = su.tiny_config(moe_impl="ep")
-  shardings = nn.unbox(sharding.named_shardings(sharding.eval_shape_variables(cfg), mesh, sharding.DEFAULT_RULES))
+  shardings = nn.unbox(sharding.named_shardings(model_variables.abstract(cfg), mesh, sharding.DEFAULT_RULES))
   host = jax.tree.map(np.asarray, su.host_variables(cfg))  # same seed: the same values in both processes
   variables = jax.tree.map(lambda h, s: jax.make_array_from_callback(h.shape, s, lambda i: h[i]), host, shardings)
-  rows = sharding.process_batch_rows(mesh, su.BATCH)
-  assert rows == slice(4 * process_id, 4 * process_id + 4)
-  tokens = sharding.global_batch({"tokens": su.tokens(cfg)[rows]}, mesh)["tokens"]
+  rows = sharding.process_rows(mesh, su.BATCH)
+  np.testing.assert_array_equal(rows, np.arange(4 * process_id, 4 * process_id + 4))
+  tokens = sharding.global_batch({"tokens": su.tokens(cfg)[rows]}, mesh, rows, su.BATCH)["tokens"]
   assert tokens.shape == (su.BATCH, su.SEQ)
   with sharding.activation_rules(mesh, sharding.DEFAULT_RULES):
     step = jax.jit(su.step_fn(su.Transformer(cfg)), in_shardings=(shardings, tokens.sharding))
     result = step(variables, tokens)
   result = multihost_utils.process_allgather(result, tiled=True)
+
+  # Scattered rows, as on a TPU pod where a host's chips are not adjacent along the batch axis:
+  # data=8 over devices interleaved by pairs, so process 0 holds rows [0, 1, 4, 5].
+  mine = [d for d in jax.devices() if d.process_index == process_id]
+  other = [d for d in jax.devices() if d.process_index != process_id]
+  first, second = (mine, other) if process_id == 0 else (other, mine)
+  order = first[:2] + second[:2] + first[2:] + second[2:]
+  scattered = jax.sharding.Mesh(np.asarray(order).reshape(8, 1, 1, 1), sharding.MESH_AXES)
+  rows = sharding.process_rows(scattered, 8)
+  np.testing.assert_array_equal(rows, [0, 1, 4, 5] if process_id == 0 else [2, 3, 6, 7])
+  want = su.tokens(cfg)[:8]
+  got = sharding.global_batch({"tokens": want[rows]}, scattered, rows, 8)["tokens"]
+  np.testing.assert_array_equal(multihost_utils.process_allgather(got, tiled=True), want)
   if process_id == 0:
     np.savez(out, **_flat(result))
   jax.distributed.shutdown()

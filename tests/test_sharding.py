@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import shard_util as su
 from moe_jax import plan, sharding
+from moe_jax import variables as model_variables
 from moe_jax.config import PRESETS
 from moe_jax.model import Transformer
 
@@ -28,7 +29,7 @@ CFG = su.tiny_config()
 
 @functools.lru_cache(maxsize=None)
 def _abstract(preset: str):
-  return sharding.eval_shape_variables(PRESETS[preset]())
+  return model_variables.abstract(PRESETS[preset]())
 
 
 def spec_table(abstract, rules=sharding.DEFAULT_RULES) -> str:
@@ -59,7 +60,7 @@ def test_golden_table_sees_a_rules_change():
 def test_expert_weights_one_eighth_per_device_on_expert_8():
   """Each device holds exactly 1/(product of its spec's mesh axes) of every tensor; experts 1/8."""
   mesh = sharding.make_mesh(1, 1, 8, 1)
-  abstract = sharding.eval_shape_variables(CFG)
+  abstract = model_variables.abstract(CFG)
   shardings = nn.unbox(sharding.named_shardings(abstract, mesh, sharding.DEFAULT_RULES))
   variables = jax.device_put(su.host_variables(CFG), shardings)
   moe = variables["params"]["layers_1"]["moe"]
@@ -80,7 +81,7 @@ def test_expert_weights_one_eighth_per_device_on_expert_8():
 
 def test_born_sharded_init_has_the_rules_shardings():
   mesh = sharding.make_mesh(1, 2, 4, 1)
-  variables, shardings = sharding.init_variables(Transformer(CFG), jax.random.key(0), (su.BATCH, su.SEQ), mesh,
+  variables, shardings = model_variables.init_sharded(Transformer(CFG), jax.random.key(0), (su.BATCH, su.SEQ), mesh,
                                                  sharding.DEFAULT_RULES)
   assert variables["params"]["layers_1"]["moe"]["gate"].sharding.spec == P("expert", "fsdp", "tensor")
   assert variables["params"]["embed"].sharding.spec == P("tensor", ("fsdp", "expert"))
@@ -117,22 +118,22 @@ def test_experts_not_divisible_by_expert_axis():
   mesh = sharding.make_mesh(1, 1, 8, 1)
   cfg = su.tiny_config(n_routed_experts=12, n_group=4)
   with pytest.raises(ValueError, match=r"n_routed_experts=12 is not divisible by the expert-parallel size 8"):
-    sharding.validate(cfg, 8, mesh)
+    sharding.validate(cfg, 8, mesh, None, model_variables.abstract(cfg))
 
 
 def test_batch_not_divisible_by_data_parallel_size():
   mesh = sharding.make_mesh(2, 2, 2, 1)
   with pytest.raises(ValueError, match=r"batch size 12 is not divisible by the data-parallel size 8 "
                                        r"\(mesh axes data=2xfsdp=2xexpert=2\)"):
-    sharding.validate(CFG, 12, mesh)
-  sharding.validate(CFG, 16, mesh)
+    sharding.validate(CFG, 12, mesh, None, _abstract("tiny"))
+  sharding.validate(CFG, 16, mesh, None, _abstract("tiny"))
 
 
 def test_parameter_dimension_not_divisible():
   mesh = sharding.make_mesh(1, 1, 1, 8)
   with pytest.raises(ValueError, match=r"\['k_b'\] \(32, 4, 16\): dimension 1 \(heads=4\) is not divisible by mesh "
                                        r"axes tensor=8 = 8; override the rule, e.g. mesh.rules=\[\('heads', None\)\]"):
-    sharding.validate(CFG, 8, mesh, abstract_variables=_abstract("tiny"))
+    sharding.validate(CFG, 8, mesh, None, _abstract("tiny"))
 
 
 def test_mesh_product_not_device_count():
@@ -171,8 +172,9 @@ def test_single_process_batch_helpers(monkeypatch):
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
   assert sharding.initialize_distributed() is False
   mesh = sharding.make_mesh(2, 1, 2, 2)
-  assert sharding.process_batch_rows(mesh, 8) == slice(0, 8)
+  rows = sharding.process_rows(mesh, 8)
+  np.testing.assert_array_equal(rows, np.arange(8))
   toks = su.tokens(CFG)
-  batch = sharding.global_batch({"tokens": toks}, mesh)["tokens"]
+  batch = sharding.global_batch({"tokens": toks}, mesh, rows, 8)["tokens"]
   assert batch.sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
   np.testing.assert_array_equal(np.asarray(batch), toks)

@@ -1,4 +1,5 @@
-"""`python train.py` end to end, in subprocesses: resume after kill -9, SIGTERM, NaN policies, bad input.
+"""`python train.py` end to end, in subprocesses: resume after kill -9, SIGTERM, Ctrl-C at every
+phase, damaged checkpoints, NaN policies, bad input.
 
 Every run uses configs/tiny.py:test on 2 host devices and shares one persistent compilation
 cache, so runs of the same config compile once. Losses are compared bit for bit from
@@ -7,6 +8,7 @@ metrics.jsonl (JSON floats round-trip exactly).
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,7 +151,105 @@ def test_nan_skip_then_sigterm_checkpoints_and_exits_0(env, tmp_path):
 def test_nan_stop_names_the_step(env, tmp_path):
   stop = run(env, str(tmp_path / "stop"), *NAN, "--config.nan_policy=stop")
   assert stop.returncode == 1
-  assert "at step 3;" in error_line(stop)
+  line = error_line(stop)
+  assert "at step 3;" in line and "non-finite loss (nan" in line
+
+
+def ctrl_c(env, workdir, ready, *flags, delay=0.0):
+  """Starts a 400-step run, sends SIGINT once ready(stderr so far) holds, then ->
+  (exit code, seconds from the signal to the exit, stderr)."""
+  err_path = workdir + ".stderr"
+  os.makedirs(os.path.dirname(err_path), exist_ok=True)
+  with open(err_path, "w") as err:
+    proc = subprocess.Popen(command(workdir, "--config.steps=400", "--config.checkpoint_every=1000", *flags),
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+  try:
+    wait_for(lambda: ready(open(err_path).read()), proc)
+    time.sleep(delay)
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    return proc.returncode, time.time() - sent, open(err_path).read()
+  finally:
+    proc.kill()
+
+
+def no_traceback(err):
+  assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+
+
+def test_ctrl_c_while_importing_and_compiling_exits_130_at_once(env, tmp_path):
+  """Ctrl-C while jax loads (a KeyboardInterrupt there used to vanish in jax's GC callback and
+  the run went on) and while the step compiles (no cache: the signal used to wait for it)."""
+  code, _, err = ctrl_c(env, str(tmp_path / "import"), lambda err: True, delay=1.0)
+  assert code == 130, err[-3000:]
+  no_traceback(err)
+  assert checkpoint.latest_step(str(tmp_path / "import")) is None
+
+  cold = {k: v for k, v in env.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+  cold.pop("JAX_COMPILATION_CACHE_DIR")
+  code, seconds, err = ctrl_c(cold, str(tmp_path / "compile"), lambda err: "compiling the step" in err, delay=0.3)
+  assert code == 130, err[-3000:]
+  no_traceback(err)
+  assert seconds < 10 and "before the first step: nothing to save" in err
+  assert checkpoint.latest_step(str(tmp_path / "compile")) is None
+
+
+def test_ctrl_c_while_training_checkpoints_and_exits_130(env, tmp_path):
+  workdir = str(tmp_path / "run")
+  code, seconds, err = ctrl_c(env, workdir, lambda err: os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+                              and len(metrics(workdir)) >= 3)
+  assert code == 130, err[-3000:]
+  no_traceback(err)
+  step = checkpoint.latest_step(workdir)
+  assert step >= 3 and max(losses(workdir)) == step  # the checkpoint holds every logged step
+  assert f"interrupted (Ctrl-C): checkpoint at step {step} written" in err and seconds < 30
+
+
+def test_finished_run_says_so(env, reference):
+  workdir, ref = reference
+  p = run(env, workdir)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "already holds the final checkpoint (step 8, config steps=8): nothing to train" in p.stderr
+  assert losses(workdir) == ref and checkpoint.latest_step(workdir) == 8
+
+
+def damage_largest_file(workdir, step):
+  data = os.path.join(workdir, "checkpoints", str(step), "state", "ocdbt.process_0", "d")
+  largest = max((os.path.join(data, f) for f in os.listdir(data)), key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one(env, reference, tmp_path):
+  """Step 8's data file truncated: eval scores step 6 and says so; training resumes from step 6
+  with one warning, reproduces steps 7-8 bit for bit and saves step 8 again."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  damage_largest_file(workdir, 8)
+  (tmp_path / "val.txt").write_text("def f(x):\n  return x + 1\n" * 8)
+  ev = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", f"--tasks=lm:{tmp_path / 'val.txt'}",
+                       "--no_progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  no_traceback(ev.stderr)
+  assert "checkpoint step 8 " in ev.stderr and "is damaged (cannot read " in ev.stderr
+  assert "step: 6" in ev.stdout
+
+  p = run(env, workdir, "--config.steps=10")
+  assert p.returncode == 0, p.stderr[-3000:]
+  no_traceback(p.stderr)
+  warnings = [line for line in p.stderr.splitlines() if "is damaged" in line]
+  assert len(warnings) == 1 and "checkpoint step 8 " in warnings[0] and "using step 6 instead" in warnings[0]
+  assert "moved aside: 8.damaged" in warnings[0]
+  new = losses(workdir)
+  assert [new[s] for s in range(1, 9)] == [reference[1][s] for s in range(1, 9)] and sorted(new) == list(range(1, 11))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "6", "8", "8.damaged"]
+
+  for step in (6, 8, 10):  # now every step is damaged: one line, exit 2, nothing started
+    damage_largest_file(workdir, step)
+  p = run(env, workdir, "--config.steps=12")
+  assert p.returncode == 2
+  assert "no intact checkpoint" in error_line(p)
 
 
 def test_incompatible_checkpoint_and_foreign_workdir_refused(env, reference, tmp_path):
@@ -183,6 +283,7 @@ def test_bad_input_is_one_line(env, tmp_path):
                        "token id 256 >= model.vocab_size 200"),
       "unknown field": (["--config.foo=1"], "foo"),
       "mesh": (["--config.mesh.data=3"], "3*1*1*1 = 3 but there are 2 devices"),
+      "seq_len": (["--config.seq_len=2048"], "seq_len=2048 is longer than model.max_position_embeddings=1024"),
   }
   procs = {name: subprocess.Popen(command(str(tmp_path / name.replace(" ", "_")), *flags), cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

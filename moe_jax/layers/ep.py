@@ -1,31 +1,53 @@
 """Expert-parallel MoE dispatch ('ep'): tokens travel to their experts' shard by all-to-all.
 
-Variant: capacity-bounded `jax.lax.all_to_all`. The dropless `jax.lax.ragged_all_to_all`
-does not run on CPU in jax 0.10.2 (XLA:CPU: "HLO opcode `ragged-all-to-all` is not
-supported"), and this path must run in CPU tests; drops are counted instead.
+Dropless by default, with per-device buffers of a fixed size whatever the routing: tokens
+are exchanged in rounds of C slots per (source, destination) shard pair until every
+assignment has been served. `capacity_factor > 0` (an explicit choice) instead makes one
+round of C = ceil(T*X/P * capacity_factor) slots and drops the rest, counted.
+
+Why rounds of `jax.lax.all_to_all` and not `jax.lax.ragged_all_to_all` (checked with jax
+0.10.2): XLA:CPU rejects ragged-all-to-all ("HLO opcode `ragged-all-to-all` is not supported
+by XLA:CPU ThunkEmitter"), so the CPU tests could not run it; it compiles for TPU (compile-only
+v5 topology), but its output buffer is a static operand, so a dropless receive still has to be
+sized for the worst case, every source sending T*min(X, E/P) rows to one shard: P*T*min(X, E/P)
+rows, 32x the balanced T*X rows at DeepSeek-V3 widths (E/P = 4, X = 8), about 15 GB per chip at
+4,096 tokens. It saves padding traffic, not memory. Rounds bound memory on every backend:
+each round's send, receive and expert buffers hold P*C rows, C = ceil(T*X/P * ep_round_factor)
+(1.25 x balanced by default, <= 2x whatever the routing; tests/test_ep.py reads the all-to-all
+shapes from the compiled HLO). The round count is data-dependent (a while loop): 1 when the
+routing is balanced within ep_round_factor, up to ceil(T*min(X, E/P) / C) when every token
+goes to one shard; the hot shard then computes every row, as it must.
 
 Runs inside `jax.shard_map` over the context mesh, with the axes the rules table gives
 (sharding.activation_rules sets both): tokens on the batch axes (data x fsdp x expert),
 routed experts on the `exp` axes (P shards of E/P experts), F on the `exp_mlp` axes.
-Per device, with T local tokens and X choices each:
-  1. Assignment (t, x) goes to shard idx // (E/P). Each (source, destination) pair has C
-     slots; choice-major priority (every token's first choice before any second choice,
-     as GShard); assignments past C are dropped (their output is 0) and counted.
-  2. Send buffer [P*C, D] plus local expert ids [P*C]; all_to_all -> the rows every
-     source sent to this shard.
+Per device, with T local tokens, X choices each, A = X*T assignments a = x*T + t:
+  1. Plan: assignment a goes to shard idx // (E/P); sorted by destination (choice-major, so
+     every token's first choice comes before any second choice, as GShard) it gets a rank
+     in its destination's queue. Rounds R = max over all shard pairs of ceil(count / C)
+     (pmax: every device runs the same number of collectives).
+  2. Round r serves ranks [r*C, (r+1)*C): send buffer [P*C, D] filled by gathers (empty
+     slots 0) plus local expert ids [P*C]; all_to_all -> the rows every source sent here.
   3. Sort the received rows by local expert, grouped SwiGLU on the local experts (rows of
-     empty slots sort last and give 0), unsort.
-  4. all_to_all back; each assignment reads its slot; weighted sum over the X choices.
-     With F sharded (tensor parallel inside experts) the sum is partial: psum over exp_mlp.
-  C = min(T * min(X, E/P), ceil(T * X / P * capacity_factor)). capacity_factor >= P
-  reaches the worst case, so nothing can drop (at P times the balanced buffer size).
-Stats: `dropped_tokens` = assignments dropped, summed over all shards (global).
+     empty slots sort last and give 0), unsort; all_to_all back; each assignment served
+     this round reads its slot, times its routing weight, into the output [T, D] (fp32).
+  4. After the rounds, with F sharded (tensor parallel inside experts) the sum is partial:
+     psum over exp_mlp.
+Backward (custom VJP): the plan is recomputed and the rounds replayed; each round sends the
+token rows, the output cotangent rows and the routing weights, recomputes the expert FFN on
+the receiving shard (jax.vjp: no round's activations are stored across rounds), and sends
+back the row cotangents and the routing-weight cotangents <dy, y>: 3 row all-to-alls per
+round. Expert-weight gradients sum over rounds locally and are psummed once over the batch
+axes that do not hold experts (data, fsdp).
+Stats: `dropped_tokens` (assignments dropped, global; 0 unless capacity_factor > 0) and
+`ep_rounds` (exchange rounds this layer ran).
 
 Node-limited routing comes from the layout: expert e lives on shard e // (E/P), so when
 n_group is a multiple of P each shard holds whole groups and a token reaches at most
-topk_group shards. Weights enter shard_map with E on the expert axes and D whole: GSPMD
-gathers the fsdp-sharded D (FSDP) before, and reduce-scatters their gradients after;
-nothing gathers E.
+topk_group shards. Rows travel per assignment: a token with two experts on one shard is sent
+twice (DeepSeek sends it once per node; not done here). Weights enter shard_map with E on
+the expert axes and D whole: GSPMD gathers the fsdp-sharded D (FSDP) before, and
+reduce-scatters their gradients after; nothing gathers E.
 
 Fallbacks: no mesh in the context (or a 1-device mesh, or no rules) -> plain
 `dispatch_ragged`. Expert-parallel size 1 -> dropless ragged on each device's own
@@ -37,6 +59,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,14 +68,84 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax import sharding
 from moe_jax.config import ModelConfig
+from moe_jax.layers import fp8 as fp8_lib
 from moe_jax.layers.moe import dispatch_ragged, expert_ffn_ragged, register_dispatch, sort_by_expert
 
 
 def ep_capacity(tokens: int, ep: int, cfg: ModelConfig) -> int:
-  """Slots C per (source, destination) shard pair for `tokens` local tokens."""
+  """Slots C per (source, destination) shard pair and round, for `tokens` local tokens.
+
+  capacity_factor > 0: the one round's capacity (the rest drops); else ep_round_factor.
+  """
   x, local = cfg.num_experts_per_tok, cfg.n_routed_experts // ep
   worst = tokens * min(x, local)  # a token meets each local expert at most once
-  return max(1, min(worst, math.ceil(tokens * x / ep * cfg.capacity_factor)))
+  factor = cfg.capacity_factor if cfg.capacity_factor > 0 else cfg.ep_round_factor
+  return max(1, min(worst, math.ceil(tokens * x / ep * factor)))
+
+
+class _Static(NamedTuple):
+  """What both shard_map'd halves need to know (hashable: a nondiff argument of the custom VJP)."""
+  cfg: ModelConfig
+  mesh: jax.sharding.AbstractMesh
+  token_axes: tuple[str, ...]
+  exp_axes: tuple[str, ...]
+  mlp_axes: tuple[str, ...]
+  ep: int  # P: expert-parallel size
+  cap: int  # C
+  dropless: bool
+
+
+class _Plan(NamedTuple):
+  flat: jax.Array  # [A] expert of assignment a = x*T + t (choice-major)
+  dest: jax.Array  # [A] destination shard
+  order: jax.Array  # [A] assignments sorted by destination (stable: choice-major within one)
+  rank: jax.Array  # [A] position in its destination's queue
+  counts: jax.Array  # [P] assignments per destination
+  starts: jax.Array  # [P] first sorted position of each destination
+  rounds: jax.Array  # int32 scalar, the same on every device
+
+
+def _plan(idx_TX, s: _Static) -> _Plan:
+  e_local = s.cfg.n_routed_experts // s.ep
+  flat = idx_TX.T.reshape(-1)
+  dest = flat // e_local
+  order = jnp.argsort(dest, stable=True)
+  counts = jnp.zeros((s.ep,), jnp.int32).at[dest].add(1)
+  starts = jnp.cumsum(counts) - counts
+  rank = jnp.argsort(order).astype(jnp.int32) - starts[dest]  # argsort of a permutation: its inverse
+  if s.dropless:
+    rounds = jax.lax.pmax((jnp.max(counts) + s.cap - 1) // s.cap, tuple(s.mesh.axis_names))
+  else:
+    rounds = jnp.ones((), jnp.int32)
+  return _Plan(flat, dest, order, rank, counts, starts, rounds.astype(jnp.int32))
+
+
+def _round_slots(plan: _Plan, r, s: _Static):
+  """Round r -> (filler [P*C]: the assignment in each send slot, -1 if empty;
+  slot [A]: each assignment's slot, P*C (a zero row) if it is not served this round)."""
+  pos = r * s.cap + jnp.arange(s.cap, dtype=jnp.int32)  # ranks served this round
+  filled = pos[None, :] < plan.counts[:, None]  # [P, C]
+  filler = plan.order[jnp.minimum(plan.starts[:, None] + pos[None, :], plan.order.shape[0] - 1)]
+  filler = jnp.where(filled, filler, -1).reshape(-1)
+  served = (plan.rank >= r * s.cap) & (plan.rank < (r + 1) * s.cap)
+  slot = jnp.where(served, plan.dest * s.cap + plan.rank - r * s.cap, s.ep * s.cap)
+  return filler, slot
+
+
+def _gather_rows(rows_TD, filler):
+  """rows[token of each filler] ([P*C, D]), zero rows for empty slots."""
+  t = rows_TD.shape[0]
+  return jnp.where((filler >= 0)[:, None], rows_TD[jnp.maximum(filler, 0) % t], 0).astype(rows_TD.dtype)
+
+
+def _read_slots(back_M, slot):
+  """back[slot] with the slot P*C reading zeros ([P*C, ...] -> [A, ...])."""
+  pad = jnp.zeros((1, *back_M.shape[1:]), back_M.dtype)
+  return jnp.concatenate([back_M, pad])[slot]
+
+
+def _a2a(x, s: _Static):
+  return jax.lax.all_to_all(x, s.exp_axes, 0, 0, tiled=True)  # block i: what shard i sent here
 
 
 def _local_experts(rows_MD, ids_M, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig):
@@ -64,37 +157,113 @@ def _local_experts(rows_MD, ids_M, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig)
   return y[inverse]
 
 
-def _ep_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, *, cfg, exp_axes, mlp_axes, token_axes, ep, cap):
-  """One device's part of steps 1-4 (see the module docstring)."""
-  t, k = idx_TX.shape
-  d = x_TD.shape[-1]
-  e_local = gate_EDF.shape[0]
-  dt = cfg.compute_dtype
-  flat = idx_TX.T.reshape(-1)  # [X*T] choice-major: a = x*T + t
-  dest = flat // e_local
-  order = jnp.argsort(dest, stable=True)
-  counts = jnp.zeros((ep,), jnp.int32).at[dest].add(1)
-  starts = jnp.cumsum(counts) - counts
-  rank = jnp.zeros_like(order).at[order].set(jnp.arange(k * t, dtype=order.dtype) - starts[dest[order]])
-  keep = rank < cap
-  slot = jnp.where(keep, dest * cap + rank, ep * cap)  # ep*cap: the drop slot
-  # Which assignment fills each slot, so rows move by gathers (the drop slot is cut off).
-  filler = jnp.full((ep * cap + 1,), -1, jnp.int32).at[slot].set(jnp.arange(k * t, dtype=jnp.int32))[:-1]
-  filled = filler >= 0
-  send_x = jnp.where(filled[:, None], x_TD.astype(dt)[jnp.where(filled, filler % t, 0)], 0)
-  send_id = jnp.where(filled, flat[jnp.maximum(filler, 0)] % e_local, e_local)
+def _send(x_TD, plan: _Plan, filler, s: _Static):
+  """The round's rows (compute dtype) and their local expert ids, after the all-to-all."""
+  e_local = s.cfg.n_routed_experts // s.ep
+  rows = _gather_rows(x_TD.astype(s.cfg.compute_dtype), filler)
+  ids = jnp.where(filler >= 0, plan.flat[jnp.maximum(filler, 0)] % e_local, e_local)
+  return _a2a(rows, s), _a2a(ids, s)
 
-  recv_x = jax.lax.all_to_all(send_x, exp_axes, 0, 0, tiled=True)  # block i: what source i sent here
-  recv_id = jax.lax.all_to_all(send_id, exp_axes, 0, 0, tiled=True)
-  y = _local_experts(recv_x, recv_id, gate_EDF, up_EDF, down_EFD, cfg)
-  back = jax.lax.all_to_all(y, exp_axes, 0, 0, tiled=True)  # block j: what shard j computed for us
-  back = jnp.concatenate([back, jnp.zeros((1, d), back.dtype)])  # the drop slot reads zeros
-  y_XTD = back[slot].reshape(k, t, d)
-  out = jnp.einsum("xtd,tx->td", y_XTD.astype(jnp.float32), w_TX)
-  if mlp_axes:
-    out = jax.lax.psum(out, mlp_axes)
-  dropped = jax.lax.psum(jnp.sum(~keep).astype(jnp.float32), token_axes)
-  return out.astype(dt), dropped
+
+def _forward_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, *, s: _Static):
+  """One device's steps 1-4 -> (out [T, D], dropped (global), rounds)."""
+  t, k = idx_TX.shape
+  plan = _plan(idx_TX, s)
+  w_A = w_TX.T.reshape(-1)
+
+  def round_(r, out_TD):
+    filler, slot = _round_slots(plan, r, s)
+    recv_x, recv_id = _send(x_TD, plan, filler, s)
+    back = _a2a(_local_experts(recv_x, recv_id, gate_EDF, up_EDF, down_EFD, s.cfg), s)
+    y_AD = _read_slots(back, slot).astype(jnp.float32) * w_A[:, None]
+    return out_TD + y_AD.reshape(k, t, -1).sum(0)
+
+  out = jax.lax.fori_loop(0, plan.rounds, round_, jnp.zeros((t, x_TD.shape[-1]), jnp.float32))
+  if s.mlp_axes:
+    out = jax.lax.psum(out, s.mlp_axes)
+  dropped = jnp.sum(jnp.maximum(plan.counts - s.cap, 0)).astype(jnp.float32) if not s.dropless else 0.0
+  dropped = jax.lax.psum(jnp.asarray(dropped, jnp.float32), s.token_axes)
+  return out.astype(s.cfg.compute_dtype), dropped, plan.rounds.astype(jnp.float32)
+
+
+def _backward_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, g_TD, *, s: _Static):
+  """Replays the rounds: -> (dx [T, D], dw [T, X], dgate, dup, ddown) (see the module docstring)."""
+  t, k = idx_TX.shape
+  plan = _plan(idx_TX, s)
+  w_A = w_TX.T.reshape(-1)
+  trained = not any(isinstance(w, fp8_lib.Fp8Weight) for w in (gate_EDF, up_EDF, down_EFD))
+  weights = (gate_EDF, up_EDF, down_EFD)
+
+  def round_(r, carry):
+    dx_TD, dw_A, dweights = carry
+    filler, slot = _round_slots(plan, r, s)
+    recv_x, recv_id = _send(x_TD, plan, filler, s)
+    recv_g = _a2a(_gather_rows(g_TD, filler), s)
+    recv_w = _a2a(jnp.where(filler >= 0, w_A[jnp.maximum(filler, 0)], 0.0), s)
+    ffn = lambda rows, *ws: _local_experts(rows, recv_id, *ws, s.cfg)  # noqa: E731
+    if trained:
+      y, vjp = jax.vjp(ffn, recv_x, *weights)
+    else:  # FP8 checkpoint weights (Fp8Weight) are frozen: no weight cotangents
+      y, vjp = jax.vjp(lambda rows: ffn(rows, *weights), recv_x)
+    g32 = recv_g.astype(jnp.float32)
+    dw_rows = jnp.sum(g32 * y.astype(jnp.float32), -1)  # d out / d w = this expert's output
+    grads = vjp((recv_w[:, None] * g32).astype(y.dtype))
+    d_rows = _a2a(grads[0], s)
+    dw_back = _a2a(dw_rows, s)
+    dx_TD = dx_TD + _read_slots(d_rows, slot).astype(jnp.float32).reshape(k, t, -1).sum(0)
+    dw_A = dw_A + _read_slots(dw_back, slot)
+    if trained:
+      dweights = tuple(a + b.astype(jnp.float32) for a, b in zip(dweights, grads[1:]))
+    return dx_TD, dw_A, dweights
+
+  zeros_w = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights) if trained else ()
+  init = (jnp.zeros(x_TD.shape, jnp.float32), jnp.zeros(w_A.shape, jnp.float32), zeros_w)
+  dx, dw, dweights = jax.lax.fori_loop(0, plan.rounds, round_, init)
+  if s.mlp_axes:  # x and w meet every F shard: their cotangents are partial sums
+    dx, dw = jax.lax.psum((dx, dw), s.mlp_axes)
+  replicas = tuple(a for a in s.token_axes if a not in s.exp_axes)  # batch axes that copy the experts
+  if trained:
+    if replicas:
+      dweights = jax.lax.psum(dweights, replicas)
+    dweights = tuple(d.astype(w.dtype) for d, w in zip(dweights, weights))
+  else:
+    dweights = (None, None, None)
+  return (dx.astype(x_TD.dtype), dw.reshape(k, t).T.astype(w_TX.dtype), *dweights)
+
+
+def _specs(s: _Static):
+  tok = P(s.token_axes or None, None)
+  exp, mlp = s.exp_axes or None, s.mlp_axes or None
+  return tok, (P(exp, None, mlp), P(exp, None, mlp), P(exp, mlp, None))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _exchange(s: _Static, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD):
+  """Global arrays in, (out [T, D], dropped, rounds) out; gradients by replaying the rounds."""
+  tok, wspecs = _specs(s)
+  # check_vma=False: every collective is written out here (the backward too), none is implied.
+  return jax.shard_map(functools.partial(_forward_shard, s=s), mesh=s.mesh,
+                       in_specs=(tok, tok, tok, *wspecs), out_specs=(tok, P(), P()), check_vma=False)(
+                           x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+
+
+def _exchange_fwd(s, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD):
+  out = _exchange(s, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+  return out, (x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+
+
+def _exchange_bwd(s, res, cotangents):
+  g_TD = cotangents[0]  # dropped and rounds are statistics: no gradient
+  tok, wspecs = _specs(s)
+  trained = not any(isinstance(w, fp8_lib.Fp8Weight) for w in res[3:])
+  dws = wspecs if trained else (P(), P(), P())
+  dx, dw, dgate, dup, ddown = jax.shard_map(
+      functools.partial(_backward_shard, s=s), mesh=s.mesh, in_specs=(tok, tok, tok, *wspecs, tok),
+      out_specs=(tok, tok, *dws), check_vma=False)(*res, g_TD)
+  return dx, dw, None, dgate, dup, ddown
+
+
+_exchange.defvjp(_exchange_fwd, _exchange_bwd)
 
 
 def _dp_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, *, cfg, mlp_axes):
@@ -103,6 +272,10 @@ def _dp_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, *, cfg, mlp_axes):
   if mlp_axes:
     out = jax.lax.psum(out.astype(jnp.float32), mlp_axes).astype(out.dtype)
   return out, jnp.zeros((), jnp.float32)
+
+
+def _no_stats():
+  return {"dropped_tokens": jnp.zeros((), jnp.float32), "ep_rounds": jnp.zeros((), jnp.float32)}
 
 
 def dispatch_ep(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig):
@@ -114,7 +287,7 @@ def dispatch_ep(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig
       warnings.warn("moe_impl='ep' traced with sharding rules but no mesh in context (jax.set_mesh / "
                     "sharding.activation_rules): running the plain ragged dispatch")
     out, _ = dispatch_ragged(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg)
-    return out, {"dropped_tokens": jnp.zeros((), jnp.float32)}
+    return out, _no_stats()
   sizes = dict(mesh.shape)
   missing = sorted(set(sharding.MESH_AXES) - set(sizes))
   if missing:
@@ -130,16 +303,17 @@ def dispatch_ep(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig
                      f"(mesh axes {token_axes}); use a batch divisible by {shards} or moe_impl='ragged'")
   ep = math.prod(sizes[a] for a in exp_axes)
   if ep == 1:
-    local = functools.partial(_dp_shard, cfg=cfg, mlp_axes=mlp_axes)
-  else:
-    local = functools.partial(_ep_shard, cfg=cfg, exp_axes=exp_axes, mlp_axes=mlp_axes, token_axes=token_axes,
-                              ep=ep, cap=ep_capacity(t // shards, ep, cfg))
-  tok = P(token_axes or None, None)
-  exp, mlp = exp_axes or None, mlp_axes or None
-  out, dropped = jax.shard_map(
-      local, mesh=mesh, in_specs=(tok, tok, tok, P(exp, None, mlp), P(exp, None, mlp), P(exp, mlp, None)),
-      out_specs=(tok, P()))(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
-  return out, {"dropped_tokens": dropped}
+    tok = P(token_axes or None, None)
+    exp, mlp = exp_axes or None, mlp_axes or None
+    out, _ = jax.shard_map(
+        functools.partial(_dp_shard, cfg=cfg, mlp_axes=mlp_axes), mesh=mesh,
+        in_specs=(tok, tok, tok, P(exp, None, mlp), P(exp, None, mlp), P(exp, mlp, None)),
+        out_specs=(tok, P()))(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+    return out, _no_stats()
+  s = _Static(cfg, mesh, token_axes, exp_axes, mlp_axes, ep, ep_capacity(t // shards, ep, cfg),
+              dropless=cfg.capacity_factor <= 0)
+  out, dropped, rounds = _exchange(s, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+  return out, {"dropped_tokens": dropped, "ep_rounds": rounds}
 
 
 register_dispatch("ep", dispatch_ep)

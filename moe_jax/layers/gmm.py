@@ -17,11 +17,13 @@ zeros, as jax.lax.ragged_dot), two implementations:
               per-tile x^T dy accumulated into its group (weight gradient), via custom_vjp,
               because reverse-mode cannot differentiate a loop with a dynamic trip count.
   pallas      the Pallas grouped-matmul kernels that ship with JAX (layers/gmm_pallas.py): Mosaic
-              GPU on Hopper, megablox on TPU.
+              GPU on Hopper, megablox on TPU; they also run inside jax.shard_map.
 `grouped_swiglu` runs down(silu(x @ gate) * (x @ up)) as one pass of these loops (the three
 matmuls of a tile back to back, one set of loops forward and one backward) instead of three.
-'auto' picks tiled on CPU, pallas on a Hopper GPU when the shapes fit its blocks (measured
-faster than ragged_dot there, BENCHMARKS.md), and ragged_dot otherwise.
+'auto' follows moe_jax.target (the mesh in context, so a TPU compile from a CPU host counts as
+TPU): tiled on CPU; pallas on TPU (bf16/f32), where XLA lowers ragged_dot's weight gradient to
+masked dense [E, rows, ...] products (BENCHMARKS.md, "Grouped matmul on the mesh"); pallas on a
+Hopper GPU when the shapes fit its blocks (measured faster than ragged_dot there); else ragged_dot.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moe_jax import target
 from moe_jax.config import MOE_GMMS as IMPLS
 from moe_jax.layers import gmm_pallas
 
@@ -43,9 +46,14 @@ def choose(impl: str, x_MD=None, w_EDF=None) -> str:
     raise ValueError(f"grouped matmul: unknown implementation {impl!r}; use one of {IMPLS}")
   if impl != "auto":
     return impl
-  if jax.default_backend() == "cpu":
+  tgt = target.current()
+  if tgt.platform == "cpu":
     return "tiled"
-  if (x_MD is not None and gmm_pallas.backend() == "mgpu" and gmm_pallas.check(x_MD, w_EDF) is None):
+  kind = gmm_pallas.backend(tgt)
+  if kind == "megablox" and (x_MD is None or {x_MD.dtype, w_EDF.dtype} <= {jnp.dtype(jnp.bfloat16),
+                                                                          jnp.dtype(jnp.float32)}):
+    return "pallas"
+  if kind == "mgpu" and x_MD is not None and gmm_pallas.check(x_MD, w_EDF) is None:
     return "pallas"
   return "ragged_dot"
 
@@ -103,8 +111,14 @@ def _schedule(sizes_E, num_rows: int, bulk: int):
 
 def _zeros_varying_like(shape, dtype, *arrays):
   """Zeros that vary over the shard_map axes `arrays` vary over (a loop carry must match its body's type)."""
-  probe = sum(jnp.zeros_like(a, shape=(), dtype=dtype) for a in arrays)
-  return jnp.zeros_like(probe, shape=shape)
+  return jnp.zeros_like(_varying_scalar(dtype, *arrays), shape=shape)
+
+
+def _varying_scalar(dtype, *arrays):
+  """A zero scalar of the union of the arrays' shard_map types. Only tracers vary: an eager
+  array's zeros_like(shape=()) would keep its n-d sharding on a 0-d result (IndexError in jax)."""
+  traced = [a for a in arrays if isinstance(a, jax.core.Tracer)]
+  return sum((jnp.zeros_like(a, shape=(), dtype=dtype) for a in traced), jnp.zeros((), dtype))
 
 
 def _put(buf, rows, start, keep):
@@ -246,7 +260,7 @@ _swiglu_tiled.defvjp(_swiglu_tiled_fwd, _swiglu_tiled_bwd)
 def _vary_together(*arrays):
   """Inside jax.shard_map: the arrays vary over the union of axes any of them varies over, so the
   custom_vjp's cotangents match its inputs' types (autodiff then psums dw over the axes w gained)."""
-  union = sum(jnp.zeros_like(a, shape=(), dtype=jnp.float32) for a in arrays)
+  union = _varying_scalar(jnp.float32, *arrays)
   return tuple(a + jnp.zeros_like(union, dtype=a.dtype) for a in arrays[:-1])
 
 
@@ -255,9 +269,9 @@ def grouped_matmul(x_MD, w_EDF, sizes_E, impl: str = "auto", tile: int | None = 
   impl = choose(impl, x_MD, w_EDF)
   if impl == "ragged_dot":
     return jax.lax.ragged_dot(x_MD, w_EDF, sizes_E)
+  x_MD, w_EDF = _vary_together(x_MD, w_EDF, sizes_E)
   if impl == "pallas":
     return gmm_pallas.grouped_matmul(x_MD, w_EDF, sizes_E)
-  x_MD, w_EDF = _vary_together(x_MD, w_EDF, sizes_E)
   return _gmm_tiled(x_MD, w_EDF, sizes_E.astype(jnp.int32), tile or tile_size(x_MD.shape[0], w_EDF.shape[0]))
 
 

@@ -10,6 +10,8 @@ Absorbed form (decode): k_b is folded into the query and v_b applied after atten
   score = (q_nope @ k_b^T) . c + q_rope . k_rope,   out = (softmax @ c) @ v_b,
 so the cache holds only c [K] and the rotated k_rope [R] per token: K + R values
 (512 + 64 = 576 at DeepSeek-V3 sizes) instead of 2 * H * (N+R) for multi-head attention.
+The expanded form's attention kernels (einsum, cuDNN, TPU splash, Pallas GPU flash) live in
+layers/attention.py, chosen by cfg.attention_impl.
 """
 
 from __future__ import annotations
@@ -21,72 +23,18 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from moe_jax.config import ModelConfig
+from moe_jax.layers import attention
+from moe_jax.layers.attention import softmax_attend
 from moe_jax.layers.common import RMSNorm, project, weight
 from moe_jax.layers.rope import apply_rope, cos_sin
 
 # DeepSeek's reference and transformers build the latent norms with the default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
-NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
 
 
-def attention_mask(segment_ids_BS: Optional[jax.Array], batch: int, length: int) -> jax.Array:
-  """Causal mask within each packed document -> bool [B, 1, S, S] (True = may attend)."""
-  idx = jnp.arange(length)
-  mask = (idx[:, None] >= idx[None, :])[None, None]
-  if segment_ids_BS is not None:
-    mask = mask & (segment_ids_BS[:, None, :, None] == segment_ids_BS[:, None, None, :])
-  return jnp.broadcast_to(mask, (batch, 1, length, length))
-
-
-def softmax_attend(scores_BHST: jax.Array, mask_B1ST: jax.Array) -> jax.Array:
-  """fp32 masked softmax over the key axis."""
-  scores = jnp.where(mask_B1ST, scores_BHST.astype(jnp.float32), NEG_INF)
-  return jax.nn.softmax(scores, axis=-1)
-
-
-def joint_qk(q_nope_BSHN, q_rope_BSHR, k_nope_BTHN, k_rope_BTR):
-  """([nope; rope] queries [B, S, H, N+R], keys [B, T, H, N+R]): the one rope key broadcast to every head."""
-  k_rope_BTHR = jnp.broadcast_to(k_rope_BTR[:, :, None].astype(k_nope_BTHN.dtype),
-                                 (*k_nope_BTHN.shape[:3], k_rope_BTR.shape[-1]))
-  return (jnp.concatenate([q_nope_BSHN, q_rope_BSHR.astype(q_nope_BSHN.dtype)], -1),
-          jnp.concatenate([k_nope_BTHN, k_rope_BTHR], -1))
-
-
-def dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v_BTHV, mask_B1ST, scale):
-  """Expanded attention through jax.nn.dot_product_attention -> [B, S, H, V].
-
-  It wants one head dim for q, k and v, so [nope; rope] queries and keys and the values are
-  zero-padded to max(N + R, V) (zeros add nothing to q . k, and padded value columns are cut
-  off). mask None is plain causal attention, passed as is_causal so cuDNN skips the masked half.
-  A packed-document mask goes to cuDNN as an explicit mask (measured on an H100 only without
-  one: train with data.document_mask=False for the flash path, BENCHMARKS.md).
-  """
-  q, k = joint_qk(q_nope, q_rope, k_nope, k_rope_BTR)
-  v = v_BTHV.astype(q.dtype)
-  width = max(q.shape[-1], v.shape[-1])
-  pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, width - a.shape[-1]),))  # noqa: E731
-  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=mask_B1ST, scale=scale,
-                                     is_causal=mask_B1ST is None, implementation=sdpa_implementation(q.dtype, width))
-  return out[..., :v_BTHV.shape[-1]]
-
-
-def attention_impl(cfg: ModelConfig) -> str:
-  """cfg.attention_impl with 'auto' resolved: 'dot_product' where cuDNN flash attention takes it."""
-  if cfg.attention_impl != "auto":
-    return cfg.attention_impl
-  width = max(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim)
-  return "dot_product" if sdpa_implementation(cfg.compute_dtype, width) else "einsum"
-
-
-def sdpa_implementation(dtype, head_dim: int):
-  """'cudnn' (flash attention) on a GPU for the dtypes and head sizes it takes, else None (XLA).
-
-  jax.nn.dot_product_attention's own default (None) is the XLA form, which materializes the
-  [B, H, S, T] scores: on an H100 at 8 x 2048 tokens that made the bench1b training step 2x
-  slower and held gigabytes of scores per layer for the backward pass (BENCHMARKS.md).
-  """
-  ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
-  return "cudnn" if ok and jax.default_backend() == "gpu" else None
+def attention_impl(cfg: ModelConfig, packed: bool = False) -> str:
+  """cfg.attention_impl with 'auto' resolved for the target in context (layers/attention.py)."""
+  return attention.resolve(cfg, packed)
 
 
 class LatentCache(nn.Module):
@@ -152,21 +100,18 @@ class MLA(nn.Module):
     c, k_rope = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
     return self.kv_norm(c), apply_rope(k_rope, cos, sin, cfg.rope_interleave)
 
-  def expanded(self, q_nope, q_rope, c_BTK, k_rope_BTR, mask_B1ST):
-    """Training / prefill form: per-head keys and values from the latent. mask None: causal."""
+  def expanded(self, q_nope, q_rope, c_BTK, k_rope_BTR, mask_B1ST=None, segment_ids_BS=None):
+    """Training / prefill form: per-head keys and values from the latent, then attention.
+
+    Causal within segment_ids' documents (the kernel of cfg.attention_impl); with mask_B1ST
+    (decode against a cache) exactly that mask.
+    """
     cfg = self.cfg
     k_nope = project("btk,khn->bthn", c_BTK, self.k_b, cfg)
     v = project("btk,khv->bthv", c_BTK, self.v_b, cfg)
-    if attention_impl(cfg) == "dot_product":
-      return dot_product_attention(q_nope, q_rope, k_nope, k_rope_BTR, v, mask_B1ST, cfg.softmax_scale)
-    if mask_B1ST is None:
-      mask_B1ST = attention_mask(None, q_nope.shape[0], q_nope.shape[1])
-    # One score matmul over [nope; rope] (the shared rope key broadcast to every head) instead
-    # of two summed ones: on CPU a small batched matmul costs mostly overhead, not FLOPs.
-    q, k = joint_qk(q_nope, q_rope, k_nope, k_rope_BTR)
-    scores = jnp.einsum("bshe,bthe->bhst", q, k, preferred_element_type=jnp.float32)
-    probs = softmax_attend(scores * cfg.softmax_scale, mask_B1ST).astype(v.dtype)
-    return jnp.einsum("bhst,bthv->bshv", probs, v)
+    impl = attention_impl(cfg, packed=segment_ids_BS is not None)
+    return attention.attend(impl, q_nope, q_rope, k_nope, k_rope_BTR, v, cfg.softmax_scale, segment_ids_BS,
+                            mask_B1ST)
 
   def absorbed(self, q_nope, q_rope, c_BTK, k_rope_BTR, mask_B1ST):
     """Decode form: attention runs in the K-dim latent space; k_b and v_b never touch the cache."""
@@ -191,7 +136,7 @@ class MLA(nn.Module):
     form (absorb=False re-expands keys and values from the cache, for comparison).
     """
     cfg = self.cfg
-    batch, length, _ = x_BSD.shape
+    length = x_BSD.shape[1]
     cos, sin = cos_sin(positions_BS, cfg)
     q_nope, q_rope = self.queries(x_BSD, cos, sin)
     c, k_rope = self.latents(x_BSD, cos, sin)
@@ -206,6 +151,5 @@ class MLA(nn.Module):
         out = form(q_nope, q_rope, cache_c, cache_r, mask)
         return project("bshv,hvd->bsd", out, self.o, cfg)
 
-    mask = None if segment_ids_BS is None else attention_mask(segment_ids_BS, batch, length)
-    out = self.expanded(q_nope, q_rope, c, k_rope, mask)
+    out = self.expanded(q_nope, q_rope, c, k_rope, segment_ids_BS=segment_ids_BS)
     return project("bshv,hvd->bsd", out, self.o, cfg)

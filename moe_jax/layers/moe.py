@@ -8,10 +8,11 @@ over the same weights; they differ only in how tokens meet their experts:
   ragged    dropless: sort the T*X assignments by expert, grouped matmul (layers/gmm.py:
             jax.lax.ragged_dot on GPU/TPU, a tiled loop on CPU), unsort.
   capacity  GShard: each expert takes at most C = ceil(T*X/E * capacity_factor) tokens
-            into an [E, C, D] buffer, first choices before second; the rest are dropped
-            (counted in intermediates/dropped_tokens).
-  ep        expert parallel: ragged inside jax.shard_map, tokens move by all-to-all
-            (moe_jax/layers/ep.py).
+            (config.CAPACITY_FACTOR when capacity_factor is 0) into an [E, C, D] buffer,
+            first choices before second; the rest are dropped (counted in
+            intermediates/dropped_tokens, reported by train.py as dropped_fraction).
+  ep        expert parallel: ragged inside jax.shard_map, tokens move by all-to-all in
+            rounds of fixed size, dropless unless capacity_factor > 0 (moe_jax/layers/ep.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moe_jax.config import ModelConfig
+from moe_jax.config import CAPACITY_FACTOR, ModelConfig
 from moe_jax.layers import fp8 as fp8_lib
 from moe_jax.layers.common import MLP, project, weight
 from moe_jax.layers.gmm import grouped_swiglu
@@ -70,51 +71,168 @@ def sort_by_expert(idx_TX: jax.Array, num_experts: int):
   return order, inverse, sizes
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _expand_sorted(x_TD, order_M, inverse_M, k: int):
-  """x_TD[order // k]: each token's row once per choice, in expert order -> [T*X, D].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _expand_sorted(x_TD, order_M, inverse_M, k: int, rows: int):
+  """x_TD[order[:rows] // k]: each token's row once per choice, in expert order -> [rows, D].
 
-  The gradient is a gather too (dx[t] = sum_x dy[inverse[t*X + x]]) instead of the
-  scatter-add that autodiff of a gather makes, which is serial on CPU.
+  The gradient is a gather too (dx[t] = sum_x dy[inverse[t*X + x]], 0 for sorted positions
+  past `rows`) instead of the scatter-add that autodiff of a gather makes, serial on CPU.
   """
-  return x_TD[order_M // k]
+  return x_TD[order_M[:rows] // k]
 
 
-def _expand_sorted_fwd(x_TD, order_M, inverse_M, k):
-  return x_TD[order_M // k], (order_M, inverse_M)
+def _expand_sorted_fwd(x_TD, order_M, inverse_M, k, rows):
+  return x_TD[order_M[:rows] // k], (order_M, inverse_M)
 
 
-def _expand_sorted_bwd(k, res, dy_MD):
-  order_M, inverse_M = res
-  return dy_MD[inverse_M].reshape(-1, k, dy_MD.shape[-1]).sum(1), None, None
+def _expand_sorted_bwd(k, rows, res, dy_RD):
+  _, inverse_M = res
+  return _unsort(dy_RD, inverse_M).reshape(-1, k, dy_RD.shape[-1]).sum(1), None, None
 
 
 _expand_sorted.defvjp(_expand_sorted_fwd, _expand_sorted_bwd)
 
 
+def _unsort(y_RD, inverse_M):
+  """y[inverse]: assignment a reads sorted row inverse[a]; rows past R read zeros."""
+  if y_RD.shape[0] < inverse_M.shape[0]:
+    y_RD = jnp.concatenate([y_RD, jnp.zeros((1, y_RD.shape[-1]), y_RD.dtype)])
+    inverse_M = jnp.minimum(inverse_M, y_RD.shape[0] - 1)
+  return y_RD[inverse_M]
+
+
 @jax.custom_vjp
-def _permute_rows(y_MD, perm_M, inverse_M):
-  """y[perm] for a permutation perm with inverse `inverse`; its gradient is the gather dy[inverse]."""
-  return y_MD[perm_M]
+def _unsort_rows(y_RD, inverse_M, order_M):
+  """_unsort with the gather dy[order[:R]] as its gradient (order: the inverse permutation)."""
+  return _unsort(y_RD, inverse_M)
 
 
-_permute_rows.defvjp(lambda y, p, q: (y[p], q), lambda q, dy: (dy[q], None, None))
+_unsort_rows.defvjp(lambda y, q, p: (_unsort(y, q), p[:y.shape[0]]), lambda p, dy: (dy[p], None, None))
+
+
+def _ragged_local(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig, first=0):
+  """One device's routed output from the experts it holds, [first, first + E_local): fp32 [T, D].
+
+  Assignments to other experts sort last and are cut off: the grouped matmul sees at most
+  T * min(X, E_local) rows (a token meets each expert once), all of them when E_local >= X.
+  """
+  t, k = idx_TX.shape
+  e_local = gate_EDF.shape[0]
+  local = idx_TX - first
+  order, inverse, sizes = sort_by_expert(jnp.where((local >= 0) & (local < e_local), local, e_local), e_local + 1)
+  x_sorted = _expand_sorted(x_TD, order, inverse, k, t * min(k, e_local))  # [R, D]
+  y_sorted = expert_ffn_ragged(x_sorted, sizes[:e_local], gate_EDF, up_EDF, down_EFD, cfg.compute_dtype,
+                               cfg.moe_gmm, cfg.fp8)
+  y_TXD = _unsort_rows(y_sorted, inverse, order).reshape(t, k, -1)
+  return jnp.einsum("txd,tx->td", y_TXD.astype(jnp.float32), w_TX)
 
 
 def dispatch_ragged(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig):
-  """Dropless grouped matmul; memory O(T*X*max(D, F)), never [T, E, ...]."""
-  t, k = idx_TX.shape
-  order, inverse, sizes = sort_by_expert(idx_TX, cfg.n_routed_experts)
-  x_sorted = _expand_sorted(x_TD, order, inverse, k)  # [T*X, D]
-  y_sorted = expert_ffn_ragged(x_sorted, sizes, gate_EDF, up_EDF, down_EFD, cfg.compute_dtype, cfg.moe_gmm,
-                               cfg.fp8)
-  y_TXD = _permute_rows(y_sorted, inverse, order).reshape(t, k, -1)
-  y = jnp.einsum("txd,tx->td", y_TXD.astype(jnp.float32), w_TX)
+  """Dropless grouped matmul; memory O(T*X*max(D, F)), never [T, E, ...].
+
+  On a mesh (jax.set_mesh with logical-axis rules, as sharding.activation_rules sets, more
+  than one device, not already inside jax.shard_map) it runs in jax.shard_map
+  (_ragged_on_mesh) rather than leaving the grouped matmul to GSPMD, which gathered the
+  expert stack along E and cannot partition a Pallas kernel at all.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if rules and not mesh.empty and mesh.size > 1 and not mesh.manual_axes:
+    return _ragged_on_mesh(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg, mesh, rules), {}
+  y = _ragged_local(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg)
   return y.astype(cfg.compute_dtype), {}
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gather_weight(w, fsdp: tuple, axis: int, replicated: tuple, dt):
+  """Inside shard_map: w in the compute dtype, all-gathered over its FSDP axes along `axis` and
+  typed as varying over the batch axes it is replicated on. The gradient is reduce-scattered
+  over fsdp, then summed over those axes, in w's own dtype (fp32 master weights reduce in fp32)."""
+  return _gather_weight_fwd(w, fsdp, axis, replicated, dt)[0]
+
+
+def _gather_weight_fwd(w, fsdp, axis, replicated, dt):
+  y = w.astype(dt)
+  if fsdp:
+    y = jax.lax.all_gather(y, fsdp, axis=axis, tiled=True)
+  if replicated:
+    y = jax.lax.pcast(y, replicated, to="varying")
+  return y, jnp.zeros((0,), w.dtype)  # the residual carries only w's dtype
+
+
+def _gather_weight_bwd(fsdp, axis, replicated, dt, like, g):
+  g = g.astype(like.dtype)
+  if fsdp:
+    g = jax.lax.psum_scatter(g, fsdp, scatter_dimension=axis, tiled=True)
+  return (jax.lax.psum(g, replicated) if replicated else g,)
+
+
+_gather_weight.defvjp(_gather_weight_fwd, _gather_weight_bwd)
+
+
+def _ragged_on_mesh(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig, mesh, rules):
+  """moe_impl='ragged' on a mesh: each device computes the experts it holds, dropless.
+
+  Layout from the rules: tokens on the batch axes, experts E on the `exp` axes (P shards),
+  F on `exp_mlp`, D on the expert weights' `embed` axes (FSDP). Per device:
+    1. Tokens (with their routing) are all-gathered over the batch axes that also hold
+       experts or F (the expert axis by default): the P devices of an expert group then see
+       the same P*T tokens. Expert weights are all-gathered over their FSDP axes inside
+       shard_map, so autodiff turns that into a reduce-scatter of their gradients.
+    2. Each device runs the dropless ragged path on its E/P local experts only: its grouped
+       matmul holds at most P*T * min(X, E/P) rows (the worst case: every assignment is
+       local), computes only the rows actually routed to it (the Pallas kernels visit only
+       the tiles in use), and never touches another shard's experts.
+    3. The partial outputs [P*T, D] (compute dtype) are reduce-scattered back over the
+       gathered axes and psummed over the expert / F axes that hold the same tokens.
+  Traffic per device and direction: (P-1)*T rows of D, against X*T rows for the all-to-all
+  of moe_impl='ep' (about equal at P = X = 8). Memory: the grouped-matmul buffers hold P*T*X
+  rows where 'ep' holds ~1.25*T*X, so at scale moe_impl='ep' is the layout to use; this one
+  never drops a token and needs no capacity (BENCHMARKS.md, "Grouped matmul on the mesh").
+  """
+  from jax.sharding import PartitionSpec as P
+
+  from moe_jax import sharding
+  sizes = dict(mesh.shape)
+  token_axes = sharding.batch_axes(rules)
+  exp_axes, mlp_axes = sharding.moe_axes(rules)
+  sharding.check_moe_layout(cfg, rules, sizes, expert_parallel=False)
+  shards = math.prod(sizes[a] for a in token_axes)
+  if x_TD.shape[0] % shards:
+    raise ValueError(f"moe_impl='ragged': {x_TD.shape[0]} tokens (batch x length) do not split over the {shards} "
+                     f"batch shards (mesh axes {token_axes}); use a batch divisible by {shards}")
+  gather = tuple(a for a in token_axes if a in exp_axes + mlp_axes)
+  reduce = tuple(a for a in exp_axes + mlp_axes if a not in gather)
+  w_spec = nn.logical_to_mesh_axes(("exp", "embed", "exp_mlp"), rules)
+  down_spec = nn.logical_to_mesh_axes(("exp", "exp_mlp", "embed"), rules)
+  fsdp = sharding.spec_axes(w_spec[1])
+  frozen = any(isinstance(w, fp8_lib.Fp8Weight) for w in (gate_EDF, up_EDF, down_EFD))
+  if frozen:  # FP8 checkpoint blocks, no gradient: D whole (GSPMD gathers it before)
+    fsdp, w_spec, down_spec = (), P(w_spec[0], None, w_spec[2]), P(down_spec[0], down_spec[1], None)
+  replicated = tuple(a for a in token_axes if a not in exp_axes + mlp_axes + fsdp)
+  e_local = cfg.n_routed_experts // math.prod(sizes[a] for a in exp_axes)
+
+  def shard(x, w, idx, gate, up, down):
+    if gather:
+      x, w, idx = (jax.lax.all_gather(a, gather, axis=0, tiled=True) for a in (x, w, idx))
+    if not frozen:
+      dt = gate.dtype if cfg.fp8 else cfg.compute_dtype  # FP8 quantizes the master weights
+      gate, up = (_gather_weight(a, fsdp, 1, replicated, dt) for a in (gate, up))
+      down = _gather_weight(down, fsdp, 2, replicated, dt)
+    first = jax.lax.axis_index(exp_axes) * e_local if exp_axes else 0
+    out = _ragged_local(x, w, idx, gate, up, down, cfg, first).astype(cfg.compute_dtype)
+    if gather:
+      out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(out, reduce) if reduce else out
+
+  tok = P(token_axes or None, None)
+  return jax.shard_map(shard, mesh=mesh, in_specs=(tok, tok, tok, w_spec, w_spec, down_spec), out_specs=tok)(
+      x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+
+
 def capacity(num_tokens: int, cfg: ModelConfig) -> int:
-  return max(1, math.ceil(num_tokens * cfg.num_experts_per_tok / cfg.n_routed_experts * cfg.capacity_factor))
+  factor = cfg.capacity_factor if cfg.capacity_factor > 0 else CAPACITY_FACTOR
+  return max(1, math.ceil(num_tokens * cfg.num_experts_per_tok / cfg.n_routed_experts * factor))
 
 
 def dispatch_capacity(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig):

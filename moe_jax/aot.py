@@ -1,0 +1,307 @@
+"""Compile the real train step for a TPU topology from any host, and say what a pod would run.
+
+  python -m moe_jax.aot --config=configs/deepseek_v3.py --topology=v5p-512 --mesh=1,8,32,1 \\
+      [--num_slices=N --dcn=d,f,e,t] [--layers=N] [--seq=S] [--batch=B] [--set model.moe_gmm=pallas ...]
+
+libtpu compiles for a TPU topology without a TPU (`jax.experimental.topologies`): the devices
+are compile-only, so nothing is materialized. The tool builds the same Trainer train.py builds
+(mesh, rules, shardings, donation), lowers its train step on abstract inputs, compiles it, and
+prints one JSON line:
+  topology, chips, hosts, mesh; compiled, compile_s; per-chip argument / output / temp / peak
+  bytes against the chip's HBM (fits); compiled matmul FLOPs per step (scanned loops counted
+  their full trip count, moe_jax/hlo.py) and XLA's cost_analysis figure, against the model
+  FLOPs of moe_jax/flops.py; per collective kind the count and bytes per step per chip; and the
+  data layout: every host's batch rows (each must be non-empty, all rows fed).
+
+Topology names as Cloud TPU spells them: v5p-N (N TensorCores, N/2 chips: v5p-512 is 256 chips,
+4x8x8), v5e-N and v6e-N (N chips), v4-N (N TensorCores), or libtpu's form "v5:4x4x4".
+Errors (bad topology, mesh, config, a step that does not compile): one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from moe_jax.errors import UserError
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  libtpu: str  # libtpu's name prefix
+  cores_per_chip: int  # TensorCores per chip: Cloud TPU counts these in v4-N / v5p-N
+  dims: int  # torus dimensions
+  hbm_bytes: int  # per chip
+  chip_config: Optional[str] = None  # 'megacore': one device per chip (both cores)
+
+
+FAMILIES = {
+    "v4": Family("v4", 2, 3, 32 * GiB, "megacore"),
+    "v5p": Family("v5", 2, 3, 95 * GiB, "megacore"),
+    "v5e": Family("v5e", 1, 2, 16 * GiB),
+    "v6e": Family("v6e", 1, 2, 32 * GiB),
+}
+LIBTPU_NAMES = {f.libtpu: name for name, f in FAMILIES.items()}
+CHIPS_PER_HOST = 4  # multi-host v4/v5p/v5e/v6e slices: 2x2 chips per host
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str  # as the user typed it
+  family: str
+  shape: tuple[int, ...]  # chips along each torus axis
+  num_slices: int = 1
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape) * self.num_slices
+
+  @property
+  def libtpu_name(self) -> str:
+    return f"{FAMILIES[self.family].libtpu}:{'x'.join(map(str, self.shape))}"
+
+  @property
+  def host_bounds(self) -> tuple[int, int, int]:
+    """Chips per host along x, y, z: 2x2 on a pod; single-host v5e/v6e slices hold up to 8 (2x4)."""
+    chips = math.prod(self.shape)
+    if FAMILIES[self.family].dims == 2 and chips <= 8:
+      return (self.shape[0], self.shape[1], 1)
+    if chips < CHIPS_PER_HOST:
+      return tuple(self.shape) + (1,) * (3 - len(self.shape))
+    return (2, 2, 1)
+
+  def devices(self):
+    from jax.experimental import topologies
+    fam = FAMILIES[self.family]
+    kw = {"chip_config_name": fam.chip_config} if fam.chip_config else {}
+    try:
+      return topologies.get_topology_desc(self.libtpu_name, "tpu", chips_per_host_bounds=self.host_bounds,
+                                          num_slices=self.num_slices, **kw).devices
+    except Exception as e:  # libtpu's refusal of a shape
+      raise UserError(f"--topology={self.name}: libtpu cannot build {self.libtpu_name} "
+                      f"({str(e).splitlines()[0][:200]})") from None
+
+
+def default_shape(chips: int, dims: int) -> tuple[int, ...]:
+  """Cloud TPU's slice shape for a chip count: double the smallest axis, last first (v5p-512: 4x8x8)."""
+  if chips < 1 or chips & (chips - 1):
+    raise UserError(f"{chips} chips: slices of a power-of-two chip count only (or give libtpu's form, e.g. v5:4x4x6)")
+  shape = [1] * dims
+  while math.prod(shape) < chips:
+    i = max(range(dims), key=lambda k: (-shape[k], k))
+    shape[i] *= 2
+  return tuple(shape)
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+  """'v5p-512' | 'v5e-16' | 'v6e-256' | 'v4-64' | 'v5:4x4x4' -> Topology."""
+  known = ", ".join(f"{k}-N" for k in FAMILIES) + ", or libtpu's form like v5:4x4x4 / v6e:4x4"
+  if num_slices < 1:
+    raise UserError(f"--num_slices={num_slices} must be >= 1")
+  m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip())
+  if m:
+    family, n = m.group(1), int(m.group(2))
+    if family not in FAMILIES:
+      raise UserError(f"--topology={name}: unknown TPU family {family!r}; use {known}")
+    fam = FAMILIES[family]
+    if n % fam.cores_per_chip:
+      raise UserError(f"--topology={name}: {family}-N counts TensorCores ({fam.cores_per_chip} per chip); "
+                      f"N must be a multiple of {fam.cores_per_chip}")
+    return Topology(name, family, default_shape(n // fam.cores_per_chip, fam.dims), num_slices)
+  m = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)+)", name.strip())
+  if m and m.group(1) in LIBTPU_NAMES:
+    family = LIBTPU_NAMES[m.group(1)]
+    shape = tuple(int(v) for v in m.group(2).split("x"))
+    if len(shape) != FAMILIES[family].dims or min(shape) < 1:
+      raise UserError(f"--topology={name}: {family} is a {FAMILIES[family].dims}-D torus, e.g. "
+                      f"{FAMILIES[family].libtpu}:{'x'.join(['4'] * FAMILIES[family].dims)}")
+    return Topology(name, family, shape, num_slices)
+  raise UserError(f"--topology={name!r} is not a TPU topology name; use {known}")
+
+
+# --- the config -----------------------------------------------------------------------------
+def _value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config, assignments: Sequence[str]):
+  """`field.sub=value` strings onto a ConfigDict (values parsed as Python literals, else strings)."""
+  for item in assignments:
+    key, eq, text = item.partition("=")
+    if not eq:
+      raise UserError(f"--set {item!r}: expected field=value, e.g. model.moe_gmm=pallas")
+    *parents, leaf = key.strip().split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        raise UserError(f"--set {item!r}: the config has no field {key!r}")
+      node = node[p]
+    if leaf not in node:
+      raise UserError(f"--set {item!r}: the config has no field {key!r} (fields here: {sorted(node.keys())})")
+    value = _value(text)
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise UserError(f"--set {item!r}: {e}") from None
+  return config
+
+
+def sizes(text: str, what: str) -> tuple[int, int, int, int]:
+  try:
+    vals = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    vals = ()
+  if len(vals) != 4:
+    raise UserError(f"--{what}={text!r}: give 4 integers data,fsdp,expert,tensor (-1 fills), e.g. 1,8,32,1")
+  return vals
+
+
+# --- the data layout -------------------------------------------------------------------------
+def data_layout(mesh, global_batch: int, rules) -> dict[str, Any]:
+  """Every process's batch rows on this mesh; fails when a process has none or a row is unfed."""
+  import numpy as np
+  from moe_jax import sharding
+  processes = sorted({d.process_index for d in mesh.devices.flat})
+  fed = np.zeros(global_batch, bool)
+  per_process = {}
+  for p in processes:
+    rows = sharding.process_rows(mesh, global_batch, rules, p)
+    fed[rows] = True
+    per_process[p] = rows
+  if not fed.all():
+    raise UserError(f"data layout: batch rows {np.flatnonzero(~fed)[:8].tolist()} are fed by no process")
+  counts = sorted({len(r) for r in per_process.values()})
+  contiguous = all(r[-1] - r[0] + 1 == len(r) for r in per_process.values())
+  return {"hosts": len(processes), "rows_per_host": counts if len(counts) > 1 else counts[0],
+          "contiguous": contiguous, "host0_rows": per_process[processes[0]][:8].tolist()}
+
+
+# --- compile ---------------------------------------------------------------------------------
+def compile_step(config, topology: Topology) -> dict[str, Any]:
+  """Builds the Trainer on the topology's compile-only devices and compiles its train step."""
+  import jax
+  from moe_jax import flops, hlo
+  from moe_jax.train import Trainer
+
+  devices = topology.devices()
+  trainer = Trainer(config, devices=devices)  # config and mesh errors are UserErrors already
+  mesh, mcfg = trainer.mesh, trainer.mcfg
+  layout = data_layout(mesh, config.batch_size, trainer.rules)
+  t0 = time.perf_counter()
+  compiled = trainer.step_fn
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  summary = hlo.summarize(compiled.as_text())
+  chips = len(devices)
+  hbm = FAMILIES[topology.family].hbm_bytes
+  # What the runtime allocates: the live arguments, the outputs not aliased to a donated argument,
+  # and the temp block (one allocation holding every intermediate, as XLA's buffer assignment packed it).
+  peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+  tokens = config.batch_size * config.seq_len
+  model_flops = flops.train_flops_per_token(mcfg, config.seq_len) * tokens / chips
+  gb = lambda b: round(b / 1e9, 3)  # noqa: E731
+  return {
+      "topology": topology.name, "libtpu": topology.libtpu_name, "num_slices": topology.num_slices,
+      "chips": chips, "device_kind": devices[0].device_kind, "hosts": layout["hosts"],
+      "mesh": dict(mesh.shape), "layers": mcfg.num_hidden_layers, "seq": config.seq_len,
+      "batch": config.batch_size, "grad_accum": config.optim.grad_accum, "moe_impl": mcfg.moe_impl,
+      "compiled": True, "compile_s": round(compile_s, 1),
+      "argument_gb": gb(mem.argument_size_in_bytes), "output_gb": gb(mem.output_size_in_bytes),
+      "alias_gb": gb(mem.alias_size_in_bytes), "temp_gb": gb(mem.temp_size_in_bytes), "peak_gb": gb(peak),
+      "xla_peak_gb": gb(getattr(mem, "peak_memory_in_bytes", 0)),
+      "hbm_gb": gb(hbm), "fits": peak <= hbm,
+      "compiled_flops": float(f"{summary.flops:.4g}"), "xla_cost_flops": float(f"{cost.get('flops', 0.0):.4g}"),
+      "model_flops": float(f"{model_flops:.4g}"),
+      "flops_ratio": round(summary.flops / model_flops, 4) if model_flops else None,
+      "collectives": {k: {"count": int(v["count"]), "gb": gb(v["bytes"])} for k, v in sorted(summary.collectives.items())},
+      "largest_collectives": [dict(d, bytes=int(d["bytes"])) for d in summary.largest[:6]],
+      "unknown_trip_counts": len(summary.unknown_trip_counts),
+      "data": layout,
+  }
+
+
+def build_config(args):
+  from moe_jax import plan
+  try:
+    config = plan.load_config(args.config)
+  except FileNotFoundError:
+    raise UserError(f"--config={args.config}: no such file") from None
+  except ValueError as e:
+    raise UserError(f"--config={args.config}: {e}") from None
+  config.unlock() if hasattr(config, "unlock") else None
+  if args.mesh:
+    config.mesh.update(dict(zip(("data", "fsdp", "expert", "tensor"), sizes(args.mesh, "mesh"))))
+  if args.dcn:
+    config.mesh.update(dict(zip(("dcn_data", "dcn_fsdp", "dcn_expert", "dcn_tensor"), sizes(args.dcn, "dcn"))))
+  elif args.num_slices > 1 and math.prod(config.mesh[k] for k in ("dcn_data", "dcn_fsdp", "dcn_expert",
+                                                                    "dcn_tensor")) == 1:
+    config.mesh.dcn_data = args.num_slices  # slices as data-parallel replicas unless told otherwise
+  if args.layers is not None:
+    if args.layers < 1:
+      raise UserError(f"--layers={args.layers} must be >= 1")
+    m = config.model
+    m.num_hidden_layers = args.layers
+    m.first_k_dense_replace = min(m.first_k_dense_replace, args.layers)
+  if args.seq is not None:
+    config.seq_len = args.seq
+  if args.batch is not None:
+    config.batch_size = args.batch
+  apply_overrides(config, args.set or [])
+  return config
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m moe_jax.aot", description=__doc__.split("\n")[0])
+  ap.add_argument("--config", required=True, help="configs/x.py[:variant]")
+  ap.add_argument("--topology", required=True, help="v5p-N, v5e-N, v6e-N, v4-N, or libtpu's form (v5:4x4x4)")
+  ap.add_argument("--num_slices", type=int, default=1, help="slices joined over DCN (default 1)")
+  ap.add_argument("--mesh", help="data,fsdp,expert,tensor within a slice (-1 fills; default: the config's)")
+  ap.add_argument("--dcn", help="data,fsdp,expert,tensor across slices (default: the config's, or "
+                  "num_slices on data)")
+  ap.add_argument("--layers", type=int, help="a proxy with this many layers (first_k_dense_replace kept)")
+  ap.add_argument("--seq", type=int, help="sequence length (default: the config's seq_len)")
+  ap.add_argument("--batch", type=int, help="global batch in sequences (default: the config's batch_size)")
+  ap.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, repeatable")
+  ap.add_argument("--traceback", action="store_true", help="show the full traceback when the step fails to build")
+  args = ap.parse_args(argv)
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    topology = parse_topology(args.topology, args.num_slices)
+    config = build_config(args)
+    try:
+      result = compile_step(config, topology)
+    except UserError:
+      raise
+    except Exception as e:  # tracing or XLA refused this config: what and where, in one line
+      if args.traceback:
+        raise
+      msg = " ".join(str(e).split())[:400]
+      raise UserError(f"the train step does not build for {topology.name} (mesh {args.mesh or 'from the config'}): "
+                      f"{type(e).__name__}: {msg} (--traceback shows where)") from None
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,202 @@
+"""'ep' drops nothing: on data x expert meshes it equals the single-device dropless result under
+adversarial routing (forced by the router's correction bias), in buffers of a fixed size.
+
+Each (config, mesh) compiles one step (loss, logits, grads) once; routing cases share it.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import shard_util as su
+from moe_jax import sharding, variables as model_variables
+from moe_jax.config import dropless
+from moe_jax.evaluate import for_eval
+from moe_jax.layers import ep
+from moe_jax.layers.moe import MoE
+from moe_jax.model import Transformer
+
+CFG = su.tiny_config(moe_impl="ep")  # E=8 in 4 groups of 2, X=2, topk_group=2, MTP depth 1
+TOL = 1e-5
+T_LOCAL = su.BATCH * su.SEQ // 8  # tokens per device: the batch axes hold all 8 devices here
+
+
+def biased(cfg, experts, seed=0):
+  """The shared test variables with the correction bias pushing every token to `experts`."""
+  v = su.host_variables(cfg, seed)
+  bias = jnp.zeros((cfg.n_routed_experts,), jnp.float32).at[jnp.asarray(experts)].set(10.0)
+  return {**v, "router": jax.tree.map(lambda b: jnp.broadcast_to(bias, b.shape).astype(b.dtype), v["router"])}
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_step(cfg, shape):
+  mesh = sharding.make_mesh(*shape)
+  compiled, variables, toks = su.sharded_step(cfg, mesh)
+  return compiled, jax.tree.map(lambda a: a.sharding, variables), toks
+
+
+def run_mesh(cfg, shape, variables):
+  compiled, shardings, toks = compiled_step(cfg, shape)
+  return jax.tree.map(np.asarray, compiled(jax.device_put(variables, shardings), toks))
+
+
+def run_reference(cfg, variables, toks=None):
+  step = jax.jit(su.step_fn(Transformer(cfg.replace(moe_impl="ragged", capacity_factor=0.0))))
+  return jax.tree.map(np.asarray, step(variables, su.tokens(cfg) if toks is None else toks))
+
+
+def assert_equal(out, ref, tol=TOL, skip_grads=()):
+  assert su.max_rel_diff(out["loss"], ref["loss"]) <= tol
+  assert su.max_rel_diff(out["logits"], ref["logits"]) <= tol
+  diffs = jax.tree_util.tree_leaves_with_path(jax.tree.map(su.max_rel_diff, out["grads"], ref["grads"]))
+  diffs = [(jax.tree_util.keystr(p), d) for p, d in diffs if not any(s in jax.tree_util.keystr(p) for s in skip_grads)]
+  name, worst = max(diffs, key=lambda kv: kv[1])
+  assert worst <= tol, f"gradient {name} differs by {worst:.2e}"
+
+
+def routed_shards(variables, cfg, e_local):
+  """Per token, the set of shards its routed experts live on (single device, for the case check)."""
+  _, state = Transformer(cfg.replace(moe_impl="ragged")).apply(
+      variables, su.tokens(cfg), capture_intermediates=lambda m, _: type(m).__name__ == "Router",
+      mutable=["intermediates"])
+  flat = jax.tree_util.tree_leaves_with_path(state["intermediates"])
+  idx = [np.asarray(v) for p, v in flat if jax.tree_util.keystr(p).endswith("[1]")]
+  return [{tuple(sorted(set(row // e_local))) for row in i.reshape(-1, cfg.num_experts_per_tok)} for i in idx]
+
+
+# (mesh, experts the bias favours, what every token then reaches)
+CASES = {
+    "one_expert": ((2, 1, 4, 1), [0]),  # every token's first choice is expert 0
+    "one_shard": ((2, 1, 4, 1), [0, 1]),  # both choices on shard 0 (E/P = 2): P times the balanced load
+    "one_group": ((1, 1, 8, 1), [2, 3]),  # group 1 (experts 2, 3) on shards 2 and 3 of 8
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_adversarial_routing_matches_one_device(case):
+  shape, experts = CASES[case]
+  v = biased(CFG, experts)
+  e_local = CFG.n_routed_experts // shape[2]
+  reached = routed_shards(v, CFG, e_local)
+  if case == "one_shard":
+    assert all(s == {(0,)} for s in reached)
+  elif case == "one_group":
+    assert all(s == {(2, 3)} for s in reached)
+  else:
+    assert all(all(0 in t for t in s) for s in reached)
+  out = run_mesh(CFG, shape, v)
+  assert out["dropped"] == 0
+  assert_equal(out, run_reference(CFG, v))
+
+
+def test_scanned_layers_one_shard():
+  cfg = CFG.replace(scan_layers=True, num_hidden_layers=3)  # 2 scanned MoE layers + MTP
+  v = biased(cfg, [0, 1])
+  out = run_mesh(cfg, (2, 1, 4, 1), v)
+  assert_equal(out, run_reference(cfg, v))
+
+
+def test_grad_accumulation_one_shard():
+  """Two microbatches through lax.scan (as train.py's grad_accum) on a data x expert x tensor mesh."""
+  cfg, shape = CFG, (2, 1, 2, 2)
+  v = biased(cfg, [0, 1])
+  mesh = sharding.make_mesh(*shape)
+  shardings = nn.unbox(sharding.named_shardings(model_variables.abstract(cfg), mesh, sharding.DEFAULT_RULES))
+  toks = su.tokens(cfg)
+
+  def accumulated(step):
+    def run(variables, tokens_BS):
+      micro = tokens_BS.reshape(2, -1, tokens_BS.shape[-1])
+      def body(acc, mb):
+        out = step(variables, mb)
+        return jax.tree.map(jnp.add, acc, (out["loss"], out["grads"])), None
+      zero = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), variables["params"]))
+      return jax.lax.scan(body, zero, micro)[0]
+    return run
+
+  ref = jax.jit(accumulated(su.step_fn(Transformer(cfg.replace(moe_impl="ragged")))))(v, toks)
+  with sharding.activation_rules(mesh, sharding.DEFAULT_RULES):
+    out = jax.jit(accumulated(su.step_fn(Transformer(cfg))), in_shardings=(
+        shardings, sharding.batch_sharding(mesh, 2)))(jax.device_put(v, shardings), toks)
+  assert su.max_rel_diff(out[0], ref[0]) <= TOL
+  worst = max(jax.tree.leaves(jax.tree.map(su.max_rel_diff, out[1], ref[1])))
+  assert worst <= TOL
+
+
+def test_fp8_matches_one_device():
+  """FP8 on an expert mesh: activations are quantized per row (1x128 tiles), so values, input and
+  routing gradients equal one device; expert-weight gradients quantize 128-row tiles of whatever
+  rows a round brings to a shard, so they agree to FP8 precision only."""
+  cfg = CFG.replace(fp8=True)
+  v = su.host_variables(cfg)
+  out = run_mesh(cfg, (1, 1, 8, 1), v)
+  ref = run_reference(cfg, v)
+  assert_equal(out, ref, skip_grads=("'moe']['gate", "'moe']['up", "'moe']['down"))
+  flat_o = dict(jax.tree_util.tree_leaves_with_path(out["grads"]))
+  flat_r = dict(jax.tree_util.tree_leaves_with_path(ref["grads"]))
+  expert = [p for p in flat_r if re.search(r"'moe'\]\['(gate|up|down)'\]$", jax.tree_util.keystr(p))]
+  assert expert
+  for p in expert:
+    assert su.max_rel_diff(flat_o[p], flat_r[p]) <= 0.1, jax.tree_util.keystr(p)
+
+
+def exchange_rows(hlo_text: str) -> list[int]:
+  """Rows each MoE all-to-all (inside the shard_map) moves per device, from compiled HLO text: the
+  leading dimension, summed over the per-peer operands of XLA:CPU's tuple form."""
+  rows = []
+  for line in hlo_text.splitlines():
+    m = re.search(r"=\s*(.*?)\sall-to-all(?:-start)?\(", line)
+    if m and "/moe/shard_map/" in line:
+      rows.append(sum(int(s.split(",")[0]) for s in re.findall(r"\w+\[([\d,]+)\]", m.group(1))))
+  return rows
+
+
+def test_buffers_are_bounded_by_the_compiled_program():
+  """Every all-to-all in the compiled step moves P*C rows, C = ceil(T*X/P * 1.25): <= 2x the balanced
+  T*X rows per device, while one-shard routing would need P*T*min(X, E/P) = 4x in one exchange."""
+  shape = (2, 1, 4, 1)
+  compiled, _, _ = compiled_step(CFG, shape)
+  rows = exchange_rows(compiled.as_text())
+  p, x = shape[2], CFG.num_experts_per_tok
+  cap = ep.ep_capacity(T_LOCAL, p, CFG)
+  balanced = T_LOCAL * x
+  assert len(rows) >= 2 * 3, rows  # 2 MoE layers (one in the MTP block), 3 exchanges forward, 6 backward
+  assert set(rows) == {p * cap}, rows
+  assert p * cap <= 2 * balanced < p * T_LOCAL * min(x, CFG.n_routed_experts // p)
+
+
+def test_one_shard_routing_takes_rounds():
+  """The same fixed buffers serve one-shard routing in ceil(T*X / C) rounds (sown as ep_rounds)."""
+  cfg, shape = CFG, (2, 1, 4, 1)
+  v = biased(cfg, [0, 1])
+  mesh = sharding.make_mesh(*shape)
+  x = jax.random.normal(jax.random.key(3), (su.BATCH, su.SEQ, cfg.hidden_size))
+  mv = {"params": v["params"]["layers_1"]["moe"], "router": v["router"]["layers_1"]["moe"]}
+  with sharding.activation_rules(mesh, sharding.DEFAULT_RULES):
+    _, state = jax.jit(lambda mv, x: MoE(cfg).apply(mv, x, mutable=["intermediates"]))(
+        mv, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
+  cap = ep.ep_capacity(T_LOCAL, shape[2], cfg)
+  assert float(state["intermediates"]["ep_rounds"]) == -(-T_LOCAL * 2 // cap) > 1
+  assert float(state["intermediates"]["dropped_tokens"]) == 0
+
+
+def test_eval_of_a_capacity_model_drops_nothing():
+  """A model trained with a capacity (capacity_factor > 0 on 'ep': drops, counted; test_ep.py) is
+  evaluated and generates (for_eval, config.dropless) with the same 'ep' exchange, dropless on the
+  expert mesh: equal to one device under one-shard routing, where the capacity would drop half."""
+  cfg, shape = CFG.replace(capacity_factor=0.5), (2, 1, 4, 1)
+  v = biased(cfg, [0, 1])
+  model = for_eval(Transformer(cfg))
+  assert model.cfg == dropless(cfg) and model.cfg.moe_impl == "ep" and model.cfg.capacity_factor == 0
+  mesh = sharding.make_mesh(*shape)
+  shardings = nn.unbox(sharding.named_shardings(model_variables.abstract(cfg), mesh, sharding.DEFAULT_RULES))
+  toks = jax.device_put(su.tokens(cfg), sharding.batch_sharding(mesh, 2))
+  with sharding.activation_rules(mesh, sharding.DEFAULT_RULES):
+    logits = jax.jit(model.apply)(jax.device_put(v, shardings), toks)
+  ref = Transformer(cfg.replace(moe_impl="ragged", capacity_factor=0.0)).apply(v, su.tokens(cfg))
+  assert su.max_rel_diff(logits, ref) <= TOL
