@@ -39,6 +39,8 @@ def parse_args(argv):
                  "like \\n allowed (default: \\n)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--show_samples", type=int, default=0, metavar="N",
+                 help="print the first N generations of each gen task (prompt, output, answer); also in --output")
   p.error = lambda msg: (print(f"error: {msg}", file=sys.stderr), sys.exit(2))
   args = p.parse_args(argv)
   if not (args.tasks or args.lm_eval_tasks):
@@ -46,6 +48,7 @@ def parse_args(argv):
   for name, ok, want in (("batch_size", args.batch_size > 0, "> 0"), ("max_len", (args.max_len or 1) > 0, "> 0"),
                          ("lm_eval_limit", (args.lm_eval_limit or 1) > 0, "> 0"),
                          ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"),
+                         ("show_samples", args.show_samples >= 0, ">= 0"),
                          ("temperature", args.temperature >= 0, ">= 0"), ("top_k", args.top_k >= 0, ">= 0"),
                          ("top_p", 0 < args.top_p <= 1, "in (0, 1]")):
     if not ok:
@@ -74,16 +77,18 @@ def main(argv=None) -> int:
     evaluate.check_tasks(args.tasks, stop)  # bad task files fail before a model is loaded
     if args.lm_eval_tasks:
       import moe_jax.lm_eval_adapter  # noqa: F401  (a missing optional extra fails here, early)
-    vocab = data.load_tokenizer(args.tokenizer or "byte").vocab_size if args.preset else None
+    tok = data.load_tokenizer(args.tokenizer or "byte")  # a bad --tokenizer fails before the model loads
     model, variables, info = evaluate.load_model(workdir=args.workdir, checkpoint=args.checkpoint, hf=args.hf,
-                                                 preset=args.preset, vocab_size=vocab, dtype=args.dtype,
+                                                 preset=args.preset, vocab_size=tok.vocab_size if args.preset
+                                                 else None, dtype=args.dtype,
                                                  seed=args.seed, mesh_shape=mesh)
     evaluate.run(model, variables, model_name=info["name"], step=info["step"], tasks=args.tasks,
                  lm_eval_tasks=args.lm_eval_tasks, lm_eval_include=args.lm_eval_include,
                  lm_eval_limit=args.lm_eval_limit, tokenizer=args.tokenizer or info["tokenizer"],
                  output=args.output, batch_size=args.batch_size, max_len=args.max_len, mesh=info["mesh"],
                  rules=info["rules"], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.no_progress, stop=stop)
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.no_progress, stop=stop,
+                 show_samples=args.show_samples)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

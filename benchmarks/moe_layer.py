@@ -113,11 +113,12 @@ def run_ep(cfg, args) -> None:
 
 
 def _all_to_all_rows(hlo_text: str) -> list[int]:
+  """Rows per device of each distinct MoE all-to-all (XLA:CPU's tuple form: per-peer blocks summed)."""
   rows = set()
   for line in hlo_text.splitlines():
     m = re.search(r"=\s*(.*?)\sall-to-all(?:-start)?\(", line)
-    if m:
-      rows |= {int(s.split(",")[0]) for s in re.findall(r"\w+\[([\d,]+)\]", m.group(1))}
+    if m and "shard_map" in line:
+      rows.add(sum(int(s.split(",")[0]) for s in re.findall(r"\w+\[([\d,]+)\]", m.group(1))))
   return sorted(rows)
 
 

@@ -23,7 +23,6 @@ moe_jax.sharding. One JSON line per (moe_impl, moe_gmm):
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -132,7 +131,8 @@ def measure(cfg, devices, mesh_shape, batch: int, seq: int, hlo_path: str | None
       "model_flops_layer": float(f"{mf['layer']:.4g}"), "model_flops_routed": float(f"{mf['routed']:.4g}"),
       "xla_flops_ratio": round(cost.get("flops", 0.0) / mf["layer"], 3),
       "executed_ratio": round((summary.flops + kflops * used / held) / mf["layer"], 3),
-      "collectives": {k: {"count": int(v["count"]), "gb": gb(v["bytes"])} for k, v in sorted(summary.collectives.items())},
+      "collectives": {k: {"count": int(v["count"]), "gb": gb(v["bytes"])}
+                      for k, v in sorted(summary.collectives.items())},
       "largest_collectives": [dict(d, bytes=int(d["bytes"])) for d in summary.largest[:5]],
       "expert_stack_gathers": expert_stack_gathers(text, cfg),
   }

@@ -81,6 +81,9 @@ class Topology:
     return (2, 2, 1)
 
   def devices(self):
+    # Compile-only use of libtpu: several processes (a test runner's workers, another compile)
+    # may load it at once; without this the second one fails on libtpu's lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     fam = FAMILIES[self.family]
     kw = {"chip_config_name": fam.chip_config} if fam.chip_config else {}
@@ -282,7 +285,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, repeatable")
   ap.add_argument("--traceback", action="store_true", help="show the full traceback when the step fails to build")
   args = ap.parse_args(argv)
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     topology = parse_topology(args.topology, args.num_slices)
     config = build_config(args)

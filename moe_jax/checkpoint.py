@@ -40,7 +40,8 @@ from moe_jax.model import Transformer
 
 # Config fields that may change when a run resumes (cadence, layout, hooks); the rest must match.
 RESUMABLE = ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "mesh", "checkpoint",
-             "nan_policy", "peak_flops", "debug", "data.path", "model.moe_impl", "model.remat_policy")
+             "nan_policy", "peak_flops", "debug", "data.path", "model.moe_impl", "model.remat_policy",
+             "model.capacity_factor", "model.ep_round_factor")
 # Test hook: MOE_JAX_TEST_PAUSE_SAVE="STEP:MARKER" makes the save of STEP touch MARKER and then
 # hang inside the commit (before the rename), so a test can kill -9 a process mid-save.
 PAUSE_ENV = "MOE_JAX_TEST_PAUSE_SAVE"
@@ -269,8 +270,12 @@ def check_workdir(workdir: str, config: dict, abstract_state: dict):
   """
   cfg_path = os.path.join(workdir, "config.json")
   if os.path.isfile(cfg_path):
-    with open(cfg_path) as f:
-      old = json.load(f)
+    try:
+      with open(cfg_path) as f:
+        old = json.load(f)
+    except json.JSONDecodeError as e:  # not ours to repair: the run's identity lives in it
+      raise UserError(f"{cfg_path}: not valid JSON ({e}); a copy of the run's config is the 'config' field of "
+                      "checkpoints/<step>/config/config.json; or pick another --workdir") from None
     diff = config_diff(old, config)
     if diff:
       msg = f"workdir {workdir} holds a run of another config ({'; '.join(diff[:10])})"
@@ -323,7 +328,11 @@ def latest_step(workdir: str) -> Optional[int]:
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return None
-  return Checkpointer(workdir, read_only=True).latest_step()
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()  # no manager left running into interpreter shutdown
 
 
 def restore_for_eval(path: str, mesh=None, rules=None):

@@ -9,8 +9,8 @@ checkpoints/ directory or one step directory (WORKDIR/checkpoints/STEP). A run t
 a tokenizer.json (config data.tokenizer) exports it beside the weights, with a
 tokenizer_config.json, so transformers' AutoTokenizer and `eval.py --hf=HF_DIR` use the
 tokenizer the model was trained with; --tokenizer names it when the path in the run's
-config does not resolve from here. A byte-level run exports no tokenizer (eval.py reads
-such a directory byte-level, as it was trained).
+config does not resolve from here. A byte-level run gets a tokenizer.json with the same ids
+(UTF-8 bytes, EOS 256) for transformers, marked so that eval.py keeps reading it byte-level.
 
 Output directories must be new or empty; they are written into a temporary directory
 beside them and renamed when complete, with the usual file modes (umask). Bad input prints
@@ -130,13 +130,14 @@ def run_tokenizer(path: str | Path) -> str:
   return (hf.read_json(cfg_path).get("data") or {}).get("tokenizer") or "byte"
 
 
-def _tokenizer_for_export(run_tok: str, override: Optional[str]):
-  """-> the HFTokenizer to export, or None for a byte-level run; checked before any weight is read."""
+def _tokenizer_for_export(run_tok: Optional[str], override: Optional[str]):
+  """-> the tokenizer to export (ByteTokenizer, HFTokenizer) or None when unknown (a --hf/--out
+  checkpoint without --tokenizer); checked before any weight is read."""
   from moe_jax import data
   spec = override or run_tok
-  if spec == "byte":
+  if spec is None:
     return None
-  if not override and not os.path.isfile(spec) and not os.path.isdir(spec):
+  if not override and spec != "byte" and not os.path.exists(spec):
     raise UserError(f"the run's tokenizer {spec!r} (config data.tokenizer, a path relative to where train.py ran) "
                     f"is not found from {os.getcwd()}; pass --tokenizer=PATH to that tokenizer.json")
   return data.load_tokenizer(spec)
@@ -145,11 +146,32 @@ def _tokenizer_for_export(run_tok: str, override: Optional[str]):
 def tokenizer_config(tok, cfg) -> dict[str, Any]:
   """tokenizer_config.json for transformers' AutoTokenizer: the fast tokenizer over tokenizer.json,
   adding no special tokens (moe_jax.data encodes without them; EOS ends each training document)."""
+  from moe_jax import data
   out = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings,
          "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
   if tok.eos_token is not None:
     out["eos_token"] = tok.eos_token
+  if isinstance(tok, data.ByteTokenizer):
+    out[data.BYTE_MARK] = "byte"  # eval.py --hf reads this directory byte-level, as it was trained
   return out
+
+
+def _write_tokenizer(tok, cfg, directory: Path):
+  from moe_jax import data
+  if isinstance(tok, data.ByteTokenizer):
+    try:
+      tok.save_hf(str(directory / "tokenizer.json"))
+    except ImportError:
+      print("note: the `tokenizers` package is missing: no tokenizer.json written (the run is byte-level)",
+            file=sys.stderr)
+      return
+  else:
+    shutil.copyfile(tok.name, directory / "tokenizer.json")
+  (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok, cfg), indent=2))
+  if tok.eos_id is not None:  # generation stops where training documents ended
+    config = json.loads((directory / "config.json").read_text())
+    config["eos_token_id"] = tok.eos_id
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def ckpt_to_hf(ckpt_dir: str | Path, hf_dir: str | Path, dtype: Optional[str] = None,
@@ -165,7 +187,7 @@ def ckpt_to_hf(ckpt_dir: str | Path, hf_dir: str | Path, dtype: Optional[str] = 
   if not src.exists():
     raise UserError(f"--from_ckpt {src}: no such directory")
   if _is_convert_checkpoint(src):
-    tok = _tokenizer_for_export("byte", tokenizer)
+    tok = _tokenizer_for_export(None, tokenizer)
     model, variables = restore(src)
   else:
     from moe_jax import checkpoint
@@ -181,12 +203,7 @@ def ckpt_to_hf(ckpt_dir: str | Path, hf_dir: str | Path, dtype: Optional[str] = 
   with _Staging(out) as tmp:
     hf.save_pretrained(cfg, variables, tmp, dtype=dtype)
     if tok is not None:
-      shutil.copyfile(tok.name, tmp / "tokenizer.json")
-      (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok, cfg), indent=2))
-      if tok.eos_id is not None:  # generation stops where training documents ended
-        config = hf.read_json(tmp / "config.json")
-        config["eos_token_id"] = tok.eos_id
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+      _write_tokenizer(tok, cfg, tmp)
   return out
 
 

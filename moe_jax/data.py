@@ -55,6 +55,49 @@ class ByteTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
+  eos_token = "<|endoftext|>"
+
+  def save_hf(self, path: str):
+    """The same ids as a Hugging Face tokenizer.json (for transformers): a byte-level BPE without
+    merges whose vocabulary maps each byte's GPT-2 character to the byte's value, EOS = 256."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tk = Tokenizer(models.BPE({c: b for b, c in _gpt2_byte_chars().items()}, []))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([self.eos_token])
+    assert tk.token_to_id(self.eos_token) == BYTE_EOS
+    tk.save(path)
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+  """GPT-2's byte -> printable character table, which tokenizers' ByteLevel pre-tokenizer applies."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  out, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      out[b] = chr(b)
+    else:
+      out[b] = chr(256 + extra)
+      extra += 1
+  return out
+
+
+BYTE_MARK = "moe_jax_tokenizer"  # tokenizer_config.json key: 'byte' when tokenizer.json is save_hf's
+
+
+def tokenizer_of_dir(directory: str) -> str:
+  """The tokenizer spec of a Hugging Face directory: 'byte' when moe_jax.convert exported a byte-level
+  run (its tokenizer.json only mirrors the bytes for transformers), DIR/tokenizer.json, else 'byte'."""
+  cfg_path, tok_path = os.path.join(directory, "tokenizer_config.json"), os.path.join(directory, "tokenizer.json")
+  if os.path.isfile(cfg_path):
+    try:
+      with open(cfg_path) as f:
+        if json.load(f).get(BYTE_MARK) == "byte":
+          return "byte"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+      raise UserError(f"{cfg_path}: not a JSON object; is the file complete?") from None
+  return tok_path if os.path.isfile(tok_path) else "byte"
+
 
 class HFTokenizer:
   """A Hugging Face `tokenizer.json` (the `tokenizers` package)."""
@@ -89,7 +132,7 @@ def tokenizer_path(spec: Optional[str]) -> Optional[str]:
   if spec in ("byte", "", None):
     return None
   if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "tokenizer.json")):
-    return os.path.join(spec, "tokenizer.json")
+    return tokenizer_path(tokenizer_of_dir(spec))
   if not os.path.isfile(spec):
     raise UserError(f"tokenizer {spec!r}: no such file (use 'byte' or a path to tokenizer.json)")
   return spec
@@ -111,8 +154,8 @@ def same_tokenizer(a: Optional[str], b: Optional[str]) -> bool:
     pa, pb = tokenizer_path(a), tokenizer_path(b)
   except UserError:
     return False
-  if pa is None or pb is None:
-    return False
+  if pa is None or pb is None:  # byte-level: 'byte', or a byte-level export's directory
+    return pa is pb
   with open(pa, "rb") as fa, open(pb, "rb") as fb:
     return fa.read() == fb.read()
 
@@ -248,7 +291,7 @@ def open_split(path: str, split: str, meta: Optional[dict] = None, check_ids: bo
     top = max_token_id(tokens)
     if top >= meta["vocab_size"]:
       raise UserError(f"{bin_path}: token id {top} >= vocab_size {meta['vocab_size']} of its meta.json "
-                      f"(tokenizer {meta['tokenizer']!r}); the file does not belong to this tokenizer: prepare it again")
+                      f"(tokenizer {meta['tokenizer']!r}): the file is not this tokenizer's; prepare it again")
     return TokenStore(tokens, doc_starts.astype(np.int64), top)
   return TokenStore(tokens, doc_starts.astype(np.int64))
 

@@ -203,9 +203,10 @@ def eval_mc(scorer: scoring.Scorer, tok, path: str) -> tuple[dict[str, float], i
 
 
 def eval_gen(scorer: scoring.Scorer, tok, path: str, *, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = ("\n",), seed: int = 0
-             ) -> tuple[dict[str, float], int]:
-  """-> ({exact_match}, number of examples)."""
+             top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = ("\n",), seed: int = 0,
+             samples: Optional[list] = None) -> tuple[dict[str, float], int]:
+  """-> ({exact_match}, number of examples); appends {where, prompt, output, answer, correct}
+  per example to `samples` when given (the text after stop sequences, before normalization)."""
   records = gen_records(path, stop)
   room = scorer.max_len - max_new_tokens
   prompts = []
@@ -221,14 +222,15 @@ def eval_gen(scorer: scoring.Scorer, tok, path: str, *, max_new_tokens: int = 32
   stop_ids = ({tok.eos_id} - {None}) | {ids[0] for ids in map(tok.encode, shared) if len(ids) == 1}
   outs = scorer.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          stop_tokens=sorted(stop_ids), seed=seed, desc=f"gen {os.path.basename(path)}")
-  answers = [r[2] for r in records]
-  stops = [r[3] for r in records]
   hits = 0
-  for ids, answer, ex_stop in zip(outs, answers, stops):
+  for ids, (where, prompt, answer, ex_stop) in zip(outs, records):
     text = tok.decode([t for t in ids if t != tok.eos_id])
     for s in ex_stop:
       text = text.split(s)[0]
-    hits += int(normalize_answer(text) in {normalize_answer(a) for a in answer})
+    correct = normalize_answer(text) in {normalize_answer(a) for a in answer}
+    hits += int(correct)
+    if samples is not None:
+      samples.append({"where": where, "prompt": prompt, "output": text, "answer": answer, "correct": correct})
   return {"exact_match": hits / len(prompts)}, len(prompts)
 
 
@@ -295,7 +297,7 @@ def load_model(*, workdir: Optional[str] = None, checkpoint: Optional[str] = Non
     except ValueError as e:  # config/tensor mismatches, named by hf.py
       raise UserError(f"--hf={hf}: {e}") from None
     name, step = os.path.abspath(hf), None
-    tokenizer = os.path.join(hf, "tokenizer.json") if os.path.isfile(os.path.join(hf, "tokenizer.json")) else "byte"
+    tokenizer = data.tokenizer_of_dir(hf)  # an exported byte-level run's tokenizer.json is read as 'byte'
   else:
     from moe_jax.config import PRESETS
     from moe_jax.model import Transformer
@@ -332,8 +334,9 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
         tokenizer: str = "byte", output: Optional[str] = None, batch_size: int = 8,
         max_len: Optional[int] = None, mesh=None, rules=None, max_new_tokens: int = 32,
         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = ("\n",),
-        seed: int = 0, progress: bool = True, printer=print) -> dict[str, Any]:
-  """Scores `tasks` (module docstring) and lm-eval tasks -> report dict; writes JSON to `output`."""
+        seed: int = 0, progress: bool = True, show_samples: int = 0, printer=print) -> dict[str, Any]:
+  """Scores `tasks` (module docstring) and lm-eval tasks -> report dict; writes JSON to `output`.
+  show_samples: print (and report under 'samples') the first N generations of each gen task."""
   task_list = parse_tasks(tasks)
   harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
   if not task_list and not harness:
@@ -344,7 +347,7 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
                     f"{model.cfg.vocab_size}")
   scorer = scoring.Scorer(model, variables, batch_size=batch_size, max_len=max_len, mesh=mesh, rules=rules,
                           pad_id=0, progress=progress)
-  rows = []
+  rows, samples = [], []
   for kind, path in task_list:
     start = time.time()
     if kind == "lm":
@@ -352,8 +355,10 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
     elif kind == "mc":
       metrics, n = eval_mc(scorer, tok, path)
     else:
+      generated = []
       metrics, n = eval_gen(scorer, tok, path, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, stop=stop, seed=seed)
+                            top_k=top_k, top_p=top_p, stop=stop, seed=seed, samples=generated)
+      samples += [dict(task=f"{kind}:{os.path.basename(path)}", **g) for g in generated[:show_samples]]
     name = f"{kind}:{os.path.basename(path)}"
     rows += [dict(task=name, metric=m, value=v, n=n, seconds=round(time.time() - start, 2))
              for m, v in metrics.items()]
@@ -364,12 +369,26 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
   report = dict(model=model_name, checkpoint_step=step, tokenizer=tokenizer, max_len=scorer.max_len,
                 batch_size=scorer.batch_size, devices=jax.device_count(), jax_version=jax.__version__,
                 results=rows)
+  if samples:
+    report["samples"] = samples
   printer(format_table(report))
+  if samples:
+    printer(format_samples(samples))
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
       json.dump(report, f, indent=2)
   return report
+
+
+def format_samples(samples: list[dict[str, Any]]) -> str:
+  """One block per generation: where it came from, the prompt, the output and the accepted answers."""
+  out = []
+  for s in samples:
+    mark = "correct" if s["correct"] else "wrong"
+    out.append(f"--- {s['task']} ({s['where']}, {mark})\nprompt: {s['prompt']!r}\noutput: {s['output']!r}\n"
+               f"answer: {' | '.join(map(repr, s['answer']))}")
+  return "\n".join(out)
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -10,16 +10,23 @@ up). Reported per device:
   params       every variable (params + router state) in its own dtype
   grads        the trained params, in the params' dtype
   optimizer    AdamW mu + nu in fp32 (8 bytes per trained parameter)
-  activations  remat=full lower bound: one saved [b, S, D] block input per layer
-               (b = batch / data-parallel size); a layer's transient working set comes on top
+  activations  what the backward keeps from the forward: with remat=full one saved [b, S, D]
+               block input per layer (b = batch / data-parallel size), plus the head's logits
+  working set  the transient peak on top (`working_set`): the larger of one layer's
+               backward (recomputed forward, attention core: [b, H, S, S] scores for the XLA
+               form, O(S) for flash kernels; MoE dispatch buffers and expert hidden rows; that
+               layer's gathered weights and their full-size gradients) and the head's backward
+               (fp32 logits and their gradient over the vocabulary, the gathered head weight)
   kv cache     the MLA latent cache: b x S x layers x (kv_lora_rank + qk_rope_head_dim)
-Train = params + grads + optimizer + activations; serve = params + kv cache.
+Train = params + grads + optimizer + activations + working set; serve = params + kv cache.
+The attention form follows the platform (`--platform`, default tpu: flash kernels on TPU and
+GPU). `python -m moe_jax.aot` compiles the real step for a topology and reports what XLA
+allocates; BENCHMARKS.md compares the two.
 Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -34,7 +41,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AbstractMesh, AxisType
 
-from moe_jax import sharding, variables
+from moe_jax import flops, sharding, variables
 from moe_jax.config import PRESETS, ModelConfig
 from moe_jax.errors import ArgumentParser, UserError, main_guard, one_line
 
@@ -63,12 +70,14 @@ class Plan:
   grads: float
   optimizer: float
   activations: float
+  working_set: float
   kv_cache: float
   device_memory: float
+  working_set_parts: dict = dataclasses.field(default_factory=dict)
 
   @property
   def train(self) -> float:
-    return self.params + self.grads + self.optimizer + self.activations
+    return self.params + self.grads + self.optimizer + self.activations + self.working_set
 
   @property
   def serve(self) -> float:
@@ -81,8 +90,57 @@ class Plan:
     return d
 
 
+def _attention_is_flash(cfg: ModelConfig, platform: str) -> bool:
+  """Whether the expanded attention runs as a flash kernel (O(S) memory) on this platform."""
+  impl = cfg.attention_impl
+  if impl == "auto":
+    return platform in ("tpu", "gpu")
+  return impl in ("splash", "pallas_gpu") or (impl == "dot_product" and platform == "gpu")
+
+
+def working_set(cfg: ModelConfig, axis_sizes: dict[str, int], b_local: int, seq: int, rules=None,
+                platform: str = "tpu") -> dict[str, float]:
+  """Per-device transient bytes at the backward's peak (see the module docstring), by part.
+
+  Returns {'layer': one layer's backward, 'head': the head's backward, 'peak': the larger}.
+  """
+  rules = sharding.DEFAULT_RULES if rules is None else rules
+  act, f32 = jnp.dtype(cfg.compute_dtype).itemsize, 4
+  size = lambda name: math.prod(axis_sizes[a] for a in sharding.spec_axes(  # noqa: E731
+      nn.logical_to_mesh_axes((name,), rules)[0]))
+  tokens, d = b_local * seq, cfg.hidden_size
+  heads = -(-cfg.num_attention_heads // size("heads"))
+  qk, v = cfg.qk_head_dim, cfg.v_head_dim
+  # attention: the core, the per-head projections (values and their gradients), the gathered weights
+  if _attention_is_flash(cfg, platform):
+    core = tokens * heads * (2 * qk + 2 * v) * act * 2 + b_local * heads * seq * f32 * 2
+  else:  # scores and their gradient in fp32, probabilities in the compute dtype, the mask
+    core = b_local * heads * seq * seq * (2 * f32 + act) + b_local * seq * seq
+  proj = tokens * heads * (2 * qk + v) * act * 3
+  attn_w = flops.attention_params(cfg) / size("heads") * (act + f32)
+  attention = core + proj + attn_w
+  # feed-forward of the biggest layer: dense MLP, or MoE (dispatch buffers, hidden rows, local experts)
+  mlp = size("mlp")
+  dense = tokens * cfg.intermediate_size / mlp * act * 6 + 3 * d * cfg.intermediate_size / mlp * (act + f32)
+  moe = 0.0
+  if cfg.num_moe_layers:
+    exp_axes, mlp_axes = sharding.moe_axes(rules)
+    ep = math.prod(axis_sizes[a] for a in exp_axes)
+    f = cfg.moe_intermediate_size / math.prod(axis_sizes[a] for a in mlp_axes)
+    rows = tokens * cfg.num_experts_per_tok * (cfg.capacity_factor or 1.0)
+    buffers = rows * d * act * 8  # sent, received, expert output, returned; and their gradients
+    hidden = rows * f * act * 6  # gate, up, activation; and their gradients
+    experts = cfg.n_routed_experts / ep * 3 * d * f * (act + f32)  # gathered over fsdp, and gradients
+    shared = tokens * cfg.n_shared_experts * cfg.moe_intermediate_size * act * 6
+    moe = buffers + hidden + experts + shared
+  layer = attention + max(dense if cfg.first_k_dense_replace else 0.0, moe)
+  vocab = cfg.vocab_size / size("vocab")
+  head = tokens * vocab * (2 * f32 + act) + d * vocab * (act + f32)
+  return {"attention": attention, "ffn": layer - attention, "layer": layer, "head": head, "peak": max(layer, head)}
+
+
 def plan(cfg: ModelConfig, axis_sizes: dict[str, int], batch: int, seq: int, device_memory_gb: float,
-         rules=None, abstract=None) -> Plan:
+         rules=None, abstract=None, platform: str = "tpu") -> Plan:
   """Per-device bytes of cfg on a mesh with these axis sizes (validated first)."""
   rules = sharding.check_rules(sharding.DEFAULT_RULES if rules is None else rules)
   mesh = AbstractMesh(tuple(axis_sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES,
@@ -110,10 +168,15 @@ def plan(cfg: ModelConfig, axis_sizes: dict[str, int], batch: int, seq: int, dev
   act_bytes = jnp.dtype(cfg.compute_dtype).itemsize
   layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
   activations = b_local * seq * cfg.hidden_size * layers * act_bytes
+  # The loss's fp32 logits (main head and each MTP head) stay alive for the backward.
+  activations += (1 + cfg.num_nextn_predict_layers) * b_local * seq * cfg.vocab_size * 4 / math.prod(
+      axis_sizes[a] for a in sharding.spec_axes(nn.logical_to_mesh_axes(("vocab",), rules)[0]))
+  ws = working_set(cfg, axis_sizes, b_local, seq, rules, platform)
   kv = b_local * seq * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * act_bytes
   return Plan(mesh=dict(axis_sizes), batch=batch, seq=seq, total_params=total, params=params,
               expert_params=expert, grads=trained_bytes, optimizer=8.0 * trained_elems,
-              activations=float(activations), kv_cache=float(kv), device_memory=device_memory_gb * GB)
+              activations=float(activations), working_set=float(ws["peak"]), kv_cache=float(kv),
+              device_memory=device_memory_gb * GB, working_set_parts={k: float(v) for k, v in ws.items()})
 
 
 def max_shards_per_token(cfg: ModelConfig, ep: int) -> int:
@@ -141,6 +204,10 @@ def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None, dcn: Optional[
       ("grads (" + cfg.param_dtype + ")", p.grads),
       ("optimizer (AdamW mu+nu fp32)", p.optimizer),
       ("activations (remat=full, " + cfg.dtype + ")", p.activations),
+      ("working set (backward peak)", p.working_set),
+      ("  one layer: attention", p.working_set_parts.get("attention", 0.0)),
+      ("  one layer: ffn / moe", p.working_set_parts.get("ffn", 0.0)),
+      ("  head (logits, weights)", p.working_set_parts.get("head", 0.0)),
       ("kv cache (latent, " + cfg.dtype + ")", p.kv_cache),
   ]
   groups = ""
@@ -156,7 +223,7 @@ def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None, dcn: Optional[
          f"device; a token reaches at most {max_shards_per_token(cfg, ep)} expert shards" + groups,
          f"{'per device':<40}{'GB':>10}"]
   out += [f"{label:<40}{v / GB:>10.2f}" for label, v in rows]
-  out += [f"{'train: params+grads+opt+activations':<40}{p.train / GB:>10.2f}  of {mem:g} GB: {fits(p.train)}",
+  out += [f"{'train: params+grads+opt+act+working':<40}{p.train / GB:>10.2f}  of {mem:g} GB: {fits(p.train)}",
           f"{'serve: params+kv cache':<40}{p.serve / GB:>10.2f}  of {mem:g} GB: {fits(p.serve)}"]
   return "\n".join(out)
 
@@ -176,21 +243,21 @@ def load_config(spec: str):
   """configs/x.py[:arg] -> the ConfigDict its get_config(arg) returns."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise UserError(f"--config={spec}: no such file {path!r} (e.g. configs/small.py, or use --preset)")
+    raise UserError(f"no such file {path!r} (the presets are configs/*.py)")
   module_spec = importlib.util.spec_from_file_location("plan_config", path)
   if module_spec is None:
-    raise UserError(f"--config={spec}: {path} is not a Python file (configs/x.py with get_config)")
+    raise UserError(f"{path} is not a Python file (configs/x.py with get_config)")
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
   except Exception as e:  # the user's config file: any error in it is theirs to fix
-    raise UserError(f"--config={spec}: {path} failed to load: {type(e).__name__}: {one_line(e)}") from None
+    raise UserError(f"{path} failed to load: {type(e).__name__}: {one_line(e)}") from None
   if not hasattr(module, "get_config"):
-    raise UserError(f"--config={spec}: {path} defines no get_config()")
+    raise UserError(f"{path} defines no get_config()")
   try:
     return module.get_config(arg) if arg else module.get_config()
   except (ValueError, TypeError, KeyError) as e:  # e.g. an unknown variant
-    raise UserError(f"--config={spec}: get_config({arg!r}) failed: {one_line(e)}") from None
+    raise UserError(f"get_config({arg!r}) failed: {one_line(e)}") from None
 
 
 def model_config_from(config) -> ModelConfig:
@@ -204,7 +271,7 @@ def model_config_from(config) -> ModelConfig:
   return PRESETS[preset](**d) if preset else ModelConfig.from_dict(d)
 
 
-def _positive(name: str, value, kind=int):
+def _positive(name: str, value):
   if value is not None and not value > 0:
     raise UserError(f"--{name}={value}: must be positive")
   return value
@@ -236,11 +303,16 @@ def main(argv: Optional[list[str]] = None):
   ap.add_argument("--rules", help='rules overrides as JSON, e.g. \'[["kv_lora", "fsdp"]]\' (after the config\'s)')
   ap.add_argument("--param_dtype", help="override the config's param_dtype")
   ap.add_argument("--dtype", help="override the config's compute dtype")
+  ap.add_argument("--platform", default="tpu", choices=("tpu", "gpu", "cpu"),
+                  help="where it runs: picks the attention form the working set assumes (default tpu)")
   args = ap.parse_args(argv)
   for name in ("devices", "device_memory_gb", "batch", "seq"):
     _positive(name, getattr(args, name))
 
-  config = load_config(args.config) if args.config else None
+  try:
+    config = load_config(args.config) if args.config else None
+  except UserError as e:
+    raise UserError(f"--config={args.config}: {e}") from None
   try:
     cfg = model_config_from(config) if config is not None else PRESETS[args.preset]()
     over = {k: v for k, v in (("param_dtype", args.param_dtype), ("dtype", args.dtype)) if v}
@@ -264,7 +336,7 @@ def main(argv: Optional[list[str]] = None):
     batch = args.batch or (get("batch_size") or 0) // accum or sharding.data_parallel_size(
         AbstractMesh(tuple(axis_sizes.values()), sharding.MESH_AXES), rules)
     seq = args.seq or get("seq_len") or 4096
-    p = plan(cfg, axis_sizes, batch, seq, args.device_memory_gb, rules)
+    p = plan(cfg, axis_sizes, batch, seq, args.device_memory_gb, rules, platform=args.platform)
   except ValueError as e:  # the mesh, the rules or the layout do not fit the model: say why
     raise UserError(f"plan: {one_line(e)}") from None
   print(format_plan(p, cfg, args.preset or args.config, rules, dict(zip(sharding.MESH_AXES, dcn_t))))

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from moe_jax.errors import UserError
+from moe_jax.errors import UserError, main_guard
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -97,6 +97,7 @@ def plot(workdir: str, out: Optional[str] = None) -> list[str]:
   return written
 
 
+@main_guard
 def main(argv: Sequence[str]) -> int:
   if argv in (["--help"], ["-h"]):
     print(__doc__)
@@ -107,12 +108,8 @@ def main(argv: Sequence[str]) -> int:
   if not os.path.isdir(argv[0]):
     print(f"error: {argv[0]}: no such directory (give a train.py --workdir)", file=sys.stderr)
     return 2
-  try:
-    for path in plot(argv[0]):
-      print(path)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  for path in plot(argv[0]):  # a UserError or an unwritable plots/ directory: one line (main_guard)
+    print(path)
   return 0
 
 

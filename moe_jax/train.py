@@ -123,8 +123,15 @@ def attention_segments(batch: dict, document_mask: bool):
   return batch["segment_ids"][:, :-1] if document_mask else None
 
 
-def make_train_step(model: Transformer, config, tx: optax.GradientTransformation, schedule):
-  """train_step(state, batch) -> (state, metrics); pure, for jax.jit."""
+def make_train_step(model: Transformer, config, tx: optax.GradientTransformation, schedule,
+                    param_shardings=None):
+  """train_step(state, batch) -> (state, metrics); pure, for jax.jit.
+
+  param_shardings: the parameters' shardings. Gradients are constrained to them as soon as
+  they exist, so the partitioner reduces each device's shard and holds gradients sharded like
+  the parameters (ZeRO-3) rather than whole. (How XLA lowers that reduction is its choice:
+  libtpu 0.0.42 compiles it to all-reduce + dynamic-slice, BENCHMARKS.md.)
+  """
   mcfg = model.cfg
   document_mask = config.data.get("document_mask", True)
   n_mtp, accum = mcfg.num_nextn_predict_layers, config.optim.grad_accum
@@ -171,6 +178,8 @@ def make_train_step(model: Transformer, config, tx: optax.GradientTransformation
   def train_step(state: TrainState, batch: dict):
     norms = [jnp.maximum(jnp.sum(targets(batch, k)[1]), 1).astype(jnp.float32) for k in range(n_mtp + 1)]
     grads, aux = grads_and_aux(state.params, state.router, batch, norms, state.step)
+    if param_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -261,7 +270,7 @@ class Trainer:
       abstract_batch = {k: jax.ShapeDtypeStruct((b, s + 1), jnp.int32, sharding=self.batch_sharding)
                         for k in ("tokens", "segment_ids", "positions")}
       with sharding.activation_rules(self.mesh, self.rules):
-        step = jax.jit(make_train_step(self.model, self.config, self.tx, self.schedule),
+        step = jax.jit(make_train_step(self.model, self.config, self.tx, self.schedule, self.state_sharding.params),
                        in_shardings=(self.state_sharding, self.batch_sharding),
                        out_shardings=(self.state_sharding, None), donate_argnums=0)
         self._step_fn = step.lower(self.abstract_state, abstract_batch).compile()
@@ -409,7 +418,8 @@ class Logger:
       rec.update(tokens_per_s=n * self.tokens_per_step / dt, flops_per_s=n * self.flops_per_step / dt)
       rec["mfu"] = rec["flops_per_s"] / self.peak
       # lm_loss is what the README and eval quote; total adds MTP and balance losses.
-      postfix = dict(lm_loss=f"{rec['lm_loss']:.3f}", total_loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", mfu=f"{rec['mfu']:.1%}")
+      postfix = dict(lm_loss=f"{rec['lm_loss']:.3f}", total_loss=f"{rec['loss']:.3f}",
+                     tok_s=f"{rec['tokens_per_s']:.0f}", mfu=f"{rec['mfu']:.1%}")
       if drops:
         postfix["dropped"] = f"{rec['dropped_fraction_max']:.2%}"
       self.bar.set_postfix(postfix)  # positional: tqdm keeps this order (it sorts keyword arguments)
@@ -466,12 +476,11 @@ def _setup(config, workdir: str):
                     f"but data.tokenizer is {config.data.tokenizer!r}; set --config.data.tokenizer to match")
   abstract = trainer.abstract_state.to_dict()
   checkpoint.check_workdir(workdir, config.to_dict(), abstract)
+  latest = checkpoint.latest_step(workdir)  # read-only: a finished run is left exactly as it is
+  if latest is not None and latest >= config.steps:
+    return trainer, source, None, latest, None
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
   try:
-    latest = ckpt.latest_step()
-    if latest is not None and latest >= config.steps:
-      ckpt.close()
-      return trainer, source, None, latest, None
     # The newest step that reads back whole (config item and state); damaged newer ones are named and set aside.
     start, state = ckpt.restore_intact(lambda step: (ckpt.config(step), ckpt.restore(step, abstract))[1])
     state = trainer.init_state(config.seed) if start is None else TrainState(**state)

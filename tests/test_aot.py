@@ -99,6 +99,14 @@ def test_tiny_train_step_compiles_for_tpu(capsys, topology, mesh, impl):
     assert r["collectives"].get("all-to-all", {}).get("count", 0) > 0, r["collectives"]
 
 
+def test_multi_slice_sends_data_parallel_reductions_over_dcn(capsys):
+  code, out, err = _aot(capsys, "--topology=v5p-16", "--num_slices=2", "--mesh=-1,1,1,1", "--batch=16")
+  assert code == 0, err[-2000:]
+  r = json.loads(out.strip().splitlines()[-1])
+  assert r["chips"] == 16 and r["hosts"] == 4 and r["mesh"]["data"] == 16 and r["num_slices"] == 2
+  assert r["collectives"].get("dcn-all-reduce", {}).get("count", 0) > 0, r["collectives"]
+
+
 def test_scanned_layers_count_every_trip(capsys):
   """Doubling the layers of a scanned stack doubles the layers' FLOPs although cost_analysis counts the body once."""
   runs = {}

@@ -182,3 +182,10 @@ def test_read_only_file_system(tmp_path):
   assert lines == [f"error: --workdir: cannot write into {ro} (Read-only file system); pick a writable location",
                    f"error: --out: cannot write into {ro} (Read-only file system); pick a writable location"]
   assert not list(ro.iterdir())
+
+
+def test_damaged_workdir_config_is_named(tmp_path):
+  from moe_jax import checkpoint
+  (tmp_path / "config.json").write_text('{"steps": 8,')  # a write cut short
+  with pytest.raises(errors.UserError, match=r"config.json: not valid JSON .* pick another --workdir"):
+    checkpoint.check_workdir(str(tmp_path), {"steps": 8}, {})

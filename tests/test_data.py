@@ -208,3 +208,45 @@ def test_make_source_errors(tmp_path):
     data.make_source(_cfg(str(tmp_path / "tok")), 4096, 4, 0, 264)
   src = data.make_source(_cfg(str(tmp_path / "tok")), 16, 4, 0, 264)
   assert src.rows("train", 0, range(4))["tokens"].shape == (4, 17)
+
+
+def test_interrupted_overwrite_keeps_the_old_dataset(tmp_path, monkeypatch, capsys):
+  """Ctrl-C in the middle of `prepare --overwrite`: status 130, the previous dataset intact, no debris."""
+  (tmp_path / "a.txt").write_text("first " * 100)
+  (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
+  out = tmp_path / "tok"
+  data.prepare([str(tmp_path / "a.txt")], "byte", str(out))
+  before = {f: (out / f).read_bytes() for f in data.PREPARED_FILES}
+  calls = []
+
+  def encode(self, text):
+    calls.append(text)
+    if len(calls) == 5:
+      raise KeyboardInterrupt
+    return list(text.encode())
+  monkeypatch.setattr(data.ByteTokenizer, "encode", encode)
+  assert data.main(["prepare", "--input", str(tmp_path / "b.jsonl"), "--out", str(out), "--overwrite"]) == 130
+  assert capsys.readouterr().err == "error: interrupted\n"
+  assert {f: (out / f).read_bytes() for f in data.PREPARED_FILES} == before
+  assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.jsonl", "tok"]
+
+
+
+def test_byte_tokenizer_exports_the_same_ids(tmp_path):
+  """A byte-level run's export: transformers' tokenizer gives the byte ids, eval keeps reading bytes."""
+  pytest.importorskip("tokenizers")
+  transformers = pytest.importorskip("transformers")
+  from moe_jax import convert
+  from moe_jax.config import tiny
+  (tmp_path / "config.json").write_text("{}")
+  convert._write_tokenizer(data.ByteTokenizer(), tiny(vocab_size=264), tmp_path)
+  byte, exported = data.ByteTokenizer(), data.HFTokenizer(str(tmp_path / "tokenizer.json"))
+  hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  for text in DOCS + [" lead\tand\r\n", "\x00\x7f\u00ff", "日本語 🎉"]:
+    assert exported.encode(text) == hf_tok(text)["input_ids"] == byte.encode(text), text
+    assert exported.decode(byte.encode(text)) == text
+  assert exported.vocab_size == len(hf_tok) == data.BYTE_VOCAB
+  assert exported.eos_id == hf_tok.eos_token_id == data.BYTE_EOS
+  assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == data.BYTE_EOS
+  assert data.tokenizer_of_dir(str(tmp_path)) == "byte" and data.load_tokenizer(str(tmp_path)).name == "byte"
+  assert data.same_tokenizer("byte", str(tmp_path)) and not data.same_tokenizer(str(tmp_path / "tokenizer.json"), "byte")

@@ -115,6 +115,15 @@ def test_generation_exact_match_and_stop_sequences_by_hand(bigram, tmp_path):
   outs = scorer.generate([tok.encode("xa"), tok.encode("b")], 8, stop_tokens=[ord("b")])
   assert outs == [tok.encode("b"), tok.encode("ab")]  # cut after the stop token, per row
 
+  # --show_samples: what the model generated, after stop sequences, with the verdict.
+  lines = []
+  report = evaluate.run(scorer.model, scorer.variables, model_name="bigram", tasks=f"gen:{path}", max_new_tokens=8,
+                        progress=False, show_samples=2, printer=lines.append, tokenizer="byte")
+  assert [(x["output"], x["correct"]) for x in report["samples"]] == [("babababa", True), ("b", False)]
+  assert report["samples"][1]["where"].endswith("gen.jsonl:2") and report["samples"][1]["answer"] == ["BAB"]
+  assert "output: 'babababa'" in lines[-1] and "(gen.jsonl:2, wrong)" not in lines[-1]  # where is the full path
+  assert f"--- gen:gen.jsonl ({path}:2, wrong)" in lines[-1]
+
 
 def test_normalize_answer():
   assert evaluate.normalize_answer("  The  Answer, is: 42! ") == "answer is 42"

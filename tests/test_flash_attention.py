@@ -3,7 +3,6 @@ equal the einsum reference across several tiles, causal and within packed docume
 gradients; inside a mesh they run in shard_map; compiled for a TPU topology the Mosaic kernels appear
 and no [.., S, S] score tensor does."""
 
-import os
 import re
 
 import jax
@@ -78,13 +77,12 @@ SCORES = r"(?:f32|bf16)\[[0-9,]*{s},{s}\]"  # an array whose two minor dims are 
 
 @pytest.fixture(scope="module")
 def tpu_devices():
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes may hold libtpu
-  from jax.experimental import topologies
+  """8 compile-only v5p chips (moe_jax.aot's topology names)."""
+  from moe_jax import aot
   try:
-    return topologies.get_topology_desc("v5:2x2x2", "tpu", chip_config_name="megacore",
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
-  except Exception as e:  # no libtpu on this host
-    pytest.skip(f"no compile-only TPU topology: {e}")
+    return aot.parse_topology("v5:2x2x2").devices()
+  except aot.UserError as e:  # no libtpu on this host
+    pytest.skip(str(e))
 
 
 def compile_mla_layer(cfg, devices, batch: int, length: int) -> str:

@@ -49,7 +49,8 @@ twice (DeepSeek sends it once per node; not done here). Weights enter shard_map 
 the expert axes and D whole: GSPMD gathers the fsdp-sharded D (FSDP) before, and
 reduce-scatters their gradients after; nothing gathers E.
 
-Fallbacks: no mesh in the context (or a 1-device mesh, or no rules) -> plain
+Token counts that do not split over the batch shards (decoding a few rows) are padded with
+zero-weight tokens. Fallbacks: no mesh in the context (or a 1-device mesh, or no rules) -> plain
 `dispatch_ragged`. Expert-parallel size 1 -> dropless ragged on each device's own
 tokens inside shard_map (data parallel, no all-to-all, nothing dropped).
 """
@@ -297,10 +298,11 @@ def dispatch_ep(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig
   token_axes = sharding.batch_axes(rules)
   exp_axes, mlp_axes = sharding.moe_axes(rules)
   shards = math.prod(sizes[a] for a in token_axes)
-  t = x_TD.shape[0]
-  if t % shards:
-    raise ValueError(f"moe_impl='ep': {t} tokens (batch x length) do not split over the {shards} batch shards "
-                     f"(mesh axes {token_axes}); use a batch divisible by {shards} or moe_impl='ragged'")
+  t, k = idx_TX.shape
+  pad = -t % shards
+  if pad:  # e.g. decoding fewer rows than batch shards: zero-weight tokens on distinct experts fill them
+    x_TD, w_TX = jnp.pad(x_TD, ((0, pad), (0, 0))), jnp.pad(w_TX, ((0, pad), (0, 0)))
+    idx_TX = jnp.concatenate([idx_TX, jnp.broadcast_to(jnp.arange(k, dtype=idx_TX.dtype), (pad, k))])
   ep = math.prod(sizes[a] for a in exp_axes)
   if ep == 1:
     tok = P(token_axes or None, None)
@@ -309,11 +311,11 @@ def dispatch_ep(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig
         functools.partial(_dp_shard, cfg=cfg, mlp_axes=mlp_axes), mesh=mesh,
         in_specs=(tok, tok, tok, P(exp, None, mlp), P(exp, None, mlp), P(exp, mlp, None)),
         out_specs=(tok, P()))(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
-    return out, _no_stats()
-  s = _Static(cfg, mesh, token_axes, exp_axes, mlp_axes, ep, ep_capacity(t // shards, ep, cfg),
+    return out[:t], _no_stats()
+  s = _Static(cfg, mesh, token_axes, exp_axes, mlp_axes, ep, ep_capacity((t + pad) // shards, ep, cfg),
               dropless=cfg.capacity_factor <= 0)
   out, dropped, rounds = _exchange(s, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
-  return out, {"dropped_tokens": dropped, "ep_rounds": rounds}
+  return out[:t], {"dropped_tokens": dropped, "ep_rounds": rounds}
 
 
 register_dispatch("ep", dispatch_ep)

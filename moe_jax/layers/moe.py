@@ -6,7 +6,8 @@ Routed expert weights are stacked: gate, up [E, D, F] and down [E, F, D] (logica
 over the same weights; they differ only in how tokens meet their experts:
   dense     reference: every expert on every token, then masked ([T, E, F] materialized).
   ragged    dropless: sort the T*X assignments by expert, grouped matmul (layers/gmm.py:
-            jax.lax.ragged_dot on GPU/TPU, a tiled loop on CPU), unsort.
+            a tiled loop on CPU, Pallas kernels on TPU and Hopper, else ragged_dot), unsort;
+            on a mesh inside jax.shard_map, each device on its own experts (_ragged_on_mesh).
   capacity  GShard: each expert takes at most C = ceil(T*X/E * capacity_factor) tokens
             (config.CAPACITY_FACTOR when capacity_factor is 0) into an [E, C, D] buffer,
             first choices before second; the rest are dropped (counted in
@@ -52,7 +53,8 @@ def dispatch_dense(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelCon
 def expert_ffn_ragged(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, dt, impl: str = "auto", fp8: bool = False):
   """Grouped SwiGLU over rows sorted by expert: rows [sum(sizes[:e]), ...) go to expert e.
 
-  impl: the grouped matmul (layers/gmm.py): 'ragged_dot' (XLA; GPU/TPU), 'tiled' (CPU), 'auto'.
+  impl: the grouped matmul (layers/gmm.py): 'ragged_dot' (XLA), 'tiled' (CPU), 'pallas' (TPU, Hopper),
+  'auto' (by moe_jax.target).
   fp8: the three grouped matmuls in DeepSeek-V3 FP8 (layers/fp8.py). Weights may be Fp8Weight.
   """
   if fp8:
@@ -187,8 +189,12 @@ def _ragged_on_mesh(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelCo
        gathered axes and psummed over the expert / F axes that hold the same tokens.
   Traffic per device and direction: (P-1)*T rows of D, against X*T rows for the all-to-all
   of moe_impl='ep' (about equal at P = X = 8). Memory: the grouped-matmul buffers hold P*T*X
-  rows where 'ep' holds ~1.25*T*X, so at scale moe_impl='ep' is the layout to use; this one
-  never drops a token and needs no capacity (BENCHMARKS.md, "Grouped matmul on the mesh").
+  rows where 'ep' holds ~1.25*T*X: one DeepSeek-V3 MoE layer, fwd+bwd, 4,096 tokens per chip on
+  v5p fsdp 8 x expert 8 compiles to 18.3 GB of temporaries per chip (megablox), 'ep' to 9.7 GB,
+  the GSPMD-partitioned form this replaces to 97.8 GB (did not fit). So at scale moe_impl='ep'
+  is the layout to use; this one never drops a token and needs no capacity (BENCHMARKS.md,
+  "Grouped matmul on the mesh"). Token counts that do not split over the batch shards are
+  padded with zero-weight tokens.
   """
   from jax.sharding import PartitionSpec as P
 
@@ -197,10 +203,11 @@ def _ragged_on_mesh(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelCo
   token_axes = sharding.batch_axes(rules)
   exp_axes, mlp_axes = sharding.moe_axes(rules)
   sharding.check_moe_layout(cfg, rules, sizes, expert_parallel=False)
-  shards = math.prod(sizes[a] for a in token_axes)
-  if x_TD.shape[0] % shards:
-    raise ValueError(f"moe_impl='ragged': {x_TD.shape[0]} tokens (batch x length) do not split over the {shards} "
-                     f"batch shards (mesh axes {token_axes}); use a batch divisible by {shards}")
+  t, k = idx_TX.shape
+  pad = -t % math.prod(sizes[a] for a in token_axes)
+  if pad:  # e.g. decoding fewer rows than batch shards: zero-weight tokens on distinct experts fill them
+    x_TD, w_TX = jnp.pad(x_TD, ((0, pad), (0, 0))), jnp.pad(w_TX, ((0, pad), (0, 0)))
+    idx_TX = jnp.concatenate([idx_TX, jnp.broadcast_to(jnp.arange(k, dtype=idx_TX.dtype), (pad, k))])
   gather = tuple(a for a in token_axes if a in exp_axes + mlp_axes)
   reduce = tuple(a for a in exp_axes + mlp_axes if a not in gather)
   w_spec = nn.logical_to_mesh_axes(("exp", "embed", "exp_mlp"), rules)
@@ -226,8 +233,9 @@ def _ragged_on_mesh(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelCo
     return jax.lax.psum(out, reduce) if reduce else out
 
   tok = P(token_axes or None, None)
-  return jax.shard_map(shard, mesh=mesh, in_specs=(tok, tok, tok, w_spec, w_spec, down_spec), out_specs=tok)(
+  out = jax.shard_map(shard, mesh=mesh, in_specs=(tok, tok, tok, w_spec, w_spec, down_spec), out_specs=tok)(
       x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+  return out[:t] if pad else out
 
 
 def capacity(num_tokens: int, cfg: ModelConfig) -> int:
