@@ -6,8 +6,9 @@ every computation gets a multiplier: how many times one step runs it (the produc
 trip counts of the loops around it), and matmuls and collectives are summed with it.
 
   FLOPs: `dot` (2 * output elements * contracted size) and `convolution` (TPU lowers most
-  matmuls to it: 2 * output elements * kernel elements / output features). Elementwise work
-  and Pallas kernels (custom calls) are not matmuls of XLA's and are not counted here.
+  matmuls to it; taps on padding or dilation holes not counted), plus Pallas kernels (custom
+  calls) by the `cost_estimate` they carry (splash attention, megablox). Elementwise work is
+  not counted.
   Collectives: count and bytes per kind. Bytes are the larger of the operand and the result
   per chip (all-gather: the gathered result; reduce-scatter: the full input; all-reduce,
   all-to-all, collective-permute: the buffer itself). Async pairs count once (the -start).
@@ -94,7 +95,10 @@ def parse(text: str) -> tuple[dict[str, Computation], str]:
       current = None
       continue
     m = _INSTR.match(line)
-    if not m:
+    if not m:  # a continuation: a custom call's backend config may span lines
+      if current.instructions:
+        last = next(reversed(current.instructions.values()))
+        last.attrs += " " + line.strip()
       continue
     name, rest = m.groups()
     if rest.startswith("("):  # a tuple type: up to its closing parenthesis
@@ -255,9 +259,13 @@ def _group_size(attrs: str) -> int | None:
   return None
 
 
+_KERNEL_FLOPS = re.compile(r'"cost_estimate"\s*:\s*\{[^}]*"flops"\s*:\s*"?(\d+)')
+
+
 @dataclasses.dataclass
 class Summary:
-  flops: float  # matmul FLOPs per step, per chip
+  flops: float  # matmul FLOPs per step, per chip (Pallas kernels included)
+  kernel_flops: float  # of which Pallas kernels (their cost estimates)
   collectives: dict[str, dict[str, float]]  # kind -> {'count', 'bytes'} per step, per chip
   largest: list[dict]  # the biggest collectives: kind, bytes, group size, times per step, op name
   unknown_trip_counts: list[str]
@@ -267,7 +275,7 @@ def summarize(text: str, top: int = 12) -> Summary:
   """Per-step matmul FLOPs and collectives of a compiled module's text (`compiled.as_text()`)."""
   comps, entry = parse(text)
   mult, unknown = multipliers(comps, entry)
-  flops = 0.0
+  flops = kernel_flops = 0.0
   totals: dict[str, dict[str, float]] = {}
   items = []
   for comp in comps.values():
@@ -277,6 +285,11 @@ def summarize(text: str, top: int = 12) -> Summary:
     for ins in comp.instructions.values():
       if ins.opcode in ("dot", "convolution"):
         flops += times * matmul_flops(comp, ins)
+        continue
+      if ins.opcode == "custom-call":
+        m = _KERNEL_FLOPS.search(ins.attrs)
+        if m:
+          kernel_flops += times * float(m.group(1))
         continue
       kind = _collective_kind(ins)
       if kind is None:
@@ -295,4 +308,4 @@ def summarize(text: str, top: int = 12) -> Summary:
       items.append({"kind": kind, "bytes": nbytes, "times": times, "group": _group_size(ins.attrs),
                     "op": name.group(1)[-120:] if name else ins.name})
   items.sort(key=lambda d: -d["bytes"] * d["times"])
-  return Summary(flops, totals, items[:top], unknown)
+  return Summary(flops + kernel_flops, kernel_flops, totals, items[:top], unknown)

@@ -104,11 +104,26 @@ def test_deepseek_v3_plan():
   assert p.to_json()["train_fits"] and p.train < 95e9
 
 
+def test_plan_working_set_follows_the_attention_form():
+  """The XLA attention holds [b, H, S, S] scores (4x per doubling of S); flash kernels are linear in S."""
+  cfg = PRESETS["deepseek_v3"](dtype="bfloat16", num_hidden_layers=4)
+  sizes = dict(data=1, fsdp=8, expert=8, tensor=1)
+  part = lambda seq, platform: plan.working_set(cfg, sizes, 1, seq, platform=platform)["attention"]  # noqa: E731
+  growth = lambda platform: ((part(16384, platform) - part(8192, platform))  # noqa: E731
+                              / (part(8192, platform) - part(4096, platform)))
+  assert 3.9 < growth("cpu") < 4.1  # quadratic in S
+  assert 1.99 < growth("tpu") < 2.01  # linear in S
+  assert part(4096, "tpu") < part(4096, "cpu") / 5
+  p = plan.plan(cfg, sizes, 64, 4096, 95.0, platform="tpu")
+  assert p.working_set == p.working_set_parts["peak"] > 0
+  assert p.train == p.params + p.grads + p.optimizer + p.activations + p.working_set
+
+
 def test_plan_command_prints_table_and_json(capsys):
   plan.main(["--preset=tiny", "--mesh=2,1,4,1", "--device_memory_gb=1", "--batch=8", "--seq=32"])
   out = capsys.readouterr().out.strip().splitlines()
   assert "tiny" in out[0] and "expert=4" in out[0]
-  assert any(line.startswith("train: params+grads+opt+activations") and "fits" in line for line in out)
+  assert any(line.startswith("train: params+grads+opt+act+working") and "fits" in line for line in out)
   record = json.loads(out[-1])
   assert record["mesh"] == dict(data=2, fsdp=1, expert=4, tensor=1) and record["train_fits"]
 
