@@ -38,8 +38,11 @@ from flax import linen as nn  # noqa: E402
 from moe_jax import aot, config as model_config, hlo, sharding  # noqa: E402
 from moe_jax.layers.moe import MoE  # noqa: E402
 
-def layer_step(cfg, mesh, rules, batch: int, seq: int):
-  """The jitted fwd+bwd of one MoE layer and its abstract (sharded) arguments."""
+def layer_step(cfg, mesh, rules, batch: int, seq: int, repeat: int = 1):
+  """The jitted fwd+bwd of one MoE layer and its abstract (sharded) arguments.
+
+  repeat > 1: the layer applied that many times in a rematerialized scan (as scan_layers with
+  remat_policy='full' run it), which re-traces the dispatch under partial evaluation."""
   d = cfg.hidden_size
   module = MoE(cfg)
   with sharding.activation_rules(mesh, rules):
@@ -50,7 +53,11 @@ def layer_step(cfg, mesh, rules, batch: int, seq: int):
   x = jax.ShapeDtypeStruct((batch, seq, d), cfg.compute_dtype, sharding=x_sharding)
 
   def loss(params, rest, x, dy):
-    return jnp.sum(module.apply({"params": params, **rest}, x).astype(jnp.float32) * dy)
+    layer = lambda h: module.apply({"params": params, **rest}, h)  # noqa: E731
+    if repeat > 1:
+      layer = jax.checkpoint(layer)
+      x = jax.lax.scan(lambda h, _: (layer(h), None), x, None, length=repeat - 1)[0]
+    return jnp.sum(layer(x).astype(jnp.float32) * dy)
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))
   rest = {k: v for k, v in abstract.items() if k != "params"}

@@ -198,7 +198,6 @@ def data_layout(mesh, global_batch: int, rules) -> dict[str, Any]:
 # --- compile ---------------------------------------------------------------------------------
 def compile_step(config, topology: Topology) -> dict[str, Any]:
   """Builds the Trainer on the topology's compile-only devices and compiles its train step."""
-  import jax
   from moe_jax import flops, hlo
   from moe_jax.train import Trainer
 

@@ -26,11 +26,9 @@ import time
 from typing import Any, Callable, Optional, TypeVar
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import linen as nn
 
 from moe_jax import sharding
 from moe_jax import variables as model_variables

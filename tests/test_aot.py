@@ -80,7 +80,7 @@ def _aot(capsys, *flags):
     ("v5p-16", "-1,1,1,1", "ragged"),
     ("v5p-16", "2,1,4,1", "ep"),
     ("v5p-128", "-1,1,1,1", "ragged"),
-    ("v5p-128", "1,8,8,1", "ep"),
+    ("v5p-128", "8,1,8,1", "ep"),
 ])
 def test_tiny_train_step_compiles_for_tpu(capsys, topology, mesh, impl):
   chips = aot.parse_topology(topology).chips

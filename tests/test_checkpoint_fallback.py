@@ -42,11 +42,12 @@ def steps_run(tmp_path_factory):
 def damage(workdir, step, how):
   state = os.path.join(workdir, "checkpoints", str(step), "state")
   data = sorted(glob.glob(os.path.join(state, "ocdbt.process_0", "d", "*")), key=os.path.getsize)
-  if how == "truncate":
-    with open(data[-1], "r+b") as f:  # the largest data file: it holds parameters
-      f.truncate(os.path.getsize(data[-1]) // 3)
+  if how == "truncate":  # every data file, so the parameters (all eval reads) are hit too
+    for path in data:
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)
   elif how == "delete":
-    os.remove(data[-1])
+    os.remove(data[-1])  # the largest
   elif how == "metadata":
     os.remove(os.path.join(state, "_METADATA"))
   elif how == "config":

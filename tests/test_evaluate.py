@@ -25,7 +25,7 @@ from moe_jax.data import ByteTokenizer  # noqa: E402
 from moe_jax.errors import UserError  # noqa: E402
 
 LN2, LN257, LN512 = math.log(2), math.log(257), math.log(512)
-Cfg = collections.namedtuple("Cfg", "vocab_size max_position_embeddings moe_impl")
+Cfg = collections.namedtuple("Cfg", "vocab_size max_position_embeddings moe_impl capacity_factor", defaults=(0.0,))
 
 
 def bigram_table() -> np.ndarray:

@@ -138,12 +138,12 @@ def _tpu_devices():
 
 
 def _tpu_compile(cfg, shape=(1, 2, 4, 1)):
-  """One MoE layer fwd+bwd (bf16) compiled for v5p 2x2x2 -> optimized HLO text."""
+  """An MoE layer twice (a rematerialized scan), fwd+bwd, bf16, compiled for v5p 2x2x2 -> HLO text."""
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
   import moe_mesh_tpu
   mesh = sharding.make_mesh(*shape, devices=_tpu_devices())
-  step, args = moe_mesh_tpu.layer_step(cfg, mesh, sharding.DEFAULT_RULES, 8, 32)
+  step, args = moe_mesh_tpu.layer_step(cfg, mesh, sharding.DEFAULT_RULES, 8, 32, repeat=2)  # remat + scan
   with sharding.activation_rules(mesh, sharding.DEFAULT_RULES):
     assert gmm.choose("auto") == "pallas"  # the target is the mesh's TPU, not this CPU host
     text = step.lower(*args).compile().as_text()
@@ -154,7 +154,7 @@ def _tpu_compile(cfg, shape=(1, 2, 4, 1)):
 def test_pallas_compiles_for_tpu_on_the_mesh(impl):
   cfg = su.tiny_config(dtype="bfloat16", moe_impl=impl, moe_gmm="pallas")
   text, kernels = _tpu_compile(cfg)
-  # megablox: gmm forward x3 (gate, up, down) and backward x3 (dx), tgmm x3 (dw)
+  # megablox: gmm forward x3 (gate, up, down) and backward x3 (dx), tgmm x3 (dw), more with remat
   assert kernels.get("gmm", {}).get("count", 0) >= 6 and kernels.get("tgmm", {}).get("count", 0) >= 3, kernels
   mesh = sharding.make_mesh(1, 2, 4, 1, devices=_tpu_devices())
   assert su.expert_weight_all_gathers(text, cfg, mesh) == []

@@ -215,19 +215,20 @@ def test_finished_run_says_so(env, reference):
   assert losses(workdir) == ref and checkpoint.latest_step(workdir) == 8
 
 
-def damage_largest_file(workdir, step):
+def truncate_data_files(workdir, step):
+  """Every data file of the step cut in half, so the parameters (all eval reads) are hit too."""
   data = os.path.join(workdir, "checkpoints", str(step), "state", "ocdbt.process_0", "d")
-  largest = max((os.path.join(data, f) for f in os.listdir(data)), key=os.path.getsize)
-  with open(largest, "r+b") as f:
-    f.truncate(os.path.getsize(largest) // 2)
+  for name in os.listdir(data):
+    with open(os.path.join(data, name), "r+b") as f:
+      f.truncate(os.path.getsize(os.path.join(data, name)) // 2)
 
 
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one(env, reference, tmp_path):
-  """Step 8's data file truncated: eval scores step 6 and says so; training resumes from step 6
+  """Step 8's data files truncated: eval scores step 6 and says so; training resumes from step 6
   with one warning, reproduces step 7 bit for bit and saves step 8 again."""
   workdir = str(tmp_path / "run")
   shutil.copytree(reference[0], workdir)
-  damage_largest_file(workdir, 8)
+  truncate_data_files(workdir, 8)
   (tmp_path / "val.txt").write_text("def f(x):\n  return x + 1\n" * 8)
   ev = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", f"--tasks=lm:{tmp_path / 'val.txt'}",
                        "--no_progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -248,7 +249,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(env, reference,
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "6", "8", "8.damaged"]
 
   for step in (6, 8, 10):  # now every step is damaged: one line, exit 2, nothing started
-    damage_largest_file(workdir, step)
+    truncate_data_files(workdir, step)
   p = run(env, workdir, "--config.steps=12")
   assert p.returncode == 2
   assert "no intact checkpoint" in error_line(p)

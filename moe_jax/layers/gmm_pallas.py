@@ -16,8 +16,9 @@ picks megablox; `interpret=True` runs megablox in the Pallas interpreter on any 
 
 Inside jax.shard_map (the 'ep' dispatch, the shard_mapped 'ragged' dispatch) the kernels'
 out_shape carries no varying-axes type, which shard_map's check_vma rejects. The kernels are
-per-device code, so each call is traced with that check off and its outputs typed as varying
-over the axes its inputs vary over (`_per_device`); the custom VJPs keep autodiff out of it.
+per-device code, so each call runs in a nested shard_map over no axes with that check off and
+its outputs are typed as varying over the axes its inputs vary over (`_per_device`); the
+custom VJPs keep autodiff out of it.
 Block sizes: the fastest of benchmarks/gmm_gpu.py --sweep on an H100 (98304 rows, D=1024, F=384,
 64 experts; BENCHMARKS.md), where these kernels ran 17-34x faster than jax.lax.ragged_dot.
 Each pallas_call site compiles its own kernel, so an unscanned model compiles these once per
@@ -32,7 +33,7 @@ import importlib
 
 import jax
 import jax.numpy as jnp
-from jax._src import config as jax_config  # the check_vma switch; no public form in jax 0.10.2
+from jax.sharding import PartitionSpec as P
 
 from moe_jax import target
 
@@ -81,22 +82,27 @@ def _varying(a) -> frozenset:
   return frozenset(mat.varying) if mat is not None else frozenset()
 
 
-def _per_device(fn, *args):
-  """fn(*args) for a Pallas kernel, typed for jax.shard_map's check_vma (see the module docstring).
+def _per_device(fn, *args, interpret: bool = False):
+  """fn(*args) for a Pallas kernel; inside jax.shard_map, typed for its check_vma.
 
-  Outside shard_map (no varying axes) this is just fn(*args). 16-bit operands are traced at the
-  default matmul precision: Mosaic rejects a bf16 dot asked for more ("Bad lhs type"), which a
-  global jax_default_matmul_precision='highest' (set for fp32 accuracy) would otherwise ask.
+  Inside shard_map the call goes through a nested jax.shard_map over no axes with check_vma off,
+  so the kernel's untyped out_shape is accepted and the kernel's glue (megablox concatenates an
+  invariant zero with the varying group ends) is never re-checked when remat, scan or autodiff
+  re-trace the program later; its outputs are then typed as varying over the axes its inputs vary
+  over. 16-bit operands are traced at the default matmul precision: Mosaic rejects a bf16 dot
+  asked for more ("Bad lhs type"), which jax_default_matmul_precision='highest' would ask.
   """
-  axes = frozenset().union(*map(_varying, args))
   half = all(a.dtype in (jnp.bfloat16, jnp.float16) for a in args if jnp.issubdtype(a.dtype, jnp.floating))
-  with contextlib.ExitStack() as stack:
-    if half:
-      stack.enter_context(jax.default_matmul_precision("default"))
-    if not axes:
+  with jax.default_matmul_precision("default") if half else contextlib.nullcontext():
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.manual_axes:
       return fn(*args)
-    stack.enter_context(jax_config._check_vma(False))
-    out = fn(*args)
+    body = fn
+    if interpret:  # the interpreter's loops need carries of one type: inputs re-made untyped (x + 0)
+      body = lambda *a: fn(*(v + jnp.zeros((), v.dtype) for v in a))  # noqa: E731
+    out = jax.shard_map(body, mesh=mesh, in_specs=(P(),) * len(args), out_specs=P(), axis_names=frozenset(),
+                        check_vma=False)(*args)
+  axes = frozenset().union(*map(_varying, args))
 
   def retype(o):
     missing = tuple(sorted(axes - _varying(o)))
@@ -134,7 +140,7 @@ def _mb_gmm(x_MD, w_EDF, sizes_E, interpret, transpose_rhs=False):
   xp = _pad_rows(x_MD, tiling[0])
   fn = lambda x, w, s: mb.gmm(x, w, s, x_MD.dtype, tiling, transpose_rhs=transpose_rhs,  # noqa: E731
                               interpret=interpret)
-  return _rows_in_groups(_per_device(fn, xp, w_EDF, sizes_E)[:m], sizes_E)
+  return _rows_in_groups(_per_device(fn, xp, w_EDF, sizes_E, interpret=interpret)[:m], sizes_E)
 
 
 def _mb_tgmm(x_MD, dy_MF, sizes_E, w_dtype, interpret):
@@ -143,7 +149,7 @@ def _mb_tgmm(x_MD, dy_MF, sizes_E, w_dtype, interpret):
   tm, tk, tn = _tiles(m, d, f)
   xp, dyp = _pad_rows(x_MD, tm), _pad_rows(dy_MF, tm)
   fn = lambda xt, dy, s: mb.tgmm(xt, dy, s, w_dtype, (tm, tk, tn), interpret=interpret)  # noqa: E731
-  return _per_device(fn, xp.T, dyp, sizes_E)
+  return _per_device(fn, xp.T, dyp, sizes_E, interpret=interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
