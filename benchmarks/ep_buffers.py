@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -57,7 +56,8 @@ def main(argv=None):
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
   if args.smoke:
-    args.preset, args.topology, args.mesh, args.tokens_per_chip, args.dtype = "tiny", "v5:2x2x2", "1,2,4,1", 64, "float32"
+    args.preset, args.topology, args.mesh = "tiny", "v5:2x2x2", "1,2,4,1"
+    args.tokens_per_chip, args.dtype = 64, "float32"
   cfg = PRESETS[args.preset](dtype=args.dtype, param_dtype=args.dtype, moe_impl="ep")
   topo = aot.parse_topology(args.topology)
   mesh = sharding.make_mesh(*aot.sizes(args.mesh, "--mesh"), devices=topo.devices())
@@ -97,5 +97,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  np.set_printoptions(linewidth=200)
   sys.exit(main())

@@ -7,10 +7,11 @@ moe_jax.sharding. One JSON line per (moe_impl, moe_gmm):
   temp_gb                 XLA's temporaries per chip (memory_analysis)
   xla_flops               cost_analysis FLOPs per chip: XLA's ops plus each Pallas kernel's own
                           static estimate (megablox: 2 * rows * K * N over the whole row buffer)
-  xla_matmul_flops        dots/convolutions XLA itself runs (moe_jax.hlo; Pallas kernels excluded)
+  xla_matmul_flops        matmul FLOPs by moe_jax.hlo (XLA's dots/convolutions + Pallas estimates)
   kernels                 Mosaic custom calls by kernel name, and their static FLOPs
   kernel_used_flops       the kernels' FLOPs over the rows routing fills when it is balanced
-                          (megablox's grid visits only the tiles of the groups in use)
+                          (megablox's grid visits only the tiles of the groups in use);
+                          balanced_flops_ratio: XLA's matmuls plus these, over model_flops_layer
   model_flops             per chip: routed 18*T*X*D*F (3 matmuls, 2 FLOPs each, fwd + 2x bwd),
                           shared 18*T*D*F*n_shared, router 6*T*D*E; T = tokens per chip
   collectives             count and GB per kind per chip (moe_jax.hlo)
@@ -137,7 +138,7 @@ def measure(cfg, devices, mesh_shape, batch: int, seq: int, hlo_path: str | None
       "kernel_used_flops": float(f"{kflops * used / held:.4g}") if kflops else 0.0,
       "model_flops_layer": float(f"{mf['layer']:.4g}"), "model_flops_routed": float(f"{mf['routed']:.4g}"),
       "xla_flops_ratio": round(cost.get("flops", 0.0) / mf["layer"], 3),
-      "executed_ratio": round((summary.flops + kflops * used / held) / mf["layer"], 3),
+      "balanced_flops_ratio": round((summary.flops - summary.kernel_flops + kflops * used / held) / mf["layer"], 3),
       "collectives": {k: {"count": int(v["count"]), "gb": gb(v["bytes"])}
                       for k, v in sorted(summary.collectives.items())},
       "largest_collectives": [dict(d, bytes=int(d["bytes"])) for d in summary.largest[:5]],

@@ -429,7 +429,8 @@ class Logger:
     if loads:
       self._write("expert_load.jsonl", {"step": step, **{k: (v / max(v.sum(), 1)).tolist() for k, v in loads.items()}})
     self.scalars(step, {k: v for k, v in rec.items() if isinstance(v, float)} | {
-        f"load_violation/{k}": v for k, v in violation.items()} | {f"dropped_fraction/{k}": v for k, v in drops.items()})
+        f"load_violation/{k}": v for k, v in violation.items()} | {
+        f"dropped_fraction/{k}": v for k, v in drops.items()})
 
   def _drops(self, m: dict) -> dict[str, float]:
     """{layer: dropped / routed assignments} of this step; adds to the run's totals."""
