@@ -119,7 +119,8 @@ def test_scanned_layers_count_every_trip(capsys):
   growth = runs[4]["compiled_flops"] / runs[2]["compiled_flops"]
   model_growth = runs[4]["model_flops"] / runs[2]["model_flops"]
   assert abs(growth - model_growth) / model_growth < 0.15, (growth, model_growth)
-  assert runs[4]["xla_cost_flops"] < 1.2 * runs[2]["xla_cost_flops"]  # XLA's own figure: the body once
+  xla_growth = runs[4]["xla_cost_flops"] / runs[2]["xla_cost_flops"]  # XLA's own figure: the loop body once
+  assert xla_growth < growth - 0.2, (xla_growth, growth)
 
 
 @pytest.mark.parametrize("flags,message", [
