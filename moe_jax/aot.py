@@ -249,7 +249,6 @@ def build_config(args):
     raise UserError(f"--config={args.config}: no such file") from None
   except ValueError as e:
     raise UserError(f"--config={args.config}: {e}") from None
-  config.unlock() if hasattr(config, "unlock") else None
   if args.mesh:
     config.mesh.update(dict(zip(("data", "fsdp", "expert", "tensor"), sizes(args.mesh, "mesh"))))
   if args.dcn:
