@@ -22,6 +22,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional, TypeVar
 
@@ -106,8 +107,9 @@ class Damaged(RuntimeError):
 
 
 def _silence_read_noise():
-  """After a failed read, drop the tracebacks its leftover callbacks print (once per process):
-  the damage is reported in one line instead. Other uncaught exceptions still print."""
+  """Drop the tracebacks a failed read's leftover callbacks print (installed once per process,
+  before reading, since those callbacks run on other threads and may print before the restore
+  itself fails): the damage is reported in one line instead. Other exceptions still print."""
   global _quiet
   if _quiet:
     return
@@ -116,9 +118,12 @@ def _silence_read_noise():
   noise = lambda e: any(n in str(e) for n in _READ_NOISE)  # noqa: E731
   sys.excepthook = lambda t, v, tb: None if noise(v) else hook(t, v, tb)
   sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisable(u)
+  thread_hook = threading.excepthook
+  threading.excepthook = lambda a: None if noise(a.exc_value) else thread_hook(a)
   # asyncio logs "Task exception was never retrieved" for the reads still in flight.
-  std_logging.getLogger("asyncio").addFilter(
-      lambda r: not (noise(r.getMessage()) or (r.exc_info and noise(r.exc_info[1]))))
+  for name in ("asyncio", "concurrent.futures"):  # a future's callback into the closed loop
+    std_logging.getLogger(name).addFilter(
+        lambda r: not (noise(r.getMessage()) or (r.exc_info and noise(r.exc_info[1]))))
 
 
 def damage_reason(e: BaseException) -> str:
@@ -195,13 +200,13 @@ class Checkpointer:
     `<step>.damaged` so training can save those steps again. Every step damaged: UserError.
     """
     damaged = []
+    _silence_read_noise()
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         result = load(step)
       except UserError:
         raise
       except Exception as e:  # noqa: BLE001  (any failure to read a step back is damage)
-        _silence_read_noise()
         damaged.append((step, damage_reason(e)))
         continue
       if damaged:
@@ -364,12 +369,12 @@ def restore_for_eval(path: str, mesh=None, rules=None):
     elif step not in steps:
       raise UserError(f"no complete checkpoint at {path} (complete steps: {steps})")
     else:
+      _silence_read_noise()
       try:
         loaded = load(step)
       except UserError:
         raise
       except Exception as e:  # noqa: BLE001  (any failure to read the step back is damage)
-        _silence_read_noise()
         raise UserError(f"checkpoint {path} is damaged ({damage_reason(e)}); --workdir={workdir} evaluates the "
                         "newest intact step instead") from None
   finally:
