@@ -182,16 +182,21 @@ def make_train_step(model: Transformer, config, tx: optax.GradientTransformation
       grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    gamma = optim.bias_update_speed(config.optim, state.step)
-    flat = traverse_util.flatten_dict(dict(state.router))
-    router = traverse_util.unflatten_dict({
-        k: optim.bias_update(v, aux["counts"]["/".join(k[:-1])], gamma) if "/".join(k[:-1]) in aux["counts"] else v
-        for k, v in flat.items()}) if flat else state.router
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state), router=keep(router, state.router),
+    def update(grads, params, opt_state, router):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      gamma = optim.bias_update_speed(config.optim, state.step)
+      flat = traverse_util.flatten_dict(dict(router))
+      router = traverse_util.unflatten_dict({
+          k: optim.bias_update(v, aux["counts"]["/".join(k[:-1])], gamma) if "/".join(k[:-1]) in aux["counts"] else v
+          for k, v in flat.items()}) if flat else router
+      return params, opt_state, router
+
+    def skip(grads, params, opt_state, router):
+      return params, opt_state, router
+
+    params, opt_state, router = jax.lax.cond(ok, update, skip, grads, state.params, state.opt_state, state.router)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, router=router,
                            rng=jax.random.split(state.rng)[0])
     metrics = {k: aux[k] for k in ("loss", "lm_loss", "mtp_loss", "balance_loss")}
     metrics.update(grad_norm=grad_norm, lr=schedule(state.step), accuracy=aux["correct"] / norms[0],

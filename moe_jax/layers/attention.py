@@ -53,6 +53,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from moe_jax import sharding, target
 from moe_jax.config import ModelConfig
+from moe_jax.layers import matmul
 
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
 SEQ_BLOCK = 128  # the kernels' sequence tiles are multiples of this; S is padded up to it
@@ -190,9 +191,10 @@ def einsum(q_BSHJ, k_BTHJ, v_BTHV, scale: float, mask_B1ST) -> jax.Array:
   """Scores as one einsum over [nope; rope], fp32 masked softmax -> [B, S, H, V]."""
   # One score matmul over the joint head instead of two summed ones: on CPU a small batched
   # matmul costs mostly overhead, not FLOPs.
-  scores = jnp.einsum("bshj,bthj->bhst", q_BSHJ, k_BTHJ, preferred_element_type=jnp.float32)
-  probs = softmax_attend(scores * scale, mask_B1ST).astype(v_BTHV.dtype)
-  return jnp.einsum("bhst,bthv->bshv", probs, v_BTHV)
+  dtype = v_BTHV.dtype
+  scores = matmul.einsum("bshj,bthj->bhst", q_BSHJ, k_BTHJ, dtype, out_dtype=jnp.float32)
+  probs = softmax_attend(scores * scale, mask_B1ST)
+  return matmul.einsum("bhst,bthv->bshv", probs, v_BTHV, dtype)
 
 
 def dot_product(q_BSHJ, k_BTHJ, v_BTHV, scale: float, mask_B1ST) -> jax.Array:

@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from moe_jax.config import ModelConfig
 from moe_jax.layers import fp8 as fp8_lib
+from moe_jax.layers import matmul
 
 FP8_SCALES = "fp8_scales"  # collection: block scales of an FP8 checkpoint kept as it is
 
@@ -32,7 +33,8 @@ def weight(mod: nn.Module, cfg: ModelConfig, name: str, shape: Sequence[int], ax
 
 
 def project(equation: str, x: jax.Array, w, cfg: ModelConfig, fp8: bool = True) -> jax.Array:
-  """x @ w in the compute dtype (the one place a projection happens, so precision changes live here).
+  """x @ w in the compute dtype (the one place a projection happens, so precision changes live here):
+  fp32 accumulation and, on the CPU, the operand dtype of JAX's matmul precision (layers/matmul.py).
 
   cfg.fp8: DeepSeek-V3 fine-grained FP8 (layers/fp8.py); fp8=False keeps this projection out
   of it (the output head). w may be an fp8_lib.Fp8Weight (dequantized when not in FP8).
@@ -40,7 +42,7 @@ def project(equation: str, x: jax.Array, w, cfg: ModelConfig, fp8: bool = True) 
   dtype = cfg.compute_dtype
   if fp8 and cfg.fp8:
     return fp8_lib.einsum(equation, x, w, dtype)
-  return jnp.einsum(equation, x.astype(dtype), fp8_lib.dense(w, dtype))
+  return matmul.einsum(equation, x, fp8_lib.dense(w, dtype), dtype)
 
 
 class RMSNorm(nn.Module):

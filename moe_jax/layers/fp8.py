@@ -38,6 +38,12 @@ The released format: weight [out, in] e4m3 with `weight_scale_inv` [ceil(out/128
 ceil(in/128)] fp32, w = q * scale_inv per block (`quantize_blocks` / `dequantize_blocks`).
 `Fp8Weight` carries such a pair, in our [in..., out...] layout, into `einsum` and
 `ragged_dot`: an FP8 checkpoint used as it is, never dequantized to bf16.
+
+kernel='auto' | 'xla' | 'pallas' (einsum, ragged_dot): the blocked contractions above ('xla'),
+or layers/fp8_pallas.py's fused kernel, which keeps the fp32 accumulator in registers and
+applies the scales inside its K loop ('pallas'; on a non-GPU target it runs in the Pallas
+interpreter, which is how the tests compare the two). 'auto': the kernel on a GPU with FP8
+tensor cores (compute capability >= 8.9), else 'xla'. Same quantized operands either way.
 """
 
 from __future__ import annotations
@@ -49,13 +55,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers import gmm
+from moe_jax import target
+from moe_jax.layers import fp8_pallas, gmm
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = 128
 _AMAX_FLOOR = 1e-30  # an all-zero tile gets a tiny normal scale (q = 0), never 0 / 0
 F32 = jnp.float32
+KERNELS = ("auto", "xla", "pallas")
+FP8_GPU_KINDS = ("H100", "H200", "H800", "H20", "GH200", "B200", "B100", "GB200", "L40", "L4")  # no cc known
 
 
 def _cdiv(a, b=BLOCK):
@@ -163,6 +172,25 @@ def dense(w, dtype):
   return w.dequantize(dtype) if isinstance(w, Fp8Weight) else w.astype(dtype)
 
 
+def _kernel(kernel: str) -> str:
+  """-> 'xla', or the fused kernel: 'triton' (compiled, GPU) or 'interpret' (Pallas interpreter)."""
+  if kernel not in KERNELS:
+    raise ValueError(f"fp8: unknown kernel {kernel!r}; use one of {KERNELS}")
+  if kernel == "xla":
+    return "xla"
+  tgt = target.current()
+  if tgt.platform != "gpu":
+    return "xla" if kernel == "auto" else "interpret"
+  cc = tgt.compute_capability
+  fp8_cores = (tuple(map(int, cc.split("."))) >= (8, 9) if cc is not None
+               else any(k in tgt.device_kind for k in FP8_GPU_KINDS))
+  return "triton" if fp8_cores or kernel == "pallas" else "xla"
+
+
+def _pallas_kw(kernel: str, out_dtype):
+  return dict(out_dtype=out_dtype, rhs_transposed=True, interpret=kernel == "interpret")
+
+
 # --- dense matmul: [Bt, M, K] x [Bt, K, N] ----------------------------------------------
 def _blocked_dot(a, sa, b, sb):
   """sum_c sa[., m, c] sb[., c, n] (a[., m, c-th 128] . b[., c-th 128, n]) -> fp32 [Bt, M, N].
@@ -177,42 +205,48 @@ def _blocked_dot(a, sa, b, sb):
   return jnp.sum(p * jnp.swapaxes(sa, 1, 2)[..., None] * sb[:, :, None, :], axis=1)
 
 
-def _forward(x, wq, ws):
-  """x [Bt, M, K] (any float), wq [Bt, K, N] e4m3, ws [Bt, Kb, Nb] -> fp32 [Bt, M, N]."""
+def _forward(x, wq, ws, kernel: str = "xla", out_dtype=F32):
+  """x [Bt, M, K] (any float), wq [Bt, K, N] e4m3, ws [Bt, Kb, Nb] -> [Bt, M, N] (fp32 from 'xla')."""
   xq, xs = quantize_tiles(x)
+  if kernel != "xla":  # the fused kernel reads w K-major (fp8_pallas): w^T as stored
+    return fp8_pallas.blocked_matmul(xq, xs, jnp.swapaxes(wq, 1, 2), ws, **_pallas_kw(kernel, out_dtype))
   return _blocked_dot(xq, xs, _pad_to(wq, 1, xq.shape[-1]), jnp.repeat(ws, BLOCK, -1)[..., :wq.shape[-1]])
 
 
-def _input_grad(g, wq, ws):
-  """dy [Bt, M, N] -> fp32 dx [Bt, M, K]: dy in 1x128 tiles along N, w^T in the forward's blocks."""
+def _input_grad(g, wq, ws, kernel: str = "xla", out_dtype=F32):
+  """dy [Bt, M, N] -> dx [Bt, M, K]: dy in 1x128 tiles along N, w^T in the forward's blocks."""
   gq, gs = quantize_tiles(g)
+  if kernel != "xla":  # w [K, N] is w^T stored K-major
+    return fp8_pallas.blocked_matmul(gq, gs, wq, jnp.swapaxes(ws, 1, 2), **_pallas_kw(kernel, out_dtype))
   wt = jnp.swapaxes(wq, 1, 2)  # [Bt, N, K]
   return _blocked_dot(gq, gs, _pad_to(wt, 1, gq.shape[-1]),
                       jnp.repeat(jnp.swapaxes(ws, 1, 2), BLOCK, -1)[..., :wt.shape[-1]])
 
 
-def _weight_grad(x, g):
+def _weight_grad(x, g, kernel: str = "xla"):
   """x [Bt, M, K], dy [Bt, M, N] -> fp32 dw [Bt, K, N], both in 128x1 tiles (along tokens)."""
   xq, xs = quantize_tiles(jnp.swapaxes(x, 1, 2))  # [Bt, K, Mp]
   gq, gs = quantize_tiles(jnp.swapaxes(g, 1, 2))  # [Bt, N, Mp]
+  if kernel != "xla":  # dy^T [N, Mp] is dy stored K-major
+    return fp8_pallas.blocked_matmul(xq, xs, gq, jnp.swapaxes(gs, 1, 2), **_pallas_kw(kernel, F32))
   return _blocked_dot(xq, xs, jnp.swapaxes(gq, 1, 2), jnp.swapaxes(gs, 1, 2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _matmul(x, w, wq, ws, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _matmul(x, w, wq, ws, dtype, kernel):
   """FP8 x @ w. w: the float weight that receives the gradient (None: frozen FP8 weight);
-  (wq, ws): its blocks, which carry no gradient."""
-  return _forward(x, wq, ws).astype(dtype)
+  (wq, ws): its blocks, which carry no gradient. kernel: 'xla' | 'triton' | 'interpret' (_kernel)."""
+  return _forward(x, wq, ws, kernel, dtype).astype(dtype)
 
 
-def _matmul_fwd(x, w, wq, ws, dtype):
-  return _matmul(x, w, wq, ws, dtype), (x, w, wq, ws)
+def _matmul_fwd(x, w, wq, ws, dtype, kernel):
+  return _matmul(x, w, wq, ws, dtype, kernel), (x, w, wq, ws)
 
 
-def _matmul_bwd(dtype, res, g):
+def _matmul_bwd(dtype, kernel, res, g):
   x, w, wq, ws = res
-  dx = _input_grad(g, wq, ws)[..., :x.shape[-1]].astype(x.dtype)
-  dw = None if w is None else _weight_grad(x, g).astype(w.dtype)
+  dx = _input_grad(g, wq, ws, kernel, x.dtype)[..., :x.shape[-1]].astype(x.dtype)
+  dw = None if w is None else _weight_grad(x, g, kernel).astype(w.dtype)
   return dx, dw, None, None
 
 
@@ -235,7 +269,7 @@ def _parse(equation: str, x_ndim: int):
   return xs, ws, out
 
 
-def einsum(equation: str, x, w, dtype):
+def einsum(equation: str, x, w, dtype, kernel: str = "auto"):
   """FP8 `jnp.einsum(equation, x, w)` -> dtype: one activation, one weight (array or Fp8Weight).
 
   The letters become a batched matmul [Bt, M, K] x [Bt, K, N]: batch = in x, w and the output;
@@ -244,6 +278,7 @@ def einsum(equation: str, x, w, dtype):
   released layout of every DeepSeek projection (q_b [Q, H*(N+R)] ...). An Fp8Weight whose
   block grid is laid out otherwise (the absorbed-MLA use of k_b) is dequantized and
   requantized in the blocks this contraction needs (frozen: no gradient).
+  kernel: 'auto' | 'xla' | 'pallas' (module docstring).
   """
   xs, ws, out = _parse(equation, x.ndim)
   size = dict(zip(xs, x.shape)) | dict(zip(ws, w.shape))
@@ -262,7 +297,7 @@ def einsum(equation: str, x, w, dtype):
     w_c = jnp.transpose(w.dequantize() if frozen else w, [ws.index(c) for c in batch + contract + wfree])
     w_c = w_c.reshape(bt, k, n)
     trained, (wq, wscale) = (None if frozen else w_c), quantize_blocks(w_c)
-  y = _matmul(x_c, trained, wq, wscale, dtype)
+  y = _matmul(x_c, trained, wq, wscale, dtype, _kernel(kernel))
   y = y.reshape([size[c] for c in batch + xfree + wfree])
   order = batch + xfree + wfree
   return jnp.transpose(y, [order.index(c) for c in out])
@@ -296,48 +331,59 @@ def _ragged_blocked_dot(a, sa, b, sb, sizes, impl: str):
   return y.reshape(m, nb * BLOCK)[:, :n]
 
 
-def _grouped_weight_grad(x, g, sizes, num_groups: int):
-  """Per group x^T dy -> fp32 [G, K, N], in 128x1 tiles that never straddle two groups.
+def _token_tiles(x, g, sizes):
+  """x [M, K], dy [M, N] -> x^T, dy^T in 128x1 tiles (along tokens) that never straddle two groups.
 
   Rows move to a layout where each group starts at a multiple of 128 (as DeepSeek's grouped
-  GEMMs align experts), one FP8 GEMM per 128-row tile gives [tiles, K, N] partials, and the
-  scaled partials are summed into their groups (memory: M/128 + G partials of K x N).
+  GEMMs align experts; rows past the groups are dropped): -> (xq [K, T], xs [K, T/128],
+  gq [N, T], gs [N, T/128], tile_group [T/128]: G past the last group).
   """
-  m = x.shape[0]
-  tiles = _cdiv(m) + num_groups  # sum_g ceil(sizes_g / 128) never exceeds it
-  gid = _group_ids(sizes, m)
-  gid_c = jnp.minimum(gid, num_groups - 1)
-  aligned = _cdiv(sizes) * BLOCK
-  pos = (jnp.cumsum(aligned) - aligned)[gid_c] + jnp.arange(m) - (jnp.cumsum(sizes) - sizes)[gid_c]
-  pos = jnp.where(gid < num_groups, pos, tiles * BLOCK)  # rows past the groups are dropped
+  pos, tile_group, tiles = fp8_pallas.aligned_rows(sizes, x.shape[0], BLOCK)
 
   def tiles_of(a):  # [M, C] -> 128x1 tiles: q [C, tiles*128], scale [C, tiles]
     buf = jnp.zeros((tiles * BLOCK, a.shape[1]), a.dtype).at[pos].set(a, mode="drop")
     return quantize_tiles(buf.T)
 
-  (xq, xs), (gq, gs) = tiles_of(x), tiles_of(g)
+  return (*tiles_of(x), *tiles_of(g), tile_group)
+
+
+def _grouped_weight_grad(x, g, sizes, num_groups: int, kernel: str = "xla"):
+  """Per group x^T dy -> fp32 [G, K, N], in _token_tiles' 128x1 tiles.
+
+  One FP8 GEMM per 128-row tile gives [tiles, K, N] partials, and the scaled partials are
+  summed into their groups (memory: M/128 + G partials of K x N). The fused kernel contracts
+  each group's tiles in its K loop instead (fp8_pallas.grouped_weight_grad).
+  """
+  xq, xs, gq, gs, tile_group = _token_tiles(x, g, sizes)
+  if kernel != "xla":
+    return fp8_pallas.grouped_weight_grad(xq, xs, gq, gs, _cdiv(sizes), interpret=kernel == "interpret")
+  tiles = xs.shape[1]
   p = jax.lax.dot_general(xq.reshape(-1, tiles, BLOCK), gq.reshape(-1, tiles, BLOCK),
                           (((2,), (2,)), ((1,), (1,))), preferred_element_type=F32)  # [tiles, K, N]
   p = p * xs.T[:, :, None] * gs.T[:, None, :]
-  tile_group = jnp.searchsorted(jnp.cumsum(aligned), jnp.arange(tiles) * BLOCK, side="right")
   return jax.ops.segment_sum(p, tile_group, num_segments=num_groups, indices_are_sorted=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _grouped(x, w, wq, ws, sizes, dtype, impl):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _grouped(x, w, wq, ws, sizes, dtype, impl, kernel):
   xq, xs = quantize_tiles(x)
+  if kernel != "xla":  # w^T as stored: K-major for the kernel
+    return fp8_pallas.grouped_matmul(xq, xs, jnp.swapaxes(wq, 1, 2), ws, sizes, **_pallas_kw(kernel, dtype))
   return _ragged_blocked_dot(xq, xs, wq, ws, sizes, impl).astype(dtype)
 
 
-def _grouped_fwd(x, w, wq, ws, sizes, dtype, impl):
-  return _grouped(x, w, wq, ws, sizes, dtype, impl), (x, w, wq, ws, sizes)
+def _grouped_fwd(x, w, wq, ws, sizes, dtype, impl, kernel):
+  return _grouped(x, w, wq, ws, sizes, dtype, impl, kernel), (x, w, wq, ws, sizes)
 
 
-def _grouped_bwd(dtype, impl, res, g):
+def _grouped_bwd(dtype, impl, kernel, res, g):
   x, w, wq, ws, sizes = res
   gq, gs = quantize_tiles(g)
-  dx = _ragged_blocked_dot(gq, gs, jnp.swapaxes(wq, 1, 2), jnp.swapaxes(ws, 1, 2), sizes, impl)
-  dw = None if w is None else _grouped_weight_grad(x, g, sizes, wq.shape[0]).astype(w.dtype)
+  if kernel != "xla":
+    dx = fp8_pallas.grouped_matmul(gq, gs, wq, jnp.swapaxes(ws, 1, 2), sizes, **_pallas_kw(kernel, x.dtype))
+  else:
+    dx = _ragged_blocked_dot(gq, gs, jnp.swapaxes(wq, 1, 2), jnp.swapaxes(ws, 1, 2), sizes, impl)
+  dw = None if w is None else _grouped_weight_grad(x, g, sizes, wq.shape[0], kernel).astype(w.dtype)
   return dx[:, :x.shape[1]].astype(x.dtype), dw, None, None, None
 
 
@@ -351,13 +397,14 @@ def _vary_together(*arrays):
   return tuple(a + jnp.zeros_like(union, dtype=a.dtype) for a in arrays)
 
 
-def ragged_dot(x_MK, w_GKN, sizes_G, dtype, impl: str = "auto"):
+def ragged_dot(x_MK, w_GKN, sizes_G, dtype, impl: str = "auto", kernel: str = "auto"):
   """FP8 grouped matmul, rows sorted by group (as jax.lax.ragged_dot) -> [M, N] in dtype.
 
   w_GKN: float [G, K, N] (quantized per expert in 128x128 blocks) or Fp8Weight (scale
   [G, Kb, Nb]; frozen). impl as gmm.py: 'ragged_dot' (GPU/TPU: jax.lax.ragged_dot_general
   on e4m3 inputs, block index as a batch dim), 'tiled' (CPU emulation), 'auto'; 'pallas'
-  takes the ragged_dot form (the Pallas kernels of gmm_pallas.py are bf16).
+  takes the ragged_dot form (the Pallas kernels of gmm_pallas.py are bf16). kernel: 'auto' |
+  'xla' | 'pallas' (module docstring); the fused kernel, when it runs, replaces impl's form.
   """
   sizes_G = sizes_G.astype(jnp.int32)
   if isinstance(w_GKN, Fp8Weight):
@@ -366,4 +413,4 @@ def ragged_dot(x_MK, w_GKN, sizes_G, dtype, impl: str = "auto"):
   else:
     x_MK, trained, _ = _vary_together(x_MK, w_GKN, sizes_G)
     wq, ws = quantize_blocks(trained)
-  return _grouped(x_MK.astype(dtype), trained, wq, ws, sizes_G, dtype, gmm.choose(impl))
+  return _grouped(x_MK.astype(dtype), trained, wq, ws, sizes_G, dtype, gmm.choose(impl), _kernel(kernel))

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from moe_jax import target
 from moe_jax.config import MOE_GMMS as IMPLS
-from moe_jax.layers import gmm_pallas
+from moe_jax.layers import gmm_pallas, matmul
 
 MIN_TILE = 16
 
@@ -145,66 +145,73 @@ def _fit(bulk: int, *arrays):
   return tuple(jnp.concatenate([a, jnp.zeros((bulk - m, *a.shape[1:]), a.dtype)]) for a in arrays)
 
 
-def _gmm_loop(x_MD, w_EDF, sizes_E, bulk):
+def _gmm_loop(x_MD, w_EDF, sizes_E, bulk, op):
   m = x_MD.shape[0]
   out_dtype = jnp.result_type(x_MD.dtype, w_EDF.dtype)
-  (xp,) = _fit(bulk, x_MD)
+  (xp,), w_EDF = _fit(bulk, x_MD.astype(op)), w_EDF.astype(op)
 
   def body(t, g, start, keep, yp):
-    return _put(yp, jax.lax.dynamic_slice_in_dim(xp, start, t) @ w_EDF[g], start, keep)
+    return _put(yp, matmul.dot(jax.lax.dynamic_slice_in_dim(xp, start, t), w_EDF[g], op), start, keep)
 
   yp0 = _zeros_varying_like((xp.shape[0], w_EDF.shape[-1]), out_dtype, x_MD, w_EDF, sizes_E)
   return _tile_loops(sizes_E, xp.shape[0], bulk, body, yp0)[:m]
 
 
-def _tgmm_loop(x_MD, dy_MF, sizes_E, bulk, num_groups, w_dtype):
+def _tgmm_loop(x_MD, dy_MF, sizes_E, bulk, num_groups, w_dtype, op):
   """Per-group x^T dy -> [E, D, F]."""
-  xp, dyp = _fit(bulk, x_MD, dy_MF)
+  xp, dyp = _fit(bulk, x_MD.astype(op), dy_MF.astype(op))
+  xp_T = matmul.transposed(xp, (1, 0))  # [D, Mp]: a tile's columns are the lhs of x^T dy (module doc)
 
   def body(t, g, start, keep, dw):
-    xs = jnp.where(keep, jax.lax.dynamic_slice_in_dim(xp, start, t), 0)
-    return dw.at[g].add(jnp.einsum("td,tf->df", xs, jax.lax.dynamic_slice_in_dim(dyp, start, t),
-                                   preferred_element_type=jnp.float32))
+    xs_T = jnp.where(keep.T, jax.lax.dynamic_slice_in_dim(xp_T, start, t, axis=1), 0)
+    return dw.at[g].add(matmul.dot(xs_T, jax.lax.dynamic_slice_in_dim(dyp, start, t), op))
 
   dw0 = _zeros_varying_like((num_groups, x_MD.shape[1], dy_MF.shape[1]), jnp.float32, x_MD, dy_MF, sizes_E)
   return _tile_loops(sizes_E, xp.shape[0], bulk, body, dw0).astype(w_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm_tiled(x_MD, w_EDF, sizes_E, bulk):
-  return _gmm_loop(x_MD, w_EDF, sizes_E, bulk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm_tiled(x_MD, w_EDF, sizes_E, bulk, op):
+  return _gmm_loop(x_MD, w_EDF, sizes_E, bulk, op)
 
 
-def _gmm_tiled_fwd(x_MD, w_EDF, sizes_E, bulk):
-  return _gmm_loop(x_MD, w_EDF, sizes_E, bulk), (x_MD, w_EDF, sizes_E)
+def _gmm_tiled_fwd(x_MD, w_EDF, sizes_E, bulk, op):
+  return _gmm_loop(x_MD, w_EDF, sizes_E, bulk, op), (x_MD, w_EDF, sizes_E)
 
 
-def _gmm_tiled_bwd(bulk, residuals, dy_MF):
+def _gmm_tiled_bwd(bulk, op, residuals, dy_MF):
   x_MD, w_EDF, sizes_E = residuals
-  dx = _gmm_loop(dy_MF, jnp.swapaxes(w_EDF, 1, 2), sizes_E, bulk).astype(x_MD.dtype)
-  dw = _tgmm_loop(x_MD, dy_MF, sizes_E, bulk, w_EDF.shape[0], w_EDF.dtype)
+  dx = _gmm_loop(dy_MF, matmul.transposed(w_EDF.astype(op), (0, 2, 1)), sizes_E, bulk, op).astype(x_MD.dtype)
+  dw = _tgmm_loop(x_MD, dy_MF, sizes_E, bulk, w_EDF.shape[0], w_EDF.dtype, op)
   return dx, dw, None
 
 
 _gmm_tiled.defvjp(_gmm_tiled_fwd, _gmm_tiled_bwd)
 
 
-# --- SwiGLU in one pass: per tile a = x @ gate, b = x @ up, y = (silu(a) * b) @ down --------
-def _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, save: bool):
-  """-> (y [M, D], the pre-activations [a, b] [M, 2F] when save, for the backward pass)."""
+# --- SwiGLU in one pass: per tile [a, b] = x @ [gate, up], y = (silu(a) * b) @ down ----------
+# Every matmul in the loops is in the row-major form [t, K] x [K, N] (XLA:CPU's fast bf16 kernels
+# take no other, layers/matmul.py): the weights are stacked and transposed once per call, outside
+# the loops, and the weight gradients, which contract over a tile's rows, read the tile's columns
+# of the transposed activations ([K, t]).
+def _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, op, save: bool):
+  """-> (y [M, D], the pre-activations [a, b] [M, 2F] when save, for the backward pass).
+
+  Matmul operands in `op` (layers/matmul.py), accumulated in fp32; y and [a, b] in x's dtype."""
   m, d = x_MD.shape
   f = gate_EDF.shape[-1]
   dt = x_MD.dtype
-  (xp,) = _fit(bulk, x_MD)
+  (xp,) = _fit(bulk, x_MD.astype(op))
+  gate_up_ED2F = jnp.concatenate([gate_EDF, up_EDF], -1).astype(op)
+  down_EFD = down_EFD.astype(op)
   mp = xp.shape[0]
 
   def body(t, g, start, keep, carry):
     yp, abp = carry
-    xs = jax.lax.dynamic_slice_in_dim(xp, start, t)
-    a, b = xs @ gate_EDF[g], xs @ up_EDF[g]
-    yp = _put(yp, (jax.nn.silu(a) * b).astype(dt) @ down_EFD[g], start, keep)
+    ab = matmul.dot(jax.lax.dynamic_slice_in_dim(xp, start, t), gate_up_ED2F[g], op)  # [t, 2F]
+    yp = _put(yp, matmul.dot(jax.nn.silu(ab[:, :f]) * ab[:, f:], down_EFD[g], op), start, keep)
     if save:
-      abp = _put(abp, jnp.concatenate([a, b], -1), start, keep)
+      abp = _put(abp, ab, start, keep)
     return yp, abp
 
   zeros = lambda shape: _zeros_varying_like(shape, dt, x_MD, gate_EDF, sizes_E)  # noqa: E731
@@ -213,45 +220,50 @@ def _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, save: bool):
   return yp[:m], abp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _swiglu_tiled(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk):
-  return _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, save=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _swiglu_tiled(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, op):
+  return _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, op, save=False)[0]
 
 
-def _swiglu_tiled_fwd(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk):
-  y, ab = _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, save=True)
+def _swiglu_tiled_fwd(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, op):
+  y, ab = _swiglu_loop(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, bulk, op, save=True)
   return y, (x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, ab)
 
 
-def _swiglu_tiled_bwd(bulk, residuals, dy_MD):
+def _swiglu_tiled_bwd(bulk, op, residuals, dy_MD):
   x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, ab_MF2 = residuals
   m, d = x_MD.shape
   f = gate_EDF.shape[-1]
   dt = x_MD.dtype
-  xp, dyp = _fit(bulk, x_MD, dy_MD.astype(dt))
+  xp, dyp = _fit(bulk, x_MD.astype(op), dy_MD.astype(op))
+  xp_T, dyp_T = matmul.transposed(xp, (1, 0)), matmul.transposed(dyp, (1, 0))  # [D, Mp]
+  gate_up_E2FD = matmul.transposed(jnp.concatenate([gate_EDF, up_EDF], -1).astype(op), (0, 2, 1))
+  down_EDF = matmul.transposed(down_EFD.astype(op), (0, 2, 1))
   abp = ab_MF2  # already _fit's rows (the forward kept them)
   mp = xp.shape[0]
-  outer = lambda p, q: jnp.einsum("tp,tq->pq", p, q, preferred_element_type=jnp.float32)  # noqa: E731
 
   def body(t, g, start, keep, carry):
-    dxp, dgate, dup, ddown = carry
-    xs = jax.lax.dynamic_slice_in_dim(xp, start, t)
+    dxp, dgate_up, ddown_T = carry
+    cols = lambda a: jax.lax.dynamic_slice_in_dim(a, start, t, axis=1)  # noqa: E731
     dys = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dyp, start, t), 0)  # other groups' rows: no grad
+    dys_T = jnp.where(keep.T, cols(dyp_T), 0)
     ab = jax.lax.dynamic_slice_in_dim(abp, start, t).astype(jnp.float32)
     a, b = ab[:, :f], ab[:, f:]
     sig = jax.nn.sigmoid(a)
-    h = (a * sig * b).astype(dt)
-    dh = (dys @ down_EFD[g].T).astype(jnp.float32)
-    da = (dh * b * sig * (1 + a * (1 - sig))).astype(dt)  # silu'(a) = sig (1 + a (1 - sig))
-    db = (dh * a * sig).astype(dt)
-    dxp = _put(dxp, da @ gate_EDF[g].T + db @ up_EDF[g].T, start, keep)
-    return dxp, dgate.at[g].add(outer(xs, da)), dup.at[g].add(outer(xs, db)), ddown.at[g].add(outer(h, dys))
+    h = (a * sig * b).astype(op)
+    dh = matmul.dot(dys, down_EDF[g], op)
+    # silu'(a) = sig (1 + a (1 - sig))
+    dab = jnp.concatenate([dh * b * sig * (1 + a * (1 - sig)), dh * a * sig], -1).astype(op)  # [t, 2F]
+    dxp = _put(dxp, matmul.dot(dab, gate_up_E2FD[g], op), start, keep)
+    return (dxp, dgate_up.at[g].add(matmul.dot(cols(xp_T), dab, op)),
+            ddown_T.at[g].add(matmul.dot(dys_T, h, op)))
 
   zeros = lambda shape, dtype: _zeros_varying_like(shape, dtype, x_MD, dy_MD, sizes_E)  # noqa: E731
-  carry = (zeros((mp, d), dt), zeros(gate_EDF.shape, jnp.float32), zeros(up_EDF.shape, jnp.float32),
-           zeros(down_EFD.shape, jnp.float32))
-  dxp, dgate, dup, ddown = _tile_loops(sizes_E, mp, bulk, body, carry)
-  return (dxp[:m], None, dgate.astype(gate_EDF.dtype), dup.astype(up_EDF.dtype), ddown.astype(down_EFD.dtype))
+  carry = (zeros((mp, d), dt), zeros((gate_EDF.shape[0], d, 2 * f), jnp.float32),
+           zeros((down_EFD.shape[0], d, f), jnp.float32))
+  dxp, dgate_up, ddown_T = _tile_loops(sizes_E, mp, bulk, body, carry)
+  return (dxp[:m], None, dgate_up[..., :f].astype(gate_EDF.dtype), dgate_up[..., f:].astype(up_EDF.dtype),
+          jnp.swapaxes(ddown_T, 1, 2).astype(down_EFD.dtype))
 
 
 _swiglu_tiled.defvjp(_swiglu_tiled_fwd, _swiglu_tiled_bwd)
@@ -272,7 +284,8 @@ def grouped_matmul(x_MD, w_EDF, sizes_E, impl: str = "auto", tile: int | None = 
   x_MD, w_EDF = _vary_together(x_MD, w_EDF, sizes_E)
   if impl == "pallas":
     return gmm_pallas.grouped_matmul(x_MD, w_EDF, sizes_E)
-  return _gmm_tiled(x_MD, w_EDF, sizes_E.astype(jnp.int32), tile or tile_size(x_MD.shape[0], w_EDF.shape[0]))
+  return _gmm_tiled(x_MD, w_EDF, sizes_E.astype(jnp.int32), tile or tile_size(x_MD.shape[0], w_EDF.shape[0]),
+                    matmul.operand_dtype(x_MD.dtype))
 
 
 def grouped_swiglu(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, impl: str = "auto", tile: int | None = None):
@@ -283,4 +296,4 @@ def grouped_swiglu(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, impl: str = "auto"
     return mm(jax.nn.silu(mm(x_MD, gate_EDF)) * mm(x_MD, up_EDF), down_EFD)
   x_MD, gate_EDF, up_EDF, down_EFD = _vary_together(x_MD, gate_EDF, up_EDF, down_EFD, sizes_E)
   return _swiglu_tiled(x_MD, sizes_E.astype(jnp.int32), gate_EDF, up_EDF, down_EFD,
-                       tile or tile_size(x_MD.shape[0], gate_EDF.shape[0]))
+                       tile or tile_size(x_MD.shape[0], gate_EDF.shape[0]), matmul.operand_dtype(x_MD.dtype))
