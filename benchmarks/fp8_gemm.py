@@ -199,14 +199,15 @@ def sweep(args):
   sizes = jnp.asarray(group_sizes(rows, args.experts, args.skew))
   wq_d, ws_d = fp8.quantize_blocks(jax.random.normal(ks[1], (n, k), BF16))  # already w^T
   wq_g, ws_g = fp8.quantize_blocks(jax.random.normal(ks[1], (args.experts, args.ffn, k), BF16))
-  cases = {"dense": (lambda bm, bn, *a: fpp.blocked_matmul(*a, out_dtype=BF16, rhs_transposed=True, block_m=bm,
-                                                           block_n=bn), (xq[:m], xs[:m], wq_d, ws_d.T), 2.0 * m * k * n),
-           "grouped": (lambda bm, bn, *a: fpp.grouped_matmul(*a, sizes, out_dtype=BF16, rhs_transposed=True,
-                                                             block_m=bm, block_n=bn),
-                       (xq, xs, wq_g, jnp.swapaxes(ws_g, 1, 2)), 2.0 * rows * k * args.ffn)}
+  dense = lambda bm, bn, *a: fpp.blocked_matmul(*a, out_dtype=BF16, rhs_transposed=True, block_m=bm,  # noqa: E731
+                                                 block_n=bn)
+  grouped = lambda bm, bn, *a: fpp.grouped_matmul(*a, sizes, out_dtype=BF16, rhs_transposed=True,  # noqa: E731
+                                                  block_m=bm, block_n=bn)
+  cases = {"dense": (dense, (xq[:m], xs[:m], wq_d, ws_d.T), 2.0 * m * k * n),
+           "grouped": (grouped, (xq, xs, wq_g, jnp.swapaxes(ws_g, 1, 2)), 2.0 * rows * k * args.ffn)}
   saved = fpp.NUM_WARPS, fpp.NUM_STAGES
-  for (shape, (fn, operands, flops)), bm, bn, warps, stages in itertools.product(cases.items(), (64, 128), (64, 128, 256),
-                                                                       (4, 8), (3, 4, 5)):
+  grid = itertools.product(cases.items(), (64, 128), (64, 128, 256), (4, 8), (3, 4, 5))
+  for (shape, (fn, operands, flops)), bm, bn, warps, stages in grid:
     fpp.NUM_WARPS, fpp.NUM_STAGES = warps, stages
     cfg = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
     try:

@@ -23,6 +23,8 @@ EXPECTED = {  # script: (figure kind, keys every figure of that kind has, number
     "moe_layer.py": ("moe_layer", {"dispatch", "what", "moe_s", "ideal_mlp_s", "ratio", "devices"}, 4),
     "attention.py": ("attention", {"name", "what", "seconds", "sdpa_s", "ratio"}, 10),
     "vs_transformers.py": ("vs_transformers", {"what", "moe_jax_s", "torch_s", "ratio", "logits_max_abs_diff"}, 2),
+    "fp8_gemm.py": ("fp8_gemm", {"shape", "what", "fp8_ms", "fp8_quant_ms", "fp8_xla_ms", "bf16_ms", "fp8_tflops",
+                                 "bf16_tflops", "fp8_vs_bf16", "rel_err", "rel_diff_xla"}, 6),
 }
 
 
@@ -62,6 +64,10 @@ def test_smoke_prints_json_figures(script):
     assert {(r["dispatch"], r["what"]) for r in figures} == {
         (d, w) for d in ("ragged", "ep") for w in ("forward", "forward_backward")}
     assert [r["devices"] for r in figures if r["dispatch"] == "ep"] == [2, 2]
+  if script == "fp8_gemm.py":  # the fused kernel (interpreted) agrees with fp8.py's XLA form
+    assert {(r["shape"], r["what"]) for r in figures} == {
+        (s, w) for s in ("dense", "grouped") for w in ("forward", "dgrad", "wgrad")}
+    assert all(r["rel_diff_xla"] < 1e-5 and 0 < r["rel_err"] < 0.06 for r in figures), figures
   if script == "vs_transformers.py":
     assert {r["what"] for r in figures} == {"forward", "train"}
     assert figures[0]["logits_max_abs_diff"] < 1e-4  # the same weights on both sides

@@ -37,9 +37,13 @@ def test_dense_forward_input_grad_weight_grad_match_xla():
   _close(fp8._input_grad(g, wq, ws, "interpret")[..., :300], fp8._input_grad(g, wq, ws)[..., :300])
   _close(fp8._weight_grad(x, g, "interpret"), fp8._weight_grad(x, g))
 
-  # b as [K, N] (not transposed) and per-column scales, in bf16 out: the same product.
+
+def test_rhs_as_kn_with_column_scales_and_bf16_out():
+  """b as [K, N] (not transposed) and per-column scales, written in bf16: the same product."""
+  x, w = _normal(4, (1, 100, 300), (1, 300, 200))
+  wq, ws = fp8.quantize_blocks(w)
   xq, xs = fp8.quantize_tiles(x[0])
-  ref = fp8._forward(x[:1], wq[:1], ws[:1])[0]
+  ref = fp8._forward(x, wq, ws)[0]
   got = fpp.blocked_matmul(xq, xs, wq[0], jnp.repeat(ws[0], 128, -1)[:, :200], out_dtype=jnp.bfloat16,
                            interpret=True)
   assert got.dtype == jnp.bfloat16 and got.shape == (100, 200)

@@ -259,7 +259,7 @@ def grouped_weight_grad(qx_KT, sx_KTb, qg_NT, sg_NTb, tiles_G, *, out_dtype=F32,
   holds two groups; tokens in no group are zeros); empty groups give zeros.
   """
   def fn(qx, sx, qg, sg, tiles):
-    (k, t), n, g = qx.shape, qg.shape[0], tiles.shape[0]
+    k, n, g = qx.shape[0], qg.shape[0], tiles.shape[0]
     (a, sa_t, b, sb), _ = _prepare(qx, sx, qg, sg.T, True, block_m, block_n)
     (kp, tp), np_ = a.shape, sb.shape[1]
     starts = (jnp.cumsum(tiles) - tiles).astype(jnp.int32)
