@@ -180,7 +180,19 @@ def bench1b(**kw):
   return ModelConfig(**base)
 
 
-CONFIGS = {"bench10m": bench10m, "bench1b": bench1b}
+def user8k(**kw):
+  """The shape of the user-path measurement in issue 15 (not tuned for): vocab 8192, d 256, 4 layers
+  (1 dense), 8 heads, q_lora 128, kv_lora 64, 16 experts top-4 in 4 groups, 1 shared, fp32."""
+  from moe_jax.config import ModelConfig
+  base = dict(vocab_size=8192, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+              num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64,
+              qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4,
+              n_group=4, topk_group=2, n_shared_experts=1, num_nextn_predict_layers=0, aux_loss_alpha=0.0)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+CONFIGS = {"bench10m": bench10m, "bench1b": bench1b, "user8k": user8k}
 
 
 def parser(doc: str, what: str, smoke: str) -> argparse.ArgumentParser:
