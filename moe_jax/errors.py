@@ -62,7 +62,19 @@ def main_guard(main: Callable[..., int]) -> Callable[..., int]:
       return report(os_error_message(e))
     except KeyboardInterrupt:
       return report("interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - only the one XLA failure below is shortened
+      if not _bf16_dot_unsupported(e):
+        raise
+      return report("XLA:CPU could not run a matmul with bf16 operands (the fast fp32 path of "
+                    "moe_jax/layers/matmul.py on this CPU met an XLA:CPU limitation): rerun with "
+                    "JAX_DEFAULT_MATMUL_PRECISION=float32 for exact fp32 matmuls, and report the model config")
   return guarded
+
+
+def _bf16_dot_unsupported(e: Exception) -> bool:
+  """XLA:CPU's 'Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32' (see layers/matmul.py)."""
+  text = str(e)
+  return type(e).__name__ == "JaxRuntimeError" and "DotThunk" in text and "BF16" in text
 
 
 class ArgumentParser(argparse.ArgumentParser):

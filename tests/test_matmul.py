@@ -128,3 +128,16 @@ def test_training_step_runs_on_the_fast_path_and_tracks_fp32(name):
   norm = lambda t: float(optax.tree.norm(t))  # noqa: E731
   assert norm(jax.tree.map(jnp.subtract, fast_grads, exact_grads)) < 0.05 * norm(exact_grads)
   assert fast_loss != exact_loss  # the fast path was taken
+
+
+def test_commands_name_the_precision_flag_when_xla_cannot_run_a_bf16_dot(capsys):
+  from moe_jax import errors
+
+  @errors.main_guard
+  def main(message):
+    raise jax.errors.JaxRuntimeError(message)
+
+  assert main("UNIMPLEMENTED: Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32") == 2
+  assert "JAX_DEFAULT_MATMUL_PRECISION=float32" in capsys.readouterr().err
+  with pytest.raises(jax.errors.JaxRuntimeError):  # any other runtime failure still raises
+    main("INTERNAL: something else")
