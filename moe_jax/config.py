@@ -20,6 +20,7 @@ BALANCE_LOSSES = ("sequence", "expert")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "splash", "pallas_gpu")  # layers/attention.py
 MOE_GMMS = ("auto", "tiled", "ragged_dot", "pallas")  # layers/gmm.py
+FP8_KERNELS = ("xla", "pallas")  # layers/fp8.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,10 @@ class ModelConfig:
   # GPU in bf16/fp16, einsum elsewhere
   attention_impl: str = "auto"
   fp8: bool = False  # DeepSeek-V3 fine-grained FP8 projections and experts (layers/fp8.py)
+  # the FP8 matmuls: "xla" (blocked dot_general, every backend) or "pallas" (layers/fp8_pallas.py: one
+  # fused kernel, scales applied in the K loop; Triton on a GPU, interpreted elsewhere). "xla" stays the
+  # default until the fused kernel has run on a GPU (tested only in the Pallas interpreter so far).
+  fp8_kernel: str = "xla"
 
   def __post_init__(self):
     if self.q_lora_rank == 0:
@@ -134,6 +139,8 @@ class ModelConfig:
       _fail("attention_impl", f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if not isinstance(self.fp8, bool):
       _fail("fp8", f"must be True or False, got {self.fp8!r}")
+    if self.fp8_kernel not in FP8_KERNELS:
+      _fail("fp8_kernel", f"{self.fp8_kernel!r} is not one of {FP8_KERNELS}")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))

@@ -41,7 +41,7 @@ def project(equation: str, x: jax.Array, w, cfg: ModelConfig, fp8: bool = True) 
   """
   dtype = cfg.compute_dtype
   if fp8 and cfg.fp8:
-    return fp8_lib.einsum(equation, x, w, dtype)
+    return fp8_lib.einsum(equation, x, w, dtype, kernel=cfg.fp8_kernel)
   return matmul.einsum(equation, x, fp8_lib.dense(w, dtype), dtype)
 
 

@@ -159,7 +159,7 @@ def _local_experts(rows_MD, ids_M, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig)
   e_local = gate_EDF.shape[0]
   order, inverse, sizes = sort_by_expert(ids_M[:, None], e_local + 1)  # empty slots sort last
   y = expert_ffn_ragged(rows_MD[order], sizes[:e_local], gate_EDF, up_EDF, down_EFD, cfg.compute_dtype,
-                        cfg.moe_gmm, cfg.fp8)
+                        cfg.moe_gmm, cfg.fp8_kernel if cfg.fp8 else None)
   return y[inverse]
 
 

@@ -50,15 +50,16 @@ def dispatch_dense(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelCon
   return jnp.einsum("ted,te->td", y_TED.astype(jnp.float32), combine_TE).astype(dt), {}
 
 
-def expert_ffn_ragged(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, dt, impl: str = "auto", fp8: bool = False):
+def expert_ffn_ragged(x_MD, sizes_E, gate_EDF, up_EDF, down_EFD, dt, impl: str = "auto", fp8: str | None = None):
   """Grouped SwiGLU over rows sorted by expert: rows [sum(sizes[:e]), ...) go to expert e.
 
   impl: the grouped matmul (layers/gmm.py): 'ragged_dot' (XLA), 'tiled' (CPU), 'pallas' (TPU, Hopper),
   'auto' (by moe_jax.target).
-  fp8: the three grouped matmuls in DeepSeek-V3 FP8 (layers/fp8.py). Weights may be Fp8Weight.
+  fp8: the three grouped matmuls in DeepSeek-V3 FP8 through this FP8 kernel ('xla' | 'pallas',
+  layers/fp8.py); None: not in FP8. Weights may be Fp8Weight.
   """
   if fp8:
-    mm = functools.partial(fp8_lib.ragged_dot, sizes_G=sizes_E, dtype=dt, impl=impl)
+    mm = functools.partial(fp8_lib.ragged_dot, sizes_G=sizes_E, dtype=dt, impl=impl, kernel=fp8)
     return mm(_swiglu(mm(x_MD, gate_EDF), mm(x_MD, up_EDF)), down_EFD)
   return grouped_swiglu(x_MD.astype(dt), sizes_E, fp8_lib.dense(gate_EDF, dt), fp8_lib.dense(up_EDF, dt),
                         fp8_lib.dense(down_EFD, dt), impl)
@@ -124,7 +125,7 @@ def _ragged_local(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConf
   order, inverse, sizes = sort_by_expert(jnp.where((local >= 0) & (local < e_local), local, e_local), e_local + 1)
   x_sorted = _expand_sorted(x_TD, order, inverse, k, t * min(k, e_local))  # [R, D]
   y_sorted = expert_ffn_ragged(x_sorted, sizes[:e_local], gate_EDF, up_EDF, down_EFD, cfg.compute_dtype,
-                               cfg.moe_gmm, cfg.fp8)
+                               cfg.moe_gmm, cfg.fp8_kernel if cfg.fp8 else None)
   y_TXD = _unsort_rows(y_sorted, inverse, order).reshape(t, k, -1)
   return jnp.einsum("txd,tx->td", y_TXD.astype(jnp.float32), w_TX)
 
