@@ -225,6 +225,9 @@ def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None, dcn: Optional[
   out += [f"{label:<40}{v / GB:>10.2f}" for label, v in rows]
   out += [f"{'train: params+grads+opt+act+working':<40}{p.train / GB:>10.2f}  of {mem:g} GB: {fits(p.train)}",
           f"{'serve: params+kv cache':<40}{p.serve / GB:>10.2f}  of {mem:g} GB: {fits(p.serve)}"]
+  if cfg.remat_policy != "full":
+    out.append(f"note: activations are planned for remat_policy=full; this config has {cfg.remat_policy!r}, "
+               "which keeps more of each layer: size it with `python -m moe_jax.aot` (BENCHMARKS.md)")
   return "\n".join(out)
 
 

@@ -193,3 +193,11 @@ def test_single_process_batch_helpers(monkeypatch):
   batch = sharding.global_batch({"tokens": toks}, mesh, rows, 8)["tokens"]
   assert batch.sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
   np.testing.assert_array_equal(np.asarray(batch), toks)
+
+
+def test_plan_table_says_when_the_remat_policy_is_not_the_planned_one():
+  sizes = dict(data=1, fsdp=2, expert=2, tensor=1)
+  for policy, noted in (("full", False), ("dots", True), ("none", True)):
+    cfg = PRESETS["tiny"](remat_policy=policy)
+    p = plan.plan(cfg, sizes, 4, 64, 95.0, abstract=_abstract("tiny"))
+    assert ("planned for remat_policy=full" in plan.format_plan(p, cfg, "tiny")) == noted, policy
