@@ -53,24 +53,16 @@ def cos_sin(positions_BS: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.A
 
 
 def apply_rope(x: jax.Array, cos_BSr: jax.Array, sin_BSr: jax.Array, interleave: bool) -> jax.Array:
-  """Rotates x [B, S, ..., R] (any head axes between S and R); computed in fp32, returns x's dtype.
-
-  As out = x * cos + partner(x) * signed sin over the whole last axis, the partner being each
-  element's rotation pair (x[2i] <-> x[2i+1], or x[i] <-> x[i + R/2]) read by rolling x. No
-  array gets a trailing axis of 2: TPU tiles the minor dimension to 128 lanes, which made the
-  stacked pairs' fp32 products the largest temporaries of a layer (BENCHMARKS.md, attention).
-  """
-  r = x.shape[-1]
+  """Rotates x [B, S, ..., R] (any head axes between S and R); computed in fp32, returns x's dtype."""
   extra = x.ndim - cos_BSr.ndim
-  expand = lambda a: a.reshape(a.shape[:2] + (1,) * extra + a.shape[2:])  # noqa: E731
+  cos = cos_BSr.reshape(cos_BSr.shape[:2] + (1,) * extra + cos_BSr.shape[2:])
+  sin = sin_BSr.reshape(cos.shape)
   x32 = x.astype(jnp.float32)
   if interleave:
-    cos = jnp.repeat(cos_BSr, 2, axis=-1)  # [c0, c0, c1, c1, ...]
-    sin = jnp.repeat(sin_BSr, 2, axis=-1) * jnp.tile(jnp.array([-1.0, 1.0], jnp.float32), r // 2)
-    even = jnp.arange(r) % 2 == 0
-    partner = jnp.where(even, jnp.roll(x32, -1, axis=-1), jnp.roll(x32, 1, axis=-1))
+    x1, x2 = x32[..., 0::2], x32[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
   else:
-    cos = jnp.concatenate([cos_BSr, cos_BSr], axis=-1)
-    sin = jnp.concatenate([-sin_BSr, sin_BSr], axis=-1)
-    partner = jnp.roll(x32, r // 2, axis=-1)
-  return (x32 * expand(cos) + partner * expand(sin)).astype(x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
