@@ -4,12 +4,13 @@ JAX's matmul precision (`jax_default_matmul_precision`, `jax.default_matmul_prec
 how fp32 products may be computed. At the default, a TPU takes one bf16 pass (bf16 operands,
 fp32 accumulation) and a GPU takes TF32; 'highest' / 'float32' asks for exact fp32. XLA:CPU
 ignores the setting and always computes fp32 exactly, although on CPUs with AMX (Intel Sapphire
-Rapids and later) bf16 operands with fp32 accumulation run 2-4x faster (BENCHMARKS.md, "CPU
-training step"). So on the CPU this module gives the setting its TPU meaning:
+Rapids and later) bf16 operands with fp32 accumulation run 5-6x faster (a 1024^3 matmul: 1,223-
+1,353 against 225-227 GFLOP/s; BENCHMARKS.md, "Against transformers"). So on the CPU this module
+gives the setting its TPU meaning:
 
   precision in effect                  fp32 matmul operands on the CPU
   default (unset), on a CPU with AMX   bf16, fp32 accumulation (as a TPU)
-  default, on a CPU without AMX        fp32 (bf16 would not be faster there)
+  default, on a CPU without AMX        fp32 (no speed-up measured there; exactness kept)
   'bfloat16' / 'BF16_BF16_F32'         bf16, fp32 accumulation, on any CPU
   'float32', 'highest', anything else  fp32, exact
 
