@@ -62,8 +62,9 @@ def peak_flops(dtype: str = "bfloat16", size: int = 1024) -> tuple[float, str]:
   """(peak FLOP/s of all local devices, where the figure comes from).
 
   Accelerators: the vendor bf16 table by device kind. Otherwise (CPU, unknown kinds, fp32):
-  a timed [size, size] matmul on one device; on CPU the host devices share the same cores,
-  so that one figure is the whole host's peak.
+  a timed [size, size] matmul on one device, with the operands the model's matmuls take there
+  (layers/matmul.py); on CPU the host devices share the same cores, so that one figure is the
+  whole host's peak.
   """
   import jax
   import jax.numpy as jnp
@@ -74,12 +75,14 @@ def peak_flops(dtype: str = "bfloat16", size: int = 1024) -> tuple[float, str]:
     for kind, peak in sorted(PEAK_BF16.items(), key=lambda kv: -len(kv[0])):
       if dev.device_kind.startswith(kind):
         return peak * n, f"{kind} table x {n}"
-  x = jax.device_put(jnp.ones((size, size), dtype), dev)
-  mm = jax.jit(lambda a: a @ a)
+  from moe_jax.layers import matmul
+  op = matmul.operand_dtype(dtype)  # what the model's matmuls take here (bf16 for fp32 on an AMX CPU)
+  x = jax.device_put(jnp.ones((size, size), op), dev)
+  mm = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
   mm(x).block_until_ready()
   reps, t = 5, time.perf_counter()
   for _ in range(reps):
     y = mm(x)
   y.block_until_ready()
   per_device = 2 * size ** 3 * reps / (time.perf_counter() - t)
-  return per_device * n, f"measured {size}^3 {dtype} matmul on {dev.device_kind} x {n}"
+  return per_device * n, f"measured {size}^3 matmul of {jnp.dtype(op)} operands on {dev.device_kind} x {n}"
