@@ -97,6 +97,30 @@ def test_tiny_train_step_compiles_for_tpu(capsys, topology, mesh, impl):
     assert r["unknown_trip_counts"] == 0
   if impl == "ep":
     assert r["collectives"].get("all-to-all", {}).get("count", 0) > 0, r["collectives"]
+  assert (r["ideal_collectives_gb"]["a2a"] > 0) == (impl == "ep") and r["collectives_ratio"] > 0
+
+
+def test_ideal_collectives_of_an_fsdp_layout():
+  """Pure FSDP over 8 host devices: every cut weight is gathered and reduce-scattered once at full
+  size; what stays whole (norm scales, the router) is all-reduced; no all-to-all."""
+  import jax
+  import numpy as np
+  from flax import linen as nn
+  from moe_jax import train as train_lib, variables
+  from moe_jax.config import tiny
+  config = train_lib.base_config(tiny(), "tiny")
+  config.mesh.update(data=1, fsdp=8, expert=1, tensor=1)
+  config.batch_size = 8
+  trainer = train_lib.Trainer(config)
+  ideal = aot.ideal_collectives(trainer, config)
+  boxed = variables.abstract(trainer.mcfg)["params"]
+  specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  cut_names = {"embed", "q_lora", "kv_lora"}  # the rules' FSDP dims
+  cut = sum(int(np.prod(a.shape)) * 4 for a, spec in zip(jax.tree.leaves(nn.unbox(boxed)), specs) if cut_names & set(spec))
+  whole = sum(int(np.prod(a.shape)) * 4 for a, spec in zip(jax.tree.leaves(nn.unbox(boxed)), specs)
+              if not cut_names & set(spec))
+  assert ideal["a2a"] == 0 and ideal["gather"] == cut  # tiny computes in fp32: 4 bytes
+  assert ideal["reduce"] == cut + whole
 
 
 def test_multi_slice_sends_data_parallel_reductions_over_dcn(capsys):
