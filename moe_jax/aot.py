@@ -10,8 +10,9 @@ prints one JSON line:
   topology, chips, hosts, mesh; compiled, compile_s; per-chip argument / output / temp / peak
   bytes against the chip's HBM (fits); compiled matmul FLOPs per step (scanned loops counted
   their full trip count, moe_jax/hlo.py) and XLA's cost_analysis figure, against the model
-  FLOPs of moe_jax/flops.py; per collective kind the count and bytes per step per chip; and the
-  data layout: every host's batch rows (each must be non-empty, all rows fed).
+  FLOPs of moe_jax/flops.py; per collective kind the count and bytes per step per chip, and
+  their total against the layout's ideal (ideal_collectives); and the data layout: every
+  host's batch rows (each must be non-empty, all rows fed).
 
 Topology names as Cloud TPU spells them: v5p-N (N TensorCores, N/2 chips: v5p-512 is 256 chips,
 4x8x8), v5e-N and v6e-N (N chips), v4-N (N TensorCores), or libtpu's form "v5:4x4x4".
