@@ -97,7 +97,7 @@ def test_tiny_train_step_compiles_for_tpu(capsys, topology, mesh, impl):
     assert r["unknown_trip_counts"] == 0
   if impl == "ep":
     assert r["collectives"].get("all-to-all", {}).get("count", 0) > 0, r["collectives"]
-  assert (r["ideal_collectives_gb"]["a2a"] > 0) == (impl == "ep") and r["collectives_ratio"] > 0
+  assert set(r["ideal_collectives_gb"]) == {"gather", "reduce", "a2a", "total"} and r["collectives_ratio"] > 0
 
 
 def test_ideal_collectives_of_an_fsdp_layout():
@@ -121,6 +121,13 @@ def test_ideal_collectives_of_an_fsdp_layout():
               if not cut_names & set(spec))
   assert ideal["a2a"] == 0 and ideal["gather"] == cut  # tiny computes in fp32: 4 bytes
   assert ideal["reduce"] == cut + whole
+  # expert parallelism: 4 exchanges (dispatch, combine; forward, backward) per MoE layer
+  config.mesh.update(fsdp=2, expert=4)
+  ep = aot.ideal_collectives(train_lib.Trainer(config), config)
+  cfg = trainer.mcfg
+  moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace + cfg.num_nextn_predict_layers
+  tokens = config.batch_size * config.seq_len / 8
+  assert ep["a2a"] == 4 * moe_layers * tokens * cfg.num_experts_per_tok * cfg.hidden_size * 4 > 0
 
 
 def test_multi_slice_sends_data_parallel_reductions_over_dcn(capsys):
