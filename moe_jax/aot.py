@@ -197,59 +197,46 @@ def data_layout(mesh, global_batch: int, rules) -> dict[str, Any]:
 
 
 # --- the ideal communication of the layout ---------------------------------------------------
-DATA_LIKE_AXES = ("data", "fsdp", "expert")  # axes that cut a weight FSDP-style (except an expert stack's E)
-
-
 def ideal_collectives(trainer, config) -> dict[str, float]:
   """Bytes per chip per step that the layout itself requires, in hlo.summarize's units (a
   collective's larger buffer: the gathered weight of an all-gather, the full input of a
   reduce-scatter, the buffer of an all-to-all or all-reduce):
-    gather   every trained weight cut over data-like axes (FSDP), all-gathered once, in the
-             compute dtype (an expert stack's E dimension over 'expert' is expert parallelism,
-             not gathered)
+    gather   every trained weight cut over the batch's (data-parallel) axes, all-gathered once,
+             in the compute dtype (an expert stack's E dimension over 'expert' is expert
+             parallelism, not gathered)
     reduce   its gradient reduce-scattered once, in the compute dtype; a weight replicated over a
-             data-like axis instead has its gradient all-reduced there (the local shard)
+             data-parallel axis instead has its gradient all-reduced there (the local shard)
     a2a      expert parallelism: per MoE layer the dispatch and the combine forward and their
              transposes backward, each the chip's tokens x top-k x hidden (no padding, no rounds)
   Recomputation under remat, dropless rounds and fp32 reductions are what the compiled program
   adds on top; the ratio compiled / ideal says how much.
   """
-  import math
   import jax
   import jax.numpy as jnp
   from flax import linen as nn
-  from moe_jax import variables
+  from moe_jax import sharding, variables
   mcfg, sizes = trainer.mcfg, dict(trainer.mesh.shape)
+  data_axes = sharding.batch_axes(trainer.rules)
   act = jnp.dtype(mcfg.compute_dtype).itemsize
   boxed = variables.abstract(mcfg)["params"]
-  names = nn.get_partition_spec(boxed)
+  specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   gather = reduce = 0.0
   moe_layers = 0
-  for leaf, logical in zip(jax.tree.leaves(nn.unbox(boxed)), jax.tree.leaves(names, is_leaf=lambda x: isinstance(
-      x, jax.sharding.PartitionSpec))):
-    mesh_axes = nn.logical_to_mesh_axes(tuple(logical), trainer.rules)
-    cut = gathered = 1
-    for name, axes in zip(logical, mesh_axes):
-      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-      n = math.prod(sizes[a] for a in axes)
-      cut *= n
-      if name != "exp":
-        gathered *= math.prod(sizes[a] for a in axes if a in DATA_LIKE_AXES)
-    full_shard = leaf.size / cut * gathered * act  # this chip's slice of the weight, gathered over FSDP axes
-    used = {a for axes in mesh_axes if axes for a in ((axes,) if isinstance(axes, str) else axes)}
-    replicas = math.prod(sizes[a] for a in DATA_LIKE_AXES if a not in used)
-    if gathered > 1:
-      gather += full_shard
-      reduce += full_shard
+  for leaf, logical in zip(jax.tree.leaves(nn.unbox(boxed)), specs):
+    dims = [sharding.spec_axes(a) for a in nn.logical_to_mesh_axes(tuple(logical), trainer.rules)]
+    cut = math.prod(sizes[a] for axes in dims for a in axes)
+    gathered = math.prod(sizes[a] for name, axes in zip(logical, dims) if name != "exp" for a in axes if a in data_axes)
+    replicas = math.prod(sizes[a] for a in data_axes if not any(a in axes for axes in dims))
+    if gathered > 1:  # this chip's slice gathered over the data-parallel axes, and its gradient scattered back
+      gather += leaf.size / cut * gathered * act
+      reduce += leaf.size / cut * gathered * act
     if replicas > 1:
       reduce += leaf.size / cut * act
     if "exp" in logical:  # a routed-expert stack (gate, up or down)
-      moe_layers += (leaf.shape[list(logical).index("layers")] if "layers" in logical else 1)
-  moe_layers //= 3  # gate, up, down
-  data_like = math.prod(sizes[a] for a in DATA_LIKE_AXES)
-  ep = sizes["expert"]
-  tokens = config.batch_size * config.seq_len / data_like
-  a2a = 4 * moe_layers * tokens * mcfg.num_experts_per_tok * mcfg.hidden_size * act if ep > 1 else 0.0
+      moe_layers += leaf.shape[list(logical).index("layers")] if "layers" in logical else 1
+  moe_layers //= 3
+  tokens = config.batch_size * config.seq_len / math.prod(sizes[a] for a in data_axes)
+  a2a = 4 * moe_layers * tokens * mcfg.num_experts_per_tok * mcfg.hidden_size * act if sizes["expert"] > 1 else 0.0
   return {"gather": gather, "reduce": reduce, "a2a": a2a, "total": gather + reduce + a2a}
 
 
