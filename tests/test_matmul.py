@@ -35,10 +35,6 @@ def test_operand_dtype_follows_the_precision_setting(monkeypatch, precision, amx
     assert matmul.accumulates_apart(jnp.bfloat16)  # bf16 compute accumulates in fp32 on the CPU
 
 
-def test_cpu_flag_reader_returns_a_bool():
-  assert isinstance(matmul.cpu_has_amx_bf16(), bool)
-
-
 @pytest.mark.parametrize("equation, x_shape, y_shape", [
     ("bsd,dq->bsq", (2, 5, 16), (16, 12)),
     ("...d,dgf->...gf", (2, 5, 16), (16, 2, 8)),
