@@ -336,6 +336,32 @@ def _list(keys, limit=5) -> str:
 
 
 # --- load -----------------------------------------------------------------------------
+def _open(path: Path, **config_overrides) -> tuple[ModelConfig, dict[str, Any], SafetensorsReader]:
+  """(ModelConfig, config.json dict, reader) of a Hugging Face directory; headers only, no tensor read."""
+  if not (path / "config.json").exists():
+    raise UserError(f"{path}: no config.json (expected a Hugging Face DeepSeek-V2/V3 directory)")
+  hf = read_json(path / "config.json")
+  if "model_type" not in hf and (path / "checkpoints").is_dir():
+    raise UserError(f"{path} is a train.py workdir, not a Hugging Face directory: evaluate it with --workdir, or "
+                    "export it with `python -m moe_jax.convert --from_ckpt`")
+  v3 = _arch(hf) == "deepseek_v3"
+  reader = SafetensorsReader(path)
+  try:
+    depths = _mtp_depths(set(reader.keys()), hf["num_hidden_layers"]) if v3 else 0
+    cfg = ModelConfig.from_hf(hf, **{"num_nextn_predict_layers": depths, **config_overrides})
+  except KeyError as e:
+    raise UserError(f"{path / 'config.json'}: missing field {e}") from None
+  except (TypeError, ValueError) as e:
+    raise UserError(f"{path / 'config.json'}: {e}") from None
+  return cfg, hf, reader
+
+
+def config_from_dir(path: str | os.PathLike, **config_overrides) -> ModelConfig:
+  """The ModelConfig that load_pretrained(path, ...) would build, from config.json and the
+  safetensors headers alone (num_nextn_predict_layers: the MTP depths present)."""
+  return _open(Path(path), **config_overrides)[0]
+
+
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: Optional[Any] = None,
                     keep_fp8: bool = False, **config_overrides) -> tuple[Transformer, dict[str, Any]]:
   """A Hugging Face DeepSeek-V2/V3 directory -> (Transformer, {'params', 'router'}).
@@ -352,24 +378,11 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
   fit our layout (see Rule.to_ours_fp8) or the router would get them, the tensor is dequantized.
   """
   path = Path(path)
-  if not (path / "config.json").exists():
-    raise UserError(f"{path}: no config.json (expected a Hugging Face DeepSeek-V2/V3 directory)")
-  hf = read_json(path / "config.json")
-  if "model_type" not in hf and (path / "checkpoints").is_dir():
-    raise UserError(f"{path} is a train.py workdir, not a Hugging Face directory: evaluate it with --workdir, or "
-                    "export it with `python -m moe_jax.convert --from_ckpt`")
+  overrides = {"dtype": dtype, "param_dtype": dtype, "fp8": keep_fp8, **config_overrides}
+  cfg, hf, reader = _open(path, **overrides)
   v3 = _arch(hf) == "deepseek_v3"
-  reader = SafetensorsReader(path)
   keys = set(reader.keys())
-  try:
-    depths = _mtp_depths(keys, hf["num_hidden_layers"]) if v3 else 0
-    overrides = {"dtype": dtype, "param_dtype": dtype, "num_nextn_predict_layers": depths, "fp8": keep_fp8,
-                 **config_overrides}
-    cfg = ModelConfig.from_hf(hf, **overrides)
-  except KeyError as e:
-    raise UserError(f"{path / 'config.json'}: missing field {e}") from None
-  except (TypeError, ValueError) as e:
-    raise UserError(f"{path / 'config.json'}: {e}") from None
+  depths = _mtp_depths(keys, hf["num_hidden_layers"]) if v3 else 0
   model = Transformer(cfg)
   shapes = abstract_variables(model)
   rules = hf_rules(cfg, v3)
