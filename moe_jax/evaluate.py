@@ -5,7 +5,13 @@ Tasks are given as KIND:PATH, comma-separated (`lm:val.txt,mc:arc.jsonl,gen:qa.j
        `python -m moe_jax.data prepare` (its val split; DIR/train.bin picks a split)
        -> loss (nats/token), perplexity, bits_per_byte (decoded UTF-8 bytes). The stream
        is cut into windows of max_len + 1 tokens that overlap by one, so every token but
-       the first is predicted once, with the context since its window's start.
+       the first is predicted once, with the context since its window's start. A MoE model
+       also gets maxvio (MaxVio_global: each layer's expert counts summed over the whole
+       text, (max - mean) / mean, averaged over layers) and maxvio/<layer>; with --output,
+       an expert-load heat map (layers x experts) is written beside the JSON report.
+       A directory prepared with --format=chat|prompt_completion scores only the tokens its
+       loss mask marks (the masked loss training reports); prepare chat JSONL first (a
+       .jsonl given to lm is read as plain text).
   mc   JSONL {"context": str, "choices": [str, ...], "gold": int | str} -> acc (argmax of
        summed log p(choice | context)) and acc_norm (the same divided by the choice's length
        in characters), as lm-evaluation-harness computes them.
@@ -18,6 +24,7 @@ number of examples, printed as a table and written as JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,6 +35,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from moe_jax import data, scoring, sharding
 from moe_jax import variables as model_variables
@@ -102,8 +110,9 @@ def with_prefix(tok, ctx: list[int], where: str) -> list[int]:
   return [tok.eos_id]
 
 
-def read_lm_tokens(tok, path: str) -> list[int]:
-  """A prepared token directory (its val split), one of its DIR/SPLIT.bin files, or a text file."""
+def read_lm_tokens(tok, path: str, with_mask: bool = False):
+  """A prepared token directory (its val split), one of its DIR/SPLIT.bin files, or a text file -> ids;
+  with_mask: (ids, loss mask list or None), the mask of an instruction set (prepare --format=chat)."""
   directory, split = path, "val"
   if path.endswith(".bin"):
     directory, split = os.path.dirname(path) or ".", os.path.basename(path)[:-len(".bin")]
@@ -112,15 +121,63 @@ def read_lm_tokens(tok, path: str) -> list[int]:
     if not data.same_tokenizer(meta.get("tokenizer"), tok.name):  # a path, or an exported copy of it
       raise UserError(f"{path}: tokenized with {meta.get('tokenizer')!r}, but evaluating with tokenizer "
                       f"{tok.name!r}; pass --tokenizer={meta.get('tokenizer')}")
-    return np.asarray(data.open_split(directory, split, meta).tokens).astype(np.int64).tolist()
+    store = data.open_split(directory, split, meta)
+    ids = np.asarray(store.tokens).astype(np.int64).tolist()
+    if not with_mask:
+      return ids
+    return ids, None if store.loss_mask is None else np.asarray(store.loss_mask).astype(np.int64).tolist()
   with open(path, "rb") as f:
-    return tok.encode(f.read().decode("utf-8", errors="replace"))
+    ids = tok.encode(f.read().decode("utf-8", errors="replace"))
+  return (ids, None) if with_mask else ids
 
 
 # --- tasks --------------------------------------------------------------------------
-def eval_lm(scorer: scoring.Scorer, tok, path: str) -> tuple[dict[str, float], int]:
-  """-> ({loss, perplexity, bits_per_byte}, number of predicted tokens)."""
-  tokens = read_lm_tokens(tok, path)
+@functools.partial(jax.jit, static_argnames=("model",))
+def _routes(variables, inputs_BL, *, model):
+  """-> {router path: chosen experts [B, L, X] (or [layers, B, L, X] scanned)}: every Router's output,
+  captured (not the sown counts, which would count padding too)."""
+  from moe_jax.layers.router import Router
+  _, mut = model.apply(variables, inputs_BL, mutable=["intermediates"],
+                       capture_intermediates=lambda mdl, name: isinstance(mdl, Router) and name == "__call__")
+  flat = traverse_util.flatten_dict(dict(mut["intermediates"]))
+  return {"/".join(k[:-1]): v[0][1] for k, v in flat.items() if k[-1] == "__call__"}
+
+
+def expert_loads(scorer: scoring.Scorer, windows: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+  """{layer (train.layer_loads names): tokens routed to each expert [E]} over the input tokens of
+  `windows` (each window's last token is only a target), padding excluded; {} for a dense model."""
+  from moe_jax.train import layer_loads
+  cfg = scorer.model.cfg
+  if getattr(cfg, "num_moe_layers", 0) == 0:  # dense (MTP blocks do not run in scoring)
+    return {}
+  totals: dict[str, np.ndarray] = {}
+  for idx in scorer._batches([len(w) - 1 for w in windows], "expert load"):
+    width = scoring.bucket(max(len(windows[i]) - 1 for i in idx), scorer.max_len)
+    inputs = np.full((scorer.batch_size, width), scorer.pad_id, np.int32)
+    mask = np.zeros((scorer.batch_size, width), bool)
+    for row, i in enumerate(idx):
+      n = len(windows[i]) - 1
+      inputs[row, :n], mask[row, :n] = windows[i][:-1], True
+    with scorer._context():
+      routes = jax.device_get(_routes(scorer.variables, scorer._put(inputs), model=scorer.model))
+    for path, chosen in routes.items():
+      chosen = np.asarray(chosen)  # [..., B, L, X]
+      lead = chosen.shape[:-3]
+      flat = chosen.reshape(-1, *chosen.shape[-3:])
+      counts = np.stack([np.bincount(f[mask].reshape(-1), minlength=cfg.n_routed_experts) for f in flat])
+      counts = counts.reshape(*lead, cfg.n_routed_experts) if lead else counts[0]
+      totals[path] = totals.get(path, 0) + counts
+  return layer_loads(totals)
+
+
+def eval_lm(scorer: scoring.Scorer, tok, path: str, loads: Optional[dict] = None) -> tuple[dict[str, float], int]:
+  """-> ({loss, perplexity, bits_per_byte[, maxvio, maxvio/<layer>]}, number of predicted tokens).
+
+  A MoE model's expert loads over the text (expert_loads) go into `loads` when given; MaxVio_global
+  is train.maxvio of them."""
+  # An instruction set (prepare --format=chat|prompt_completion) scores only the tokens its loss mask
+  # marks, as training counts them; the windows still run over the whole stream (prompts are context).
+  tokens, mask = read_lm_tokens(tok, path, with_mask=True)
   if len(tokens) < 2:
     raise UserError(f"{path}: needs at least 2 tokens to score, has {len(tokens)}")
   if max(tokens) >= scorer.model.cfg.vocab_size:
@@ -128,12 +185,29 @@ def eval_lm(scorer: scoring.Scorer, tok, path: str) -> tuple[dict[str, float], i
   width = scorer.max_len
   windows = [tokens[s:s + width + 1] for s in range(0, len(tokens) - 1, width)]
   requests = [(w[:1], w[1:]) for w in windows]
-  total = sum(ll for ll, _ in scorer.loglikelihood(requests, desc=f"lm {os.path.basename(path)}"))
-  n = len(tokens) - 1
-  n_bytes = len(tok.decode(tokens[1:]).encode("utf-8"))
+  if mask is None:
+    total = sum(ll for ll, _ in scorer.loglikelihood(requests, desc=f"lm {os.path.basename(path)}"))
+    n = len(tokens) - 1
+    n_bytes = len(tok.decode(tokens[1:]).encode("utf-8"))
+  else:
+    if not any(mask[1:]):
+      raise UserError(f"{path}: its loss mask marks no token to score")
+    scored = scorer.loglikelihood(requests, desc=f"lm {os.path.basename(path)}", token_logprobs=True)
+    total = sum(lp for s, (_, _, lps) in zip(range(0, len(tokens) - 1, width), scored)
+                for lp, m in zip(lps, mask[s + 1:s + 1 + width]) if m)
+    n = int(sum(mask[1:]))
+    n_bytes = len(tok.decode([t for t, m in zip(tokens[1:], mask[1:]) if m]).encode("utf-8"))
   loss = -total / n
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "bits_per_byte": -total / math.log(2) / max(n_bytes, 1)}, n
+  out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": -total / math.log(2) / max(n_bytes, 1)}
+  counts = expert_loads(scorer, windows)
+  if counts:
+    from moe_jax.train import maxvio
+    per_layer, mean = maxvio(counts)
+    out["maxvio"] = mean
+    out.update({f"maxvio/{k}": v for k, v in per_layer.items()})
+    if loads is not None:
+      loads.update(counts)
+  return out, n
 
 
 def mc_records(path: str) -> list[tuple[str, str, list[str], int]]:
@@ -347,11 +421,14 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
                     f"{model.cfg.vocab_size}")
   scorer = scoring.Scorer(model, variables, batch_size=batch_size, max_len=max_len, mesh=mesh, rules=rules,
                           pad_id=0, progress=progress)
-  rows, samples = [], []
+  rows, samples, heatmaps = [], [], []
   for kind, path in task_list:
     start = time.time()
     if kind == "lm":
-      metrics, n = eval_lm(scorer, tok, path)
+      loads: dict = {}
+      metrics, n = eval_lm(scorer, tok, path, loads)
+      if loads:
+        heatmaps.append((f"{kind}:{os.path.basename(path)}", loads))
     elif kind == "mc":
       metrics, n = eval_mc(scorer, tok, path)
     else:
@@ -371,6 +448,9 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
                 results=rows)
   if samples:
     report["samples"] = samples
+  if heatmaps:  # each expert's share of its layer's routed tokens, per lm task
+    report["expert_load"] = {name: {k: (v / max(v.sum(), 1)).tolist() for k, v in loads.items()}
+                             for name, loads in heatmaps}
   printer(format_table(report))
   if samples:
     printer(format_samples(samples))
@@ -378,6 +458,14 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
       json.dump(report, f, indent=2)
+    for name, loads in heatmaps:
+      png = f"{os.path.splitext(output)[0]}_expert_load_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
+      try:
+        from moe_jax import plot
+        plot.load_heatmap(loads, png, f"{model_name} step {step}, {name}")
+        printer(f"expert-load heat map: {png}")
+      except UserError as e:  # matplotlib missing: the numbers are in the report already
+        printer(f"no expert-load heat map: {e}")
   return report
 
 

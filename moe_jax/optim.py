@@ -75,6 +75,8 @@ def bias_update(bias_E, counts_E, gamma):
   return bias_E + gamma * jnp.sign(mean - counts_E)
 
 
-def load_violation(counts_E):
-  """max(count) / mean(count) - 1 per MoE layer: 0 is perfect balance. [..., E] -> [...]."""
-  return counts_E.max(-1) / jnp.maximum(counts_E.mean(-1), 1e-9) - 1.0
+def maxvio(counts_E):
+  """MaxVio = (max count - mean count) / mean count per MoE layer: 0 is perfect balance. [..., E] -> [...].
+  (The host-side report over named layers is moe_jax.train.maxvio.)"""
+  mean = counts_E.mean(-1)
+  return (counts_E.max(-1) - mean) / jnp.maximum(mean, 1e-9)

@@ -3,7 +3,7 @@
 Reads WORKDIR/metrics.jsonl and WORKDIR/expert_load.jsonl (written by moe_jax.train) and
 writes WORKDIR/plots/loss.png (loss, LM, MTP, validation; learning rate) and
 WORKDIR/plots/expert_load_<layer>.png (each expert's share of routed tokens over training,
-as a heat map, with the max-violation curve under it). matplotlib is an optional extra.
+as a heat map, with its MaxVio = (max - mean) / mean curve under it). matplotlib is an optional extra.
 """
 
 from __future__ import annotations
@@ -88,13 +88,34 @@ def plot(workdir: str, out: Optional[str] = None) -> list[str]:
     ax.set_ylabel("expert")
     ax.set_title(f"expert load, {layer} (balanced: {1 / share.shape[1]:.3f} each)")
     ax_v.plot(steps, share.max(1) * share.shape[1] - 1)
-    ax_v.set_ylabel("max violation")
+    ax_v.set_ylabel("MaxVio")
     ax_v.set_xlabel("step")
     fig.tight_layout()
     written.append(os.path.join(out, f"expert_load_{layer.replace('/', '_')}.png"))
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
   return written
+
+
+def load_heatmap(loads: dict, path: str, title: str = "") -> str:
+  """One checkpoint's expert load as a heat map: MoE layers x experts, each cell the expert's share of
+  its layer's routed tokens, the layer's MaxVio beside its row. loads: {layer: counts [E]} -> path."""
+  from moe_jax.train import maxvio
+  plt = _pyplot()
+  names = list(loads)
+  share = np.array([np.asarray(loads[k], np.float64) / max(float(np.sum(loads[k])), 1.0) for k in names])  # [L, E]
+  per_layer, mean = maxvio(loads)
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * share.shape[1] + 3), max(2.5, 0.4 * len(names) + 1.5)))
+  im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
+  fig.colorbar(im, ax=ax, label=f"share of routed tokens (balanced: {1 / share.shape[1]:.3f})")
+  ax.set_yticks(range(len(names)), [f"{k}  (MaxVio {per_layer[k]:.2f})" for k in names])
+  ax.set_xlabel("expert")
+  ax.set_title(f"{title}  MaxVio_global {mean:.3f}".strip(), fontsize=9)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
 
 
 @main_guard

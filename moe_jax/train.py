@@ -80,13 +80,16 @@ def base_config(model: ModelConfig, name: str) -> ml_collections.ConfigDict:
 
 # --- the step ------------------------------------------------------------------------------
 def targets(batch: dict, depth: int):
-  """Targets [B, S] (token i+depth+1) and mask [B, S]: False where the target leaves the document or the window."""
+  """Targets [B, S] (token i+depth+1) and mask [B, S]: False where the target leaves the document or the
+  window, or where the batch's loss_mask [B, S+1] (instruction data: prompt tokens 0) is 0 at the target."""
   tokens, seg = batch["tokens"], batch["segment_ids"]
   s = tokens.shape[1] - 1
   pad = ((0, 0), (0, depth))
   tgt = jnp.pad(tokens[:, depth + 1:], pad)
-  ok = jnp.pad(seg[:, depth + 1:] == seg[:, :s - depth], pad)
-  return tgt, ok
+  ok = seg[:, depth + 1:] == seg[:, :s - depth]
+  if "loss_mask" in batch:  # the mask of the TARGET token, for the LM (depth 0) and every MTP depth
+    ok = ok & (batch["loss_mask"][:, depth + 1:] != 0)
+  return tgt, jnp.pad(ok, pad)
 
 
 def cross_entropy(logits_BSV, tgt_BS, ok_BS):
@@ -207,12 +210,14 @@ def make_train_step(model: Transformer, config, tx: optax.GradientTransformation
 
 
 def make_eval_step(model: Transformer, document_mask: bool = True):
+  """eval_step(params, router, batch) -> ((sum CE, correct, targets), {router path: expert counts [E] | [L, E]})."""
   def eval_step(params, router, batch):
-    logits = model.apply({"params": params, "router": router}, batch["tokens"][:, :-1],
-                         batch["positions"][:, :-1], attention_segments(batch, document_mask))
+    logits, mut = model.apply({"params": params, "router": router}, batch["tokens"][:, :-1],
+                              batch["positions"][:, :-1], attention_segments(batch, document_mask),
+                              mutable=["intermediates"])
     tgt, ok = targets(batch, 0)
     ce, correct = cross_entropy(logits, tgt, ok)
-    return ce, correct, jnp.sum(ok).astype(jnp.float32)
+    return (ce, correct, jnp.sum(ok).astype(jnp.float32)), expert_counts(mut.get("intermediates", {}))
   return eval_step
 
 
@@ -273,7 +278,7 @@ class Trainer:
     if self._step_fn is None:
       b, s = self.config.batch_size, self.config.seq_len
       abstract_batch = {k: jax.ShapeDtypeStruct((b, s + 1), jnp.int32, sharding=self.batch_sharding)
-                        for k in ("tokens", "segment_ids", "positions")}
+                        for k in data.batch_keys(self.config.data)}
       with sharding.activation_rules(self.mesh, self.rules):
         step = jax.jit(make_train_step(self.model, self.config, self.tx, self.schedule, self.state_sharding.params),
                        in_shardings=(self.state_sharding, self.batch_sharding),
@@ -299,17 +304,24 @@ class Trainer:
     return sharding.global_batch(local, self.mesh, self.rows, self.config.batch_size, self.rules)
 
   def evaluate(self, state: TrainState, source, num_batches: int) -> dict:
-    """Validation LM loss and accuracy over the first num_batches val batches (fixed, so comparable)."""
+    """Validation LM loss, accuracy and MaxVio_global over the first num_batches val batches (fixed, so
+    comparable). MaxVio_global: expert counts summed over all those batches, then maxvio per layer."""
     if self._eval_fn is None:
       with sharding.activation_rules(self.mesh, self.rules):
         # Validation never drops (config.dropless), whatever capacity training uses.
         self._eval_fn = jax.jit(make_eval_step(Transformer(dropless(self.mcfg)),
                                                self.config.data.get("document_mask", True)))
-    totals = np.zeros(3)
+    totals, counts = np.zeros(3), {}
     with sharding.activation_rules(self.mesh, self.rules):
       for i in range(num_batches):
-        totals += np.asarray(jax.device_get(self._eval_fn(state.params, state.router, self.batch(source, "val", i))))
-    return {"val_loss": totals[0] / max(totals[2], 1), "val_accuracy": totals[1] / max(totals[2], 1)}
+        sums, c = jax.device_get(self._eval_fn(state.params, state.router, self.batch(source, "val", i)))
+        totals += np.asarray(sums)
+        counts = {k: counts.get(k, 0) + np.asarray(v, np.float64) for k, v in c.items()}
+    out = {"val_loss": totals[0] / max(totals[2], 1), "val_accuracy": totals[1] / max(totals[2], 1)}
+    if counts:
+      layers, mean = maxvio(layer_loads(counts))
+      out.update(val_maxvio=mean, val_maxvio_layers=layers)
+    return out
 
 
 # --- logging -------------------------------------------------------------------------------
@@ -343,6 +355,20 @@ def layer_drops(dropped: dict[str, np.ndarray]) -> dict[str, float]:
     name, v = path.removesuffix("/moe"), np.asarray(v)
     out.update({name: float(v)} if v.ndim == 0 else {f"{name}/{i}": float(x) for i, x in enumerate(v)})
   return out
+
+
+def maxvio(loads: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:
+  """MaxVio (Wang et al. 2024, arXiv 2408.15664): (max load - mean load) / mean load per MoE layer.
+
+  loads: {layer name: tokens per expert [E]} (layer_loads) -> ({layer: maxvio}, mean over the main
+  model's layers). The mean leaves out MTP blocks ('mtp_k/...'), which the paper's models do not have
+  and evaluation does not run, so the per-batch and the validation (global) means cover the same layers.
+  0 is perfect balance; E - 1 is every token on one expert. A layer that routed nothing counts 0.
+  """
+  per = {k: float((v.max() - v.mean()) / v.mean()) if v.mean() > 0 else 0.0
+         for k, v in ((k, np.asarray(v, np.float64)) for k, v in loads.items())}
+  main = [v for k, v in per.items() if not k.startswith("mtp_")] or list(per.values())
+  return per, float(np.mean(main)) if main else 0.0
 
 
 DROP_WARN_FRACTION = 0.01  # warn when a MoE layer drops more than this share of its routed assignments
@@ -406,11 +432,12 @@ class Logger:
     if not first and step % self.config.log_every and step != self.config.steps:
       return
     loads = layer_loads(m["expert_counts"])
-    violation = {k: float(v.max() / max(v.mean(), 1e-9) - 1) for k, v in loads.items()}
+    violation, mean_violation = maxvio(loads)  # this batch's MaxVio per layer and its mean
     rec = {"step": step, **{k: float(m[k]) for k in ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm",
                                                      "lr", "accuracy")}}
-    rec.update(skipped=self.skipped, load_violation=violation,
-               load_violation_max=max(violation.values()) if violation else 0.0)
+    rec.update(skipped=self.skipped)
+    if violation:
+      rec.update(maxvio=mean_violation, maxvio_layers=violation)
     if drops:  # only dispatches that can drop report it: 'capacity', 'ep' (0 unless capacity_factor > 0)
       worst = max(drops, key=drops.get)
       rec.update(dropped_fraction=drops, dropped_fraction_max=drops[worst])
@@ -425,6 +452,8 @@ class Logger:
       # lm_loss is what the README and eval quote; total adds MTP and balance losses.
       postfix = dict(lm_loss=f"{rec['lm_loss']:.3f}", total_loss=f"{rec['loss']:.3f}",
                      tok_s=f"{rec['tokens_per_s']:.0f}", mfu=f"{rec['mfu']:.1%}")
+      if violation:
+        postfix["maxvio"] = f"{mean_violation:.3f}"
       if drops:
         postfix["dropped"] = f"{rec['dropped_fraction_max']:.2%}"
       self.bar.set_postfix(postfix)  # positional: tqdm keeps this order (it sorts keyword arguments)
@@ -434,7 +463,7 @@ class Logger:
     if loads:
       self._write("expert_load.jsonl", {"step": step, **{k: (v / max(v.sum(), 1)).tolist() for k, v in loads.items()}})
     self.scalars(step, {k: v for k, v in rec.items() if isinstance(v, float)} | {
-        f"load_violation/{k}": v for k, v in violation.items()} | {
+        f"maxvio/{k}": v for k, v in violation.items()} | {
         f"dropped_fraction/{k}": v for k, v in drops.items()})
 
   def _drops(self, m: dict) -> dict[str, float]:
@@ -454,10 +483,16 @@ class Logger:
         self.tb.add_scalar(k, v, step)
 
   def eval(self, step: int, values: dict):
+    """Trainer.evaluate's values: scalars, and {layer: value} dicts (val_maxvio_layers) that TensorBoard
+    gets as '<name minus _layers>/<layer>'."""
     if self.main:
       self._write("metrics.jsonl", {"step": step, **values})
-      self.scalars(step, values)
-      self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+      flat = {k: v for k, v in values.items() if not isinstance(v, dict)}
+      for k, v in values.items():
+        if isinstance(v, dict):
+          flat.update({f"{k.removesuffix('_layers')}/{layer}": x for layer, x in v.items()})
+      self.scalars(step, flat)
+      self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if not isinstance(v, dict)))
 
   def close(self):
     if self.bar is not None:

@@ -47,7 +47,7 @@ def test_decay_mask_and_bias_update():
   assert mask == {"a": {"scale": False, "kernel": True}, "bias": False}
   b = optim.bias_update(jnp.zeros(4), jnp.array([8.0, 2.0, 5.0, 5.0]), 0.1)
   np.testing.assert_allclose(b, [-0.1, 0.1, 0.0, 0.0])
-  np.testing.assert_allclose(optim.load_violation(jnp.array([[10.0, 2, 4, 4], [5, 5, 5, 5]])), [1.0, 0.0])
+  np.testing.assert_allclose(optim.maxvio(jnp.array([[10.0, 2, 4, 4], [5, 5, 5, 5]])), [1.0, 0.0])
   o = ml_collections.ConfigDict(dict(bias_update_speed=0.001, bias_update_until=5))
   assert float(optim.bias_update_speed(o, 4)) == pytest.approx(0.001) and float(optim.bias_update_speed(o, 5)) == 0
 
@@ -227,5 +227,5 @@ def test_aux_free_balancing_lowers_violation(tmp_path):
     run_dir = str(tmp_path / f"g{gamma}")
     train.run(c, run_dir)
     last = read_metrics(run_dir)[-20:]
-    violations[gamma] = np.mean([r["load_violation"]["layers_1"] for r in last])
+    violations[gamma] = np.mean([r["maxvio_layers"]["layers_1"] for r in last])
   assert violations[0.01] < 0.5 * violations[0.0], violations
