@@ -237,7 +237,14 @@ class ModelConfig:
   # --- Hugging Face -----------------------------------------------------------------
   @classmethod
   def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
-    """Builds a ModelConfig from a DeepSeek-V2/V3 `config.json` dict."""
+    """Builds a ModelConfig from a DeepSeek-V2/V3 `config.json` dict.
+
+    A field that is absent (or null) takes the default of transformers' DeepseekV2Config /
+    DeepseekV3Config (HF_DEFAULTS), so a config.json means here what it means there. The few
+    fields transformers cannot run without (HF_REQUIRED) are refused with one line naming them.
+    Fields transformers does not have (topk_method and scoring_func of V3, which transformers
+    fixes to noaux_tc/sigmoid; moe_layer_freq, seq_aux, aux_loss_alpha) keep DeepSeek's meaning.
+    """
     arch = hf.get("model_type") or ""
     if arch not in ("deepseek_v2", "deepseek_v3"):
       archs = hf.get("architectures") or []
@@ -249,43 +256,64 @@ class ModelConfig:
         raise ValueError(f"unsupported architecture model_type={hf.get('model_type')!r} architectures={archs}; "
                          "supported: deepseek_v2 (DeepseekV2ForCausalLM), deepseek_v3 (DeepseekV3ForCausalLM)")
     v3 = arch == "deepseek_v3"
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or None
-    rope_theta = hf.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
-    if rope is not None and (rope.get("rope_type") or rope.get("type")) in (None, "default"):
-      rope = None
+    defaults = HF_DEFAULTS[arch]
+
+    def get(name: str) -> Any:
+      value = hf.get(name)
+      return defaults[name] if value is None else value
+
+    topk_method = get("topk_method") if "topk_method" in defaults else (hf.get("topk_method") or "noaux_tc")
+    required = [name for name in HF_REQUIRED[arch] if hf.get(name) is None]
+    if topk_method == "group_limited_greedy":  # V2 leaves the groups unset (None): only greedy runs without them
+      required += [name for name in ("n_group", "topk_group") if hf.get(name) is None]
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    scaled = (rope.get("rope_type") or rope.get("type")) not in (None, "default")
+    if scaled and rope.get("factor") is None:
+      required.append("rope_scaling.factor")
+    if required:
+      raise ValueError(f"{arch} config.json lacks {', '.join(required)}, which transformers' "
+                       f"{'DeepseekV3Config' if v3 else 'DeepseekV2Config'} has no usable default for; add "
+                       f"{'it' if len(required) == 1 else 'them'} to config.json")
+    rope_theta = rope.get("rope_theta") or hf.get("rope_theta") or 10000.0  # transformers: the rope dict's wins
+    max_pos = get("max_position_embeddings")
+    if scaled and rope.get("original_max_position_embeddings") is None:  # as transformers' standardize_rope_params
+      rope = dict(rope, original_max_position_embeddings=max_pos)
+    mtp = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers"))  # transformers 5 names it num_mtp_layers
     out = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        moe_intermediate_size=hf.get("moe_intermediate_size", 1407),
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=hf["num_attention_heads"],
-        q_lora_rank=hf.get("q_lora_rank"),
-        kv_lora_rank=hf["kv_lora_rank"],
-        qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"],
-        v_head_dim=hf["v_head_dim"],
-        n_routed_experts=hf.get("n_routed_experts") or 1,
-        n_shared_experts=hf.get("n_shared_experts") or 0,
-        num_experts_per_tok=hf.get("num_experts_per_tok") or 1,
-        n_group=hf.get("n_group") or 1,
-        topk_group=hf.get("topk_group") or 1,
-        topk_method=hf.get("topk_method") or ("noaux_tc" if v3 else "greedy"),
+        vocab_size=get("vocab_size"),
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
+        moe_intermediate_size=get("moe_intermediate_size"),
+        num_hidden_layers=get("num_hidden_layers"),
+        num_attention_heads=get("num_attention_heads"),
+        # null is meaningful here (no query compression, V2-Lite); only an absent field defaults
+        q_lora_rank=hf["q_lora_rank"] if "q_lora_rank" in hf else defaults["q_lora_rank"],
+        kv_lora_rank=get("kv_lora_rank"),
+        qk_nope_head_dim=get("qk_nope_head_dim"),
+        qk_rope_head_dim=get("qk_rope_head_dim"),
+        v_head_dim=get("v_head_dim"),
+        n_routed_experts=get("n_routed_experts"),
+        n_shared_experts=get("n_shared_experts"),
+        num_experts_per_tok=get("num_experts_per_tok"),
+        # V2 greedy never reads the groups (transformers leaves them None): one group
+        n_group=get("n_group") or 1,
+        topk_group=get("topk_group") or 1,
+        topk_method=topk_method,
         scoring_func=hf.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
-        # transformers' V2 ignores norm_topk_prob (and so do the released V2 weights' configs: false)
-        norm_topk_prob=bool(hf.get("norm_topk_prob", v3)) if v3 else False,
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        first_k_dense_replace=hf.get("first_k_dense_replace", 0),
-        moe_layer_freq=hf.get("moe_layer_freq", 1),
-        num_nextn_predict_layers=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) if v3 else 0,
-        aux_loss_alpha=float(hf.get("aux_loss_alpha", 0.0)),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        # transformers' V2 never normalizes (and the released V2 configs say false)
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)) if v3 else False,
+        routed_scaling_factor=float(get("routed_scaling_factor")),
+        first_k_dense_replace=get("first_k_dense_replace"),
+        moe_layer_freq=hf.get("moe_layer_freq") or 1,
+        num_nextn_predict_layers=(defaults["num_nextn_predict_layers"] if mtp is None else mtp) if v3 else 0,
+        aux_loss_alpha=float(hf.get("aux_loss_alpha") or 0.0),
+        max_position_embeddings=max_pos,
         rope_theta=float(rope_theta),
-        rope_scaling=_rope_scaling_from_dict(rope) if rope else None,
-        rope_interleave=bool(hf.get("rope_interleave", True)) if v3 else True,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        initializer_range=hf.get("initializer_range", 0.02),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_scaling=_rope_scaling_from_dict(rope) if scaled else None,
+        rope_interleave=bool(get("rope_interleave")) if v3 else True,
+        rms_norm_eps=get("rms_norm_eps"),
+        initializer_range=get("initializer_range"),
+        tie_word_embeddings=bool(get("tie_word_embeddings")),
         balance_loss="sequence" if hf.get("seq_aux", True) else "expert",
     )
     out.update(overrides)
@@ -328,7 +356,32 @@ def _rope_scaling_from_dict(d: dict[str, Any]) -> RopeScaling:
     raise ValueError(f"ModelConfig.rope_scaling: only YaRN scaling is supported (DeepSeek-V2/V3), got type {kind!r}")
   fields = {f.name for f in dataclasses.fields(RopeScaling)}
   kw = {k: v for k, v in d.items() if k in fields and v is not None}
+  # transformers reads an absent mscale / mscale_all_dim as unset (0): attention_factor from the factor
+  # alone and no softmax-scale change; RopeScaling()'s own defaults are DeepSeek-V3's released values
+  kw.setdefault("mscale", 0.0)
+  kw.setdefault("mscale_all_dim", 0.0)
   return RopeScaling(**kw)
+
+
+# transformers' defaults for an absent config.json field (DeepseekV2Config / DeepseekV3Config, 5.x);
+# tests/test_hf_config_defaults.py holds each against a config transformers builds without it.
+_HF_COMMON = dict(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                  rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False)
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": dict(_HF_COMMON, vocab_size=102400, hidden_size=4096, intermediate_size=11008,
+                        moe_intermediate_size=1407, num_hidden_layers=32, num_attention_heads=32,
+                        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=None, n_group=None,
+                        topk_group=None, topk_method="greedy", routed_scaling_factor=1.0,
+                        first_k_dense_replace=0, max_position_embeddings=2048),
+    "deepseek_v3": dict(_HF_COMMON, vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+                        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+                        routed_scaling_factor=2.5, first_k_dense_replace=3, max_position_embeddings=4096,
+                        num_nextn_predict_layers=1, rope_interleave=True),
+}
+# fields whose transformers default (None) the model cannot run with; V2 group_limited_greedy also
+# needs n_group and topk_group, and a YaRN rope_scaling its factor (checked in from_hf)
+HF_REQUIRED = {"deepseek_v2": ("num_experts_per_tok",), "deepseek_v3": ()}
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
