@@ -43,7 +43,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from moe_jax.config import ModelConfig
+from moe_jax.config import HF_DEFAULTS, ModelConfig
 from moe_jax.errors import UserError
 from moe_jax.model import Transformer
 
@@ -311,6 +311,11 @@ def _arch(hf: dict[str, Any]) -> str:
                   f"supported: {', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
 
 
+def _num_layers(hf: dict[str, Any]) -> int:
+  """num_hidden_layers, or transformers' default when config.json leaves it out (as ModelConfig.from_hf)."""
+  return hf.get("num_hidden_layers") or HF_DEFAULTS[_arch(hf)]["num_hidden_layers"]
+
+
 def _mtp_depths(keys, num_layers: int) -> int:
   depth = 0
   while f"model.layers.{num_layers + depth}.eh_proj.weight" in keys:
@@ -347,7 +352,7 @@ def _open(path: Path, **config_overrides) -> tuple[ModelConfig, dict[str, Any], 
   v3 = _arch(hf) == "deepseek_v3"
   reader = SafetensorsReader(path)
   try:
-    depths = _mtp_depths(set(reader.keys()), hf["num_hidden_layers"]) if v3 else 0
+    depths = _mtp_depths(set(reader.keys()), _num_layers(hf)) if v3 else 0
     cfg = ModelConfig.from_hf(hf, **{"num_nextn_predict_layers": depths, **config_overrides})
   except KeyError as e:
     raise UserError(f"{path / 'config.json'}: missing field {e}") from None
@@ -382,7 +387,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
   cfg, hf, reader = _open(path, **overrides)
   v3 = _arch(hf) == "deepseek_v3"
   keys = set(reader.keys())
-  depths = _mtp_depths(keys, hf["num_hidden_layers"]) if v3 else 0
+  depths = _mtp_depths(keys, _num_layers(hf)) if v3 else 0
   model = Transformer(cfg)
   shapes = abstract_variables(model)
   rules = hf_rules(cfg, v3)
