@@ -22,14 +22,14 @@ block keys -> mtp_{k}/{enorm, hnorm, eh_proj [2D, D], head_norm, block/...}; its
 shared_head.head are copies of the shared embedding and head (shape-checked on load, written on save).
 With scan_layers=True the same tensors fill slot i of dense_layers/... or moe_layers/... instead.
 FP8 checkpoints: an e4m3 `X.weight` with `X.weight_scale_inv` (one fp32 scale per 128x128 block)
-is dequantized on load by `dequantize_fp8`, or with keep_fp8 kept as it is: e4m3 params plus their
+is dequantized on load (per box, as `dequantize_fp8` does), or with keep_fp8 kept as it is: e4m3 params plus their
 transposed block scales in the `fp8_scales` collection (layers/fp8.py's Fp8Weight).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -43,6 +43,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from moe_jax import safetensors_shards as shards
 from moe_jax.config import HF_DEFAULTS, ModelConfig
 from moe_jax.errors import UserError
 from moe_jax.model import Transformer
@@ -205,21 +206,41 @@ class Rule:
 
   def to_ours_fp8(self, q: np.ndarray, scale_inv: np.ndarray, slot_shapes) -> Optional[list[tuple[np.ndarray, ...]]]:
     """(e4m3 weight, 128x128 weight_scale_inv) -> [(q, block scales)] per slot as fp8.Fp8Weight holds
-    them; None where the blocks do not map onto the slots (kv_b whose per-head key and value rows
-    straddle a block: N or V not a multiple of 128 and more than one block of rows)."""
+    them; None where the blocks do not map onto the slots (see scales_to_ours)."""
+    scales = self.scales_to_ours(scale_inv, slot_shapes)
+    return None if scales is None else list(zip(self.to_ours(q, slot_shapes), scales))
+
+  def scales_to_ours(self, scale_inv: np.ndarray, slot_shapes) -> Optional[list[np.ndarray]]:
+    """128x128 weight_scale_inv -> the block scales of each slot (fp8.Fp8Weight's layout); None where
+    the blocks do not map onto the slots (kv_b whose per-head key and value rows straddle a block:
+    N or V not a multiple of 128 and more than one block of rows)."""
     if self.kind in ("linear", "linear2"):
-      return [(q.T.reshape(slot_shapes[0]), scale_inv.T)]
+      return [scale_inv.T]
     if self.kind != "kv_b":
       return None
     (_, h, n), (_, _, v) = slot_shapes
     b = FP8_BLOCK[0]
     if scale_inv.shape[0] == 1:
-      return [(w, scale_inv.T) for w in self.to_ours(q, slot_shapes)]
+      return [scale_inv.T, scale_inv.T]
     if n % b or v % b:
       return None
     s = scale_inv.reshape(h, (n + v) // b, -1).transpose(2, 0, 1)  # [K/128, H, (N+V)/128]
-    k_s, v_s = s[:, :, :n // b], s[:, :, n // b:]
-    return [(w, sc.reshape(sc.shape[0], -1)) for w, sc in zip(self.to_ours(q, slot_shapes), (k_s, v_s))]
+    return [sc.reshape(sc.shape[0], -1) for sc in (s[:, :, :n // b], s[:, :, n // b:])]
+
+  def axis_maps(self, slot_shapes: list[tuple[int, ...]]) -> list[shards.AxisMap]:
+    """Per slot: where each element of ours sits in the HF tensor (to_ours as index arithmetic,
+    so a process reads only the rows and columns of the boxes it holds)."""
+    s = slot_shapes[0]
+    if self.kind == "copy":
+      return [shards.AxisMap(rows=((0, 1),), cols=((1, 1),) if len(s) == 2 else ())]
+    if self.kind == "kv_b":
+      (_, _, n), (_, _, v) = slot_shapes
+      rows = ((1, n + v), (2, 1))  # head h, row j of its key (j < N) or value (N + j) rows
+      return [shards.AxisMap(rows, ((0, 1),)), shards.AxisMap(rows, ((0, 1),), offset=n)]
+    n_in = 2 if self.kind == "linear2" else 1  # ours [*in, *out] = torch [prod out, prod in].T
+    stride = lambda d, end: math.prod(s[d + 1:end])  # noqa: E731
+    return [shards.AxisMap(rows=tuple((d, stride(d, len(s))) for d in range(n_in, len(s))),
+                           cols=tuple((d, stride(d, n_in)) for d in range(n_in)))]
 
   def to_hf(self, slots: list[np.ndarray]) -> np.ndarray:
     if self.kind == "copy":
@@ -371,16 +392,20 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
                     keep_fp8: bool = False, **config_overrides) -> tuple[Transformer, dict[str, Any]]:
   """A Hugging Face DeepSeek-V2/V3 directory -> (Transformer, {'params', 'router'}).
 
-  Reads config.json and the safetensors one tensor at a time (per-expert tensors fill a
-  preallocated [E, ...] array). `dtype` is the compute and parameter dtype (pass param_dtype
-  to keep weights in another one); config_overrides go to ModelConfig (moe_impl, scan_layers,
-  ...). num_nextn_predict_layers defaults to the MTP depths present in the checkpoint.
-  `shardings`: optional pytree like the variables of jax.sharding.Sharding; each tensor is
-  placed as soon as it is complete, so (unscanned) host memory holds about one assembled
-  tensor at a time; with scan_layers a stacked tensor completes with its last layer.
+  Reads config.json, checks every tensor's name, shape and dtype from the safetensors headers,
+  then reads the tensors into our variables (safetensors_shards.py). `dtype` is the compute and
+  parameter dtype (pass param_dtype to keep weights in another one); config_overrides go to
+  ModelConfig (moe_impl, scan_layers, ...). num_nextn_predict_layers defaults to the MTP depths
+  present in the checkpoint.
+  `shardings`: optional pytree like the variables of jax.sharding.Sharding (variables without
+  one are whole arrays on the default device). Each process then reads only the byte ranges of
+  the boxes its addressable devices hold, once per distinct box, and the variables are global
+  arrays with those shardings: host memory holds one variable's local boxes plus one read chunk.
+  last_load_stats() gives the bytes this process read.
   keep_fp8: FP8 tensors stay e4m3, their 128x128 scales go to variables['fp8_scales'] (same
-  paths), and the model computes in FP8 (fp8=True unless overridden); where the blocks do not
-  fit our layout (see Rule.to_ours_fp8) or the router would get them, the tensor is dequantized.
+  paths; sharded like the stack axes of their variable unless shardings['fp8_scales'] says),
+  and the model computes in FP8 (fp8=True unless overridden); where the blocks do not fit our
+  layout (see Rule.scales_to_ours) or the router would get them, the tensor is dequantized.
   """
   path = Path(path)
   overrides = {"dtype": dtype, "param_dtype": dtype, "fp8": keep_fp8, **config_overrides}
@@ -420,46 +445,77 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
                         f"expected {want} ({block[0]}x{block[1]} blocks of {rule.key!r})")
 
   flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
-  remaining = collections.Counter(p for r in rules if not r.alias for p, _ in r.parts)
-  buffers: dict[Path_, np.ndarray] = {}
-  out: dict[Path_, Any] = {}
-
-  def finish(p: Path_, value: np.ndarray):
-    s = flat_shardings.get(p)
-    out[p] = jax.device_put(value, s) if s is not None else jnp.asarray(value)
-
-  for rule in rules:
-    if rule.alias:
-      continue
-    w = reader.read(rule.key)
-    slot_shapes = [_slot_shape(shapes, *pt) for pt in rule.parts]
-    kept = None
-    if rule.key in fp8 and keep_fp8 and block == FP8_BLOCK and "router" not in rule.parts[0][0]:
-      kept = rule.to_ours_fp8(w, reader.read(f"{rule.key}_scale_inv").astype(np.float32), slot_shapes)
-    if rule.key in fp8 and kept is None:
-      w = dequantize_fp8(w, reader.read(f"{rule.key}_scale_inv"), block)
-    for (p, index), value in zip(rule.parts, kept or rule.to_ours(w, slot_shapes)):
-      scale_p = ("fp8_scales", *p[1:])
-      if p not in buffers:
-        buffers[p] = np.empty(shapes[p].shape, value[0].dtype if kept else shapes[p].dtype)
-        if kept:
-          buffers[scale_p] = np.empty(shapes[p].shape[:len(index)] + value[1].shape, np.float32)
-      if kept:
-        buffers[p][index], buffers[scale_p][index] = value
-      else:
-        buffers[p][index] = value.astype(shapes[p].dtype)
-      remaining[p] -= 1
-      if remaining[p] == 0:
-        finish(p, buffers.pop(p))
-        if scale_p in buffers:
-          finish(scale_p, buffers.pop(scale_p))
+  sources = _sources(reader, rules, shapes, fp8, keep_fp8 and block == FP8_BLOCK, block)
+  for p in sources:
+    if p[0] == "fp8_scales" and p not in flat_shardings:
+      flat_shardings[p] = _scale_sharding(flat_shardings.get(("params", *p[1:])), sources[p].stack)
+  checkpoint_bytes = sum(e[2] for e in reader.entries.values())
+  out, stats = shards.load(reader.entries, _ST_DTYPES, sources, flat_shardings, checkpoint_bytes)
+  _LAST_STATS.clear()
+  _LAST_STATS.update(dataclasses.asdict(stats))
   for p, s in shapes.items():
     if p not in out:  # V2 has no correction bias: it stays zero
       assert p[0] == "router", p
-      finish(p, np.zeros(s.shape, s.dtype))
+      sh = flat_shardings.get(p)
+      zeros = np.zeros(s.shape, s.dtype)
+      out[p] = jnp.asarray(zeros) if sh is None else jax.make_array_from_callback(s.shape, sh, lambda i: zeros[i])
   variables = traverse_util.unflatten_dict(out)
   kept_scales = {"fp8_scales": variables["fp8_scales"]} if "fp8_scales" in variables else {}
   return model, {"params": variables["params"], "router": variables.get("router", {}), **kept_scales}
+
+
+_LAST_STATS: dict[str, Any] = {}
+
+
+def last_load_stats() -> dict[str, Any]:
+  """This process's figures for its latest load_pretrained: bytes_read (gaps included), reads
+  (read calls), seconds, checkpoint_bytes (every tensor of the checkpoint) and planned_bytes
+  (the bytes its devices' boxes cover)."""
+  return dict(_LAST_STATS)
+
+
+def _sources(reader: SafetensorsReader, rules: list[Rule], shapes, fp8: set[str], keep_fp8: bool,
+             block: tuple[int, int]) -> dict[Path_, shards.Source]:
+  """{variable path: Source}, in checkpoint order. An FP8 variable stays e4m3 (with a
+  ("fp8_scales", ...) Source of its block scales) when keep_fp8 and all its tensors' blocks map
+  onto our layout and it is not the router's; otherwise FP8 tensors are dequantized per box."""
+  slots: dict[Path_, dict[tuple[int, ...], tuple[Rule, int, list]]] = {}
+  for rule in rules:
+    if not rule.alias:
+      slot_shapes = [_slot_shape(shapes, *pt) for pt in rule.parts]
+      for n, (p, index) in enumerate(rule.parts):
+        slots.setdefault(p, {})[index] = (rule, n, slot_shapes)
+
+  def scales(rule: Rule, slot_shapes) -> Optional[list[np.ndarray]]:
+    if not keep_fp8 or rule.key not in fp8 or "router" in rule.parts[0][0]:
+      return None
+    return rule.scales_to_ours(np.zeros(reader.shape(rule.key + "_scale_inv"), np.float32), slot_shapes)
+
+  sources: dict[Path_, shards.Source] = {}
+  for p, by_index in slots.items():
+    stack = len(next(iter(by_index)))
+    kept = all(scales(rule, ss) is not None for rule, _, ss in by_index.values())
+    if kept:
+      rule, n, ss = next(iter(by_index.values()))
+      scale_shape = shapes[p].shape[:stack] + scales(rule, ss)[n].shape
+      convert = lambda s, rule, n, ss: rule.scales_to_ours(s.astype(np.float32), ss)[n]  # noqa: E731
+      sources[("fp8_scales", *p[1:])] = shards.Source(scale_shape, np.float32, stack, {
+          i: shards.Slot(rule.key + "_scale_inv", convert=functools.partial(convert, rule=rule, n=n, ss=ss))
+          for i, (rule, n, ss) in by_index.items()})
+    dtype = _ST_DTYPES[reader.dtype(next(iter(by_index.values()))[0].key)] if kept else shapes[p].dtype
+    sources[p] = shards.Source(tuple(shapes[p].shape), dtype, stack, {
+        i: shards.Slot(rule.key, rule.axis_maps(ss)[n],
+                       scale_key=rule.key + "_scale_inv" if rule.key in fp8 and not kept else None, block=block)
+        for i, (rule, n, ss) in by_index.items()})
+  return dict(sorted(sources.items(), key=lambda kv: kv[0][0] == "fp8_scales"))
+
+
+def _scale_sharding(param_sharding, stack: int):
+  """Block scales of a kept FP8 variable: sharded as its stack axes (layers, experts), whole per slot."""
+  if not isinstance(param_sharding, jax.sharding.NamedSharding):
+    return param_sharding
+  spec = tuple(param_sharding.spec) + (None,) * stack
+  return jax.sharding.NamedSharding(param_sharding.mesh, jax.sharding.PartitionSpec(*spec[:stack], None, None))
 
 
 # --- save -----------------------------------------------------------------------------
