@@ -4,7 +4,13 @@ On disk (`python -m moe_jax.data prepare --input FILES --tokenizer byte|tokenize
   DIR/train.bin, DIR/val.bin     token ids, uint16 (vocab <= 65536) or uint32, np.memmap
   DIR/train.docs.npy, val.docs.npy  int64 start offset of every document
   DIR/meta.json                  dtype, vocab_size, max_token_id, eos_id, tokenizer, n_tokens
+  DIR/train.mask.bin, val.mask.bin  (--format=chat|prompt_completion) uint8 loss mask, one per
+                                 token (1: the token is a target that carries loss); meta.json
+                                 then records format and loss_mask: true
 A text file is one document; a JSONL file holds one document per line (its `text` field).
+--format=chat / prompt_completion read instruction JSONL (moe_jax/chat.py: the templates and
+which tokens carry loss); each example is one document. Plain text has no mask file: every
+target carries loss.
 DIR must be new or empty (`--overwrite` replaces a prepared dataset); opening a split checks
 its size against meta.json and scans its ids against the vocabulary once, in chunks.
 Without a path, the embedded corpus is the running Python's standard library (*.py files
@@ -13,7 +19,8 @@ in sorted order, byte tokenizer), so `python train.py` needs no download.
 Packing: a row is a window of S+1 consecutive tokens that may span documents; its
 segment_ids [S+1] number the documents inside the window and positions [S+1] restart at 0
 at every document start, so attention stays within a document and rope sees in-document
-positions. Targets that cross a document boundary are masked in the loss.
+positions. Targets that cross a document boundary are masked in the loss; with a loss mask,
+rows also carry loss_mask [S+1] (the mask of each token as a target).
 
 Sampling is stateless: the global batch at a step is a function of (seed, step) only, and
 each process materializes just the rows its devices hold (a function of (seed, step,
@@ -28,12 +35,12 @@ import os
 import shutil
 import sys
 import sysconfig
-import tempfile
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from absl import logging
 
+from moe_jax import chat, interrupts
 from moe_jax.errors import ArgumentParser, UserError, main_guard, one_line, output_dir
 
 BYTE_EOS = 256
@@ -168,17 +175,33 @@ class TokenStore:
   tokens: np.ndarray  # [N] uint16 | uint32
   doc_starts: np.ndarray  # [n_docs] int64, doc_starts[0] == 0
   max_id: Optional[int] = None  # the largest id, when a scan has read the whole split
+  loss_mask: Optional[np.ndarray] = None  # [N] uint8 (instruction data), None: every token carries loss
 
   def __len__(self) -> int:
     return int(self.tokens.shape[0])
 
   def windows(self, starts: np.ndarray, length: int) -> dict[str, np.ndarray]:
-    """Rows of `length` tokens from each start -> tokens, segment_ids, positions [R, length] int32."""
+    """Rows of `length` tokens from each start -> tokens, segment_ids, positions (+ loss_mask when the
+    store has one) [R, length] int32."""
     offs = starts[:, None] + np.arange(length)[None, :]
     doc = np.searchsorted(self.doc_starts, offs, side="right") - 1
-    return {"tokens": self.tokens[offs].astype(np.int32),
-            "segment_ids": (doc - doc[:, :1]).astype(np.int32),
-            "positions": (offs - self.doc_starts[doc]).astype(np.int32)}
+    out = {"tokens": self.tokens[offs].astype(np.int32),
+           "segment_ids": (doc - doc[:, :1]).astype(np.int32),
+           "positions": (offs - self.doc_starts[doc]).astype(np.int32)}
+    if self.loss_mask is not None:
+      out["loss_mask"] = self.loss_mask[offs].astype(np.int32)
+    return out
+
+
+BATCH_KEYS = ("tokens", "segment_ids", "positions")
+
+
+def batch_keys(data_cfg) -> tuple[str, ...]:
+  """The keys of the configured data's rows: BATCH_KEYS, plus loss_mask for a prepared instruction set."""
+  path = data_cfg.get("path", "")
+  if path in ("", "synthetic:copy") or not os.path.isfile(os.path.join(path, "meta.json")):
+    return BATCH_KEYS
+  return BATCH_KEYS + (("loss_mask",) if load_meta(path).get("loss_mask") else ())
 
 
 def _dtype_for(vocab_size: int):
@@ -287,16 +310,30 @@ def open_split(path: str, split: str, meta: Optional[dict] = None, check_ids: bo
   if (doc_starts.ndim != 1 or not len(doc_starts) or doc_starts[0] != 0 or doc_starts[-1] >= n
       or np.any(np.diff(doc_starts) <= 0)):
     raise UserError(f"{docs_path}: document offsets are not increasing from 0 below {n}; prepare the directory again")
+  mask = _open_mask(path, split, n) if meta.get("loss_mask") else None
   if check_ids:
     top = max_token_id(tokens)
     if top >= meta["vocab_size"]:
       raise UserError(f"{bin_path}: token id {top} >= vocab_size {meta['vocab_size']} of its meta.json "
                       f"(tokenizer {meta['tokenizer']!r}): the file is not this tokenizer's; prepare it again")
-    return TokenStore(tokens, doc_starts.astype(np.int64), top)
-  return TokenStore(tokens, doc_starts.astype(np.int64))
+    return TokenStore(tokens, doc_starts.astype(np.int64), top, mask)
+  return TokenStore(tokens, doc_starts.astype(np.int64), loss_mask=mask)
+
+
+def _open_mask(path: str, split: str, n: int) -> np.ndarray:
+  """DIR/{split}.mask.bin: n uint8 (memmap), as meta.json's loss_mask promises."""
+  mask_path = os.path.join(path, f"{split}.mask.bin")
+  if not os.path.isfile(mask_path) or os.path.getsize(mask_path) != n:
+    have = f"{os.path.getsize(mask_path)} bytes" if os.path.isfile(mask_path) else "missing"
+    raise UserError(f"{mask_path}: {have}, but meta.json's loss_mask needs one byte per token ({n}); "
+                    "prepare the directory again")
+  return np.memmap(mask_path, dtype=np.uint8, mode="r", shape=(n,))
 
 
 # --- prepare ------------------------------------------------------------------------------
+NOT_TEXT_FRACTION = 0.2  # share of undecodable characters above which a text file is refused
+
+
 def read_documents(paths: Sequence[str]) -> Iterator[str]:
   """Text files are one document each; .jsonl files one per line (the `text` field)."""
   for p in paths:
@@ -316,10 +353,16 @@ def read_documents(paths: Sequence[str]) -> Iterator[str]:
             yield text
     else:
       with open(p, encoding="utf-8", errors="replace") as f:
-        yield f.read()
+        text = f.read()
+      bad = text.count("\ufffd")
+      if bad > NOT_TEXT_FRACTION * len(text):  # random bytes decode to ~70% U+FFFD; a Latin-1 text to a few %
+        raise UserError(f"--input {p!r}: {bad / len(text):.0%} of it is not UTF-8 (a binary or compressed file?); "
+                        "give UTF-8 text files or .jsonl")
+      yield text
 
 
 PREPARED_FILES = ("train.bin", "val.bin", "train.docs.npy", "val.docs.npy", "meta.json")
+MASK_FILES = ("train.mask.bin", "val.mask.bin")  # instruction data only (--format=chat|prompt_completion)
 
 
 def _check_out(out: str, overwrite: bool) -> str:
@@ -331,7 +374,7 @@ def _check_out(out: str, overwrite: bool) -> str:
       what = "a prepared token directory" if prepared else "not empty"
       raise UserError(f"--out {out} is {what}; refusing to overwrite it: pick a new --out, or pass --overwrite "
                       "to replace a prepared dataset")
-    foreign = sorted(set(os.listdir(out)) - set(PREPARED_FILES))
+    foreign = sorted(set(os.listdir(out)) - set(PREPARED_FILES) - set(MASK_FILES))
     if not prepared or foreign:
       raise UserError(f"--out {out} holds files prepare did not write ({', '.join(foreign[:5]) or 'no meta.json'}); "
                       "--overwrite only replaces a prepared dataset: pick a new --out")
@@ -339,8 +382,11 @@ def _check_out(out: str, overwrite: bool) -> str:
 
 
 def prepare(inputs: Sequence[str], tokenizer: str, out: str, val_fraction: float = 0.01,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, format: str = "text") -> dict:
   """Tokenizes documents into DIR/{train,val}.bin (+ .docs.npy, meta.json); returns the metadata.
+
+  format: 'text' (text files / JSONL `text`), or 'chat' / 'prompt_completion' instruction JSONL,
+  which also writes DIR/{train,val}.mask.bin (moe_jax/chat.py).
 
   Everything is written into a temporary directory beside DIR and moved into place at the
   end, so a failure or Ctrl-C leaves DIR as it was. DIR must be new or empty; overwrite=True
@@ -348,71 +394,96 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, val_fraction: float
   """
   if not 0 <= val_fraction <= 0.5:
     raise UserError(f"--val_fraction={val_fraction}: give a fraction in [0, 0.5]")
+  if format not in chat.FORMATS:
+    raise UserError(f"--format={format!r} is not one of {', '.join(chat.FORMATS)}")
   for p in inputs:  # all of them, before --out is touched
     if not os.path.isfile(p):
       raise UserError(f"--input {p!r}: {'a directory, not a file' if os.path.isdir(p) else 'no such file'}")
   tok = load_tokenizer(tokenizer)
   out = _check_out(out, overwrite)
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.prepare-", dir=parent)
+  tmp = interrupts.make_staging(out, "prepare")  # also removes what a kill -9 of an earlier prepare left
   try:
-    meta = _write_splits(inputs, tok, tokenizer, tmp, val_fraction)
+    meta = _write_splits(_examples(inputs, tok, tokenizer, format), inputs, tok, tokenizer, tmp, val_fraction,
+                         format)
     os.makedirs(out, exist_ok=True)
-    for name in PREPARED_FILES:  # meta.json last: until it lands, DIR is not taken for a dataset
-      os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    for name in MASK_FILES + PREPARED_FILES:  # meta.json last: until it lands, DIR is not taken for a dataset
+      if os.path.exists(os.path.join(tmp, name)):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+      elif os.path.exists(os.path.join(out, name)):  # --overwrite of a chat set with plain text
+        os.remove(os.path.join(out, name))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+    interrupts.staging_done(tmp)
   return meta
 
 
-def _write_splits(inputs: Sequence[str], tok, tokenizer: str, out: str, val_fraction: float) -> dict:
+def _examples(inputs: Sequence[str], tok, tokenizer: str, fmt: str) -> Iterator[tuple[list[int], Optional[list[int]]]]:
+  """(ids, loss mask or None) per document; text documents end with EOS and have no mask."""
+  if fmt == "text":
+    for text in read_documents(inputs):
+      ids = tok.encode(text)
+      yield (ids + [tok.eos_id] if ids and tok.eos_id is not None else ids), None
+    return
+  renderer = chat.Renderer(tok, tokenizer_path(tokenizer))
+  logging.info("prepare --format=%s: rendering with the %s", fmt, renderer.name)
+  for p in inputs:
+    for where, example in chat.read_examples(p, fmt):
+      yield renderer.encode(example, fmt, where)
+
+
+def _write_splits(examples, inputs: Sequence[str], tok, tokenizer: str, out: str, val_fraction: float,
+                  fmt: str = "text") -> dict:
   dtype = _dtype_for(tok.vocab_size)
+  masked = fmt != "text"
   files = {s: open(os.path.join(out, f"{s}.bin"), "wb") for s in ("train", "val")}
+  masks = {s: open(os.path.join(out, f"{s}.mask.bin"), "wb") for s in ("train", "val")} if masked else {}
   starts = {"train": [], "val": []}
   count = {"train": 0, "val": 0}
   max_id = -1
   try:
-    for i, text in enumerate(read_documents(inputs)):
-      ids = tok.encode(text)
+    for i, (ids, mask) in enumerate(examples):
       if not ids:
         continue
-      if tok.eos_id is not None:
-        ids = ids + [tok.eos_id]
       arr = np.asarray(ids, dtype=np.int64)
       max_id = max(max_id, int(arr.max()))
       split = "val" if _val_doc(i, val_fraction) else "train"
       starts[split].append(count[split])
       count[split] += len(arr)
       files[split].write(arr.astype(dtype).tobytes())
+      if masked:
+        masks[split].write(np.asarray(mask, np.uint8).tobytes())
   finally:
-    for f in files.values():
+    for f in [*files.values(), *masks.values()]:
       f.close()
   if count["train"] == 0:
     raise UserError(f"no tokens in {list(inputs)}: the inputs are empty")
   if count["val"] == 0 and val_fraction > 0:
-    _carve_val(out, dtype, starts, count, val_fraction)
+    _carve_val(out, dtype, starts, count, val_fraction, masked)
   for split in ("train", "val"):
     np.save(os.path.join(out, f"{split}.docs.npy"), np.asarray(starts[split] or [0], np.int64))
   meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "max_token_id": max_id,
           "eos_id": tok.eos_id, "tokenizer": tokenizer, "n_tokens": count,
           "n_docs": {s: len(v) for s, v in starts.items()}}
+  if masked:
+    meta.update(format=fmt, loss_mask=True, n_loss_tokens={
+        s: int(np.fromfile(os.path.join(out, f"{s}.mask.bin"), np.uint8).sum()) for s in ("train", "val")})
   with open(os.path.join(out, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)
   return meta
 
 
-def _carve_val(out, dtype, starts, count, val_fraction):
-  """Too few documents for a held-out one: move the train stream's tail into val."""
+def _carve_val(out, dtype, starts, count, val_fraction, masked=False):
+  """Too few documents for a held-out one: move the train stream's tail (and its mask) into val."""
   n = count["train"]
   k = max(2, int(np.ceil(n * val_fraction)))
   if k >= n:
     return
-  train_path = os.path.join(out, "train.bin")
-  tail = np.fromfile(train_path, dtype=dtype)[n - k:]
-  tail.tofile(os.path.join(out, "val.bin"))
-  with open(train_path, "r+b") as f:
-    f.truncate((n - k) * np.dtype(dtype).itemsize)
+  for name, dt in [("", dtype)] + ([(".mask", np.uint8)] if masked else []):
+    train_path = os.path.join(out, f"train{name}.bin")
+    tail = np.fromfile(train_path, dtype=dt)[n - k:]
+    tail.tofile(os.path.join(out, f"val{name}.bin"))
+    with open(train_path, "r+b") as f:
+      f.truncate((n - k) * np.dtype(dt).itemsize)
   starts["train"] = [s for s in starts["train"] if s < n - k]
   starts["val"] = [0]
   count["train"], count["val"] = n - k, k
@@ -498,12 +569,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   sub = parser.add_subparsers(dest="cmd", required=True)
   p = sub.add_parser("prepare", help="tokenize text/JSONL files into a token directory")
   p.add_argument("--input", nargs="+", required=True, help="text files (one document each) or .jsonl")
+  p.add_argument("--format", default="text", choices=chat.FORMATS,
+                 help="text: plain documents; chat: {'messages': [...]} JSONL; prompt_completion: "
+                      "{'prompt', 'completion'} JSONL (loss on assistant/completion tokens only)")
   p.add_argument("--tokenizer", default="byte", help="'byte' or PATH/tokenizer.json")
   p.add_argument("--out", required=True, help="output directory: new or empty")
   p.add_argument("--overwrite", action="store_true", help="replace the prepared dataset already in --out")
   p.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out, in [0, 0.5]")
   args = parser.parse_args(argv)
-  meta = prepare(args.input, args.tokenizer, args.out, args.val_fraction, overwrite=args.overwrite)
+  # Ctrl-C / SIGTERM: exit 130 / 143 at once, the staging directory removed
+  meta = interrupts.run_command(prepare, args.input, args.tokenizer, args.out, args.val_fraction,
+                                overwrite=args.overwrite, format=args.format)
   print(json.dumps(meta))
   return 0
 
