@@ -315,6 +315,7 @@ def build_config(args):
     config.seq_len = args.seq
   if args.batch is not None:
     config.batch_size = args.batch
+    config.batch_ramp = ()  # a ramp ends at the config's batch; compile the one batch asked for
   apply_overrides(config, args.set or [])
   return config
 
@@ -332,19 +333,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument("--batch", type=int, help="global batch in sequences (default: the config's batch_size)")
   ap.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, repeatable")
   ap.add_argument("--traceback", action="store_true", help="show the full traceback when the step fails to build")
+  ap.add_argument("--step", default="train", choices=("train", "eval", "generate"),
+                  help="train (default) | eval: the scoring step | generate: prefill + one decode step "
+                       "(moe_jax/aot_steps.py; --batch defaults to one sequence per data shard)")
+  ap.add_argument("--weights", default="auto", choices=("auto", "fp8", "dense"),
+                  help="eval/generate weights: fp8 = e4m3 + 128x128 scales, dense = the compute dtype; "
+                       "auto = fp8 for DeepSeek-V3 (released in FP8), else dense")
   args = ap.parse_args(argv)
   try:
     topology = parse_topology(args.topology, args.num_slices)
     config = build_config(args)
     try:
-      result = compile_step(config, topology)
+      if args.step == "train":
+        result = compile_step(config, topology)
+      else:
+        from moe_jax import aot_steps
+        result = aot_steps.compile_inference(config, topology, args.step, args.weights, batch=args.batch)
     except UserError:
       raise
     except Exception as e:  # tracing or XLA refused this config: what and where, in one line
       if args.traceback:
         raise
       msg = " ".join(str(e).split())[:400]
-      raise UserError(f"the train step does not build for {topology.name} (mesh {args.mesh or 'from the config'}): "
+      raise UserError(f"the {args.step} step does not build for {topology.name} (mesh {args.mesh or 'from the config'}): "
                       f"{type(e).__name__}: {msg} (--traceback shows where)") from None
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

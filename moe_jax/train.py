@@ -27,7 +27,7 @@ from absl import logging
 from flax import linen as nn, struct, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax import checkpoint, data, flops, interrupts, optim, sharding, variables
+from moe_jax import checkpoint, data, flops, init_from, interrupts, optim, sharding, variables, workdir_lock
 from moe_jax.config import ModelConfig, dropless
 from moe_jax.errors import UserError
 from moe_jax.model import Transformer
@@ -61,11 +61,17 @@ def base_config(model: ModelConfig, name: str) -> ml_collections.ConfigDict:
   c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 10, 250, 4, 500
   c.nan_policy = "stop"  # 'skip': drop the update and count it | 'stop': exit naming the step
   c.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: vendor table (bf16) or a timed matmul
+  # init_from: '' = random init | a Hugging Face DeepSeek-V2/V3 directory (bf16 or FP8) | a `convert --hf`
+  # checkpoint | a train.py workdir or step: its weights, shape fields and MTP depths (moe_jax/init_from.py)
+  c.init_from = ""
   c.model = model.to_dict()
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, min_lr_ratio=0.1, warmup=100, schedule="cosine", step_milestones=(0.8, 0.9), step_factor=0.316,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip=1.0, grad_accum=1,
-      bias_update_speed=1e-3, bias_update_until=-1, mtp_lambda=0.3))
+      bias_update_speed=1e-3, bias_update_until=-1, mtp_lambda=0.3,
+      # schedules over tokens seen, () = off (moe_jax/optim.py): lr (schedule='tokens'), MTP lambda, gamma
+      lr_tokens=(), mtp_lambda_tokens=(), bias_update_tokens=()))
+  c.batch_ramp = ()  # ((from_tokens, global batch), ...): a compiled step per stage (optim.ramp_stages)
   # data.path: '' = embedded stdlib corpus | 'synthetic:copy' | a `moe_jax.data prepare` directory.
   # data.document_mask: attention stops at document boundaries inside a packed row (segment ids).
   # False: plain causal attention over the whole row (the loss still skips padding), which cuDNN
@@ -127,18 +133,20 @@ def attention_segments(batch: dict, document_mask: bool):
 
 
 def make_train_step(model: Transformer, config, tx: optax.GradientTransformation, schedule,
-                    param_shardings=None):
+                    param_shardings=None, accum=None):
   """train_step(state, batch) -> (state, metrics); pure, for jax.jit.
 
   param_shardings: the parameters' shardings. Gradients are constrained to them as soon as
   they exist, so the partitioner reduces each device's shard and holds gradients sharded like
   the parameters (ZeRO-3) rather than whole. (How XLA lowers that reduction is its choice:
   libtpu 0.0.42 compiles it to all-reduce + dynamic-slice, BENCHMARKS.md.)
+  accum: microbatches per step (default optim.grad_accum; a batch_ramp stage uses more).
   """
   mcfg = model.cfg
   document_mask = config.data.get("document_mask", True)
-  n_mtp, accum = mcfg.num_nextn_predict_layers, config.optim.grad_accum
-  mtp_lambda, nan_at = config.optim.mtp_lambda, config.debug.nan_at_step
+  n_mtp, accum = mcfg.num_nextn_predict_layers, accum or config.optim.grad_accum
+  nan_at = config.debug.nan_at_step
+  tokens_at = optim.tokens_at(config)  # step -> tokens seen, for the token schedules
 
   def loss_fn(params, router, batch, norms, step):
     tokens = batch["tokens"]
@@ -152,7 +160,7 @@ def make_train_step(model: Transformer, config, tx: optax.GradientTransformation
     mtp = mtp / n_mtp if n_mtp else jnp.zeros((), jnp.float32)
     # Scanned layers sow one loss per layer ([L] leaves): sum them all.
     balance = sum((jnp.sum(x) for x in jax.tree.leaves(mut.get("losses", {}))), jnp.zeros((), jnp.float32)) / accum
-    loss = lm + mtp_lambda * mtp + balance
+    loss = lm + optim.mtp_lambda(config, step) * mtp + balance  # lambda: a constant or over tokens seen
     if nan_at >= 0:  # test hook (debug.nan_at_step): NaN loss and gradients at that 1-based step
       loss = loss * jnp.where(step + 1 == nan_at, jnp.nan, 1.0)
     aux = {"loss": loss, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "correct": correct,
@@ -188,7 +196,7 @@ def make_train_step(model: Transformer, config, tx: optax.GradientTransformation
     def update(grads, params, opt_state, router):
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
-      gamma = optim.bias_update_speed(config.optim, state.step)
+      gamma = optim.bias_update_speed(config.optim, state.step, tokens_at(state.step))
       flat = traverse_util.flatten_dict(dict(router))
       router = traverse_util.unflatten_dict({
           k: optim.bias_update(v, aux["counts"]["/".join(k[:-1])], gamma) if "/".join(k[:-1]) in aux["counts"] else v
@@ -237,6 +245,13 @@ class Trainer:
         raise UserError(f"{name}={config[name]} must be >= 1")
     if not config.optim.lr > 0 or config.eval_every < 0:  # a negative rate would ascend the loss
       raise UserError(f"optim.lr={config.optim.lr} must be > 0 and eval_every={config.eval_every} >= 0 (0: off)")
+    if not config.optim.clip >= 0:  # a negative bound flips every gradient: ascent
+      raise UserError(f"optim.clip={config.optim.clip} must be > 0 (the global-norm bound) or 0 (no clipping)")
+    if config.optim.warmup < 0:
+      raise UserError(f"optim.warmup={config.optim.warmup} must be >= 0 steps (0: no warmup)")
+    if config.eval_every and config.eval_batches < 1:  # 0 batches would log a val_loss of 0.0
+      raise UserError(f"eval_batches={config.eval_batches} must be >= 1 when eval_every={config.eval_every} > 0; "
+                      "or set eval_every=0 to turn evaluation off")
     if s > mcfg.max_position_embeddings:  # eval and generation refuse positions past it
       raise UserError(f"seq_len={s} is longer than model.max_position_embeddings={mcfg.max_position_embeddings}; "
                       "lower --config.seq_len or raise --config.model.max_position_embeddings")
@@ -252,8 +267,10 @@ class Trainer:
     except ValueError as e:
       raise UserError(str(e)) from None
     self.model = Transformer(mcfg)
-    self.schedule = optim.lr_schedule(config.optim, config.steps)
-    self.tx = optim.make_optimizer(config.optim, config.steps)
+    self.stages = optim.ramp_stages(config)  # [(first step, batch, tokens before)]; validates batch_ramp
+    tokens = optim.tokens_at(config)
+    self.schedule = optim.lr_schedule(config.optim, config.steps, tokens)
+    self.tx = optim.make_optimizer(config.optim, config.steps, tokens)
 
     abstract = variables.abstract_sharded(self.model, (b // accum, s), self.mesh, self.rules)
     sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
@@ -270,21 +287,28 @@ class Trainer:
                                        shapes, self.state_sharding)
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     self.batch_sharding = sharding.batch_sharding(self.mesh, 2, self.rules)
-    self._step_fn, self._eval_fn = None, None
+    self._step_fns, self._eval_fn = {}, None
 
   @property
   def step_fn(self):
     """train_step jitted once with in/out shardings and the state donated (compiled on first use)."""
-    if self._step_fn is None:
-      b, s = self.config.batch_size, self.config.seq_len
+    return self.step_fn_for(self.config.batch_size)
+
+  def step_fn_for(self, b: int):
+    """The compiled step for global batch b (a batch_ramp stage): the same microbatch
+    (batch_size / optim.grad_accum) with b / microbatch accumulation steps; compiled once per b."""
+    if b not in self._step_fns:
+      s = self.config.seq_len
+      accum = self.config.optim.grad_accum * b // self.config.batch_size
       abstract_batch = {k: jax.ShapeDtypeStruct((b, s + 1), jnp.int32, sharding=self.batch_sharding)
                         for k in data.batch_keys(self.config.data)}
       with sharding.activation_rules(self.mesh, self.rules):
-        step = jax.jit(make_train_step(self.model, self.config, self.tx, self.schedule, self.state_sharding.params),
+        step = jax.jit(make_train_step(self.model, self.config, self.tx, self.schedule, self.state_sharding.params,
+                                       accum=accum),
                        in_shardings=(self.state_sharding, self.batch_sharding),
                        out_shardings=(self.state_sharding, None), donate_argnums=0)
-        self._step_fn = step.lower(self.abstract_state, abstract_batch).compile()
-    return self._step_fn
+        self._step_fns[b] = step.lower(self.abstract_state, abstract_batch).compile()
+    return self._step_fns[b]
 
   def init_state(self, seed: int) -> TrainState:
     """A fresh state, born sharded (jit with out_shardings; nothing is built on one device)."""
@@ -298,10 +322,13 @@ class Trainer:
     with sharding.activation_rules(self.mesh, self.rules):
       return jax.jit(init, out_shardings=self.state_sharding)(jax.random.PRNGKey(seed))
 
-  def batch(self, source, split: str, step: int) -> dict:
-    """The global batch of `step` as sharded jax.Arrays; this process reads only its rows."""
-    local = source.rows(split, step, self.rows)
-    return sharding.global_batch(local, self.mesh, self.rows, self.config.batch_size, self.rules)
+  def batch(self, source, split: str, step: int, b: int = 0) -> dict:
+    """The global batch of `step` as sharded jax.Arrays; this process reads only its rows.
+    b: a smaller global batch (a batch_ramp stage): the first b rows of the full one."""
+    b = b or self.config.batch_size
+    rows = self.rows if b == self.config.batch_size else sharding.process_rows(self.mesh, b, self.rules)
+    local = source.rows(split, step, rows)
+    return sharding.global_batch(local, self.mesh, rows, b, self.rules)
 
   def evaluate(self, state: TrainState, source, num_batches: int) -> dict:
     """Validation LM loss, accuracy and MaxVio_global over the first num_batches val batches (fixed, so
@@ -326,13 +353,44 @@ class Trainer:
 
 # --- logging -------------------------------------------------------------------------------
 def _truncate_jsonl(path: str, last_step: int):
-  """Drops records past last_step (written by a run that died after its last checkpoint)."""
+  """Drops records past last_step (written by a run that died after its last checkpoint).
+
+  A line that is not a JSON record (the last line of a write cut short by kill -9 or a full
+  disk, or garbage) never blocks a resume: such lines move to PATH.damaged-<n>, with one
+  warning. The file is rewritten through a temporary file and a rename, so a crash here loses
+  nothing.
+  """
   if not os.path.isfile(path):
     return
-  with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-  with open(path, "w") as f:
-    f.writelines(keep)
+  with open(path, "rb") as f:
+    lines = f.read().splitlines()
+  keep, bad = [], []
+  for number, raw in enumerate(lines, 1):
+    if not raw.strip():
+      continue
+    try:
+      rec = json.loads(raw)  # bytes: invalid UTF-8 is a ValueError too
+      step = rec.get("step", 0) if isinstance(rec, dict) else None
+      if not isinstance(step, (int, float)):
+        raise ValueError("not a record")
+    except ValueError:
+      bad.append((number, raw))
+      continue
+    if step <= last_step:
+      keep.append(raw)
+  if bad:
+    n = 1
+    while os.path.exists(f"{path}.damaged-{n}"):
+      n += 1
+    with open(f"{path}.damaged-{n}", "wb") as f:
+      f.write(b"".join(raw + b"\n" for _, raw in bad))
+    which = ("its last line is" if [b[0] for b in bad] == [len(lines)] else
+             f"lines {', '.join(str(b[0]) for b in bad[:5])}{' ...' if len(bad) > 5 else ''} of {len(lines)} are")
+    logging.warning("%s: %s not a JSON record (a write cut short, e.g. by kill -9 or a full disk): moved to %s; "
+                    "resuming", path, which, os.path.basename(f"{path}.damaged-{n}"))
+  with open(path + ".tmp", "wb") as f:
+    f.write(b"".join(raw + b"\n" for raw in keep))
+  os.replace(path + ".tmp", path)
 
 
 def layer_loads(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -390,7 +448,8 @@ class Logger:
     self.workdir, self.skipped, self.last = workdir, 0, None
     self.latest = None  # the last metrics record written (the run's final summary)
     self.dropped, self.routed = 0.0, 0.0  # assignments over the steps this run recorded (drop-counting layers)
-    self.tokens_per_step = config.batch_size * config.seq_len
+    self.tokens_per_step = config.batch_size * config.seq_len  # the full batch; batch_ramp stages are smaller
+    self.stages = trainer.stages
     self.flops_per_step = flops.train_flops_per_token(trainer.mcfg, config.seq_len) * self.tokens_per_step
     if config.peak_flops > 0:
       self.peak, src = config.peak_flops * jax.device_count(), "config.peak_flops"
@@ -409,6 +468,11 @@ class Logger:
         self.tb = SummaryWriter(os.path.join(workdir, "tb"))
       except ImportError:
         logging.info("tensorboardX is not installed; metrics go to metrics.jsonl only")
+
+  def tokens_seen(self, steps: int) -> float:
+    """Tokens trained on in the first `steps` steps (host side, over the batch_ramp stages)."""
+    first, b, before = [st for st in self.stages if st[0] <= steps][-1]
+    return before + (steps - first) * b * self.config.seq_len
 
   def _write(self, name: str, record: dict):
     with open(os.path.join(self.workdir, name), "a") as f:
@@ -447,6 +511,8 @@ class Logger:
                         self.config.model.capacity_factor)
     if not first:
       n, dt = step - self.last[0], now - self.last[1]
+      if len(self.stages) > 1:  # batch_ramp: the steps since the last record may differ in size
+        n = (self.tokens_seen(step) - self.tokens_seen(self.last[0])) / self.tokens_per_step
       rec.update(tokens_per_s=n * self.tokens_per_step / dt, flops_per_s=n * self.flops_per_step / dt)
       rec["mfu"] = rec["flops_per_s"] / self.peak
       # lm_loss is what the README and eval quote; total adds MTP and balance losses.
@@ -506,9 +572,24 @@ class Logger:
 
 
 # --- the loop ------------------------------------------------------------------------------
+def _init_from_state(trainer: Trainer, origin, seed: int) -> tuple[TrainState, dict]:
+  """(step-0 state with init_from's params and router state, a fresh optimizer; what was read)."""
+  abstract = {"params": trainer.abstract_state.params, "router": trainer.abstract_state.router}
+  values, info = init_from.load_variables(origin, trainer.mcfg, abstract, trainer.mesh, trainer.rules)
+
+  def fresh(params, router, key):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=trainer.tx.init(params),
+                      router=router, rng=jax.random.split(key)[1])  # the rng a random init would have
+  state = jax.jit(fresh, out_shardings=trainer.state_sharding, donate_argnums=(0, 1))(
+      values["params"], values["router"], jax.random.PRNGKey(seed))
+  return state, info
+
+
 def _setup(config, workdir: str):
   """Everything before the first step -> (trainer, source, checkpointer, start, state); state is
-  None when the workdir already holds the final step. Runs in a helper thread (run)."""
+  None when the workdir already holds the final step. Runs in a helper thread (run).
+  With config.init_from, trainer.config is the run's config with the checkpoint's shape fields."""
+  config, origin = init_from.resolve(config, workdir)  # config files and headers only; None: random init
   trainer = Trainer(config)  # validates config, mesh and shapes; compiles nothing yet
   source = data.make_source(config.data, config.seq_len, config.batch_size, config.seed, trainer.mcfg.vocab_size)
   if (config.data.path not in ("", "synthetic:copy")
@@ -516,6 +597,13 @@ def _setup(config, workdir: str):
     raise UserError(f"data.path {config.data.path!r} was prepared with tokenizer {source.meta.get('tokenizer')!r} "
                     f"but data.tokenizer is {config.data.tokenizer!r}; set --config.data.tokenizer to match")
   abstract = trainer.abstract_state.to_dict()
+  loaded = None
+  if origin is not None and checkpoint.latest_step(workdir) is None:
+    # The weights load before a new workdir is claimed (config.json, checkpoints/): a bad init_from leaves
+    # it as it was. A workdir with files is checked first, so another run's is refused before any read.
+    if os.path.isdir(workdir) and os.listdir(workdir):
+      checkpoint.check_workdir(workdir, config.to_dict(), abstract)
+    loaded = _init_from_state(trainer, origin, config.seed)
   checkpoint.check_workdir(workdir, config.to_dict(), abstract)
   latest = checkpoint.latest_step(workdir)  # read-only: a finished run is left exactly as it is
   if latest is not None and latest >= config.steps:
@@ -524,12 +612,18 @@ def _setup(config, workdir: str):
   try:
     # The newest step that reads back whole (config item and state); damaged newer ones are named and set aside.
     start, state = ckpt.restore_intact(lambda step: (ckpt.config(step), ckpt.restore(step, abstract))[1])
-    state = trainer.init_state(config.seed) if start is None else TrainState(**state)
+    if start is not None:
+      state = TrainState(**state)
+    elif origin is not None:  # step 0 from init_from's weights (a run with checkpoints resumes above instead)
+      state, info = loaded or _init_from_state(trainer, origin, config.seed)
+      init_from.record(workdir, origin, info)
+    else:
+      state = trainer.init_state(config.seed)
     start = start or 0
     logging.info("%s: %.2fM parameters, mesh %s, %d processes, steps %d..%d, workdir %s; compiling the step",
                  config.name, trainer.num_params / 1e6, dict(trainer.mesh.shape), jax.process_count(), start,
                  config.steps, workdir)
-    trainer.step_fn  # noqa: B018  (compiles here, where a Ctrl-C does not wait for it)
+    trainer.step_fn_for(optim.batch_size_at(config, start))  # compiles here, where a Ctrl-C does not wait
   except BaseException:
     ckpt.close()
     raise
@@ -543,13 +637,24 @@ def run(config, workdir: str) -> dict:
   the final step)}. SIGINT (Ctrl-C) / SIGTERM: saves the steps completed since the last
   checkpoint, then raises interrupts.Interrupted (exit_code 130 / 0); setup and compiles run in
   a helper thread, so a signal during them stops the run at once (nothing to save yet).
+  One writer per workdir (workdir_lock): a second run on it stops at once, naming the holder.
+  Parameters that turned NaN/inf are never saved: Diverged, the checkpoints on disk kept.
   """
-  with interrupts.Signals() as signals:
+  checkpoint.check_max_to_keep(config.checkpoint.max_to_keep)  # before anything is written or deleted
+
+  def save(step: int, state: TrainState):
+    try:
+      ckpt.save(step, state.to_dict(), cfg_dict)
+    except checkpoint.NonFinite as e:
+      raise Diverged(f"{e}; nan_policy={config.nan_policy!r}") from None
+
+  with interrupts.Signals() as signals, workdir_lock.WorkdirLock(workdir):
     try:
       trainer, source, ckpt, start, state = signals.wait(_setup, config, workdir)
     except interrupts.Interrupted as e:
       logging.warning("%s before the first step: nothing to save, exiting", _signal_name(e.signum))
       raise
+    config = trainer.config  # with init_from: the checkpoint's shape fields (saved with every checkpoint)
     if state is None:
       logging.warning("workdir %s already holds the final checkpoint (step %d, config steps=%d): nothing to train; "
                       "raise --config.steps to continue this run", workdir, start, config.steps)
@@ -561,14 +666,15 @@ def run(config, workdir: str) -> dict:
       for step in range(start, config.steps):
         if signals.requested:
           break
-        state, metrics = trainer.step_fn(state, trainer.batch(source, "train", step))
+        b = optim.batch_size_at(config, step)  # batch_ramp: each stage's step compiles once, on first use
+        state, metrics = trainer.step_fn_for(b)(state, trainer.batch(source, "train", step, b))
         if pending is not None:
           logger.record(*pending)
         pending, done = (step + 1, metrics), step + 1
         preempted = jax.process_count() > 1 and ckpt.manager.reached_preemption(done)
         stop = signals.requested or preempted
         if done % config.checkpoint_every == 0 or done == config.steps or stop:
-          ckpt.save(done, state.to_dict(), cfg_dict)
+          save(done, state)
           saved = done
         if config.eval_every and done % config.eval_every == 0 and not stop:
           try:
@@ -580,7 +686,7 @@ def run(config, workdir: str) -> dict:
       if pending is not None:
         logger.record(*pending)
       if signals.requested and done > saved:  # the signal came during an eval
-        ckpt.save(done, state.to_dict(), cfg_dict)
+        save(done, state)
         saved = done
     finally:
       ckpt.close()
