@@ -8,10 +8,25 @@ tasks through the `moe_jax` adapter (pip install -e '.[eval]').
 
 import argparse
 import codecs
+import os
+import signal
 import sys
 
-from moe_jax import errors
-from moe_jax.errors import UserError
+
+def _stopped_early(signum, frame):
+  """Ctrl-C / SIGTERM before the evaluation starts (imports: moe_jax imports jax): exit at once.
+  Python's default handler raises KeyboardInterrupt, which an import or jax's GC callback swallows."""
+  del frame
+  print("error: interrupted" if signum == signal.SIGINT else "error: terminated", file=sys.stderr, flush=True)
+  os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # before the imports below
+  for _s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_s, _stopped_early)
+
+from moe_jax import errors, interrupts  # noqa: E402
+from moe_jax.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
@@ -28,7 +43,8 @@ def parse_args(argv):
   p.add_argument("--tokenizer", help="'byte' or PATH/tokenizer.json (default: the run's, the --hf dir's, byte)")
   p.add_argument("--output", help="write the JSON report here")
   p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--max_len", type=int, help="context window in tokens (default: min(max_position_embeddings, 4096))")
+  p.add_argument("--max_len", type=int, help="context window in tokens (default: a train.py run's seq_len; "
+                 "otherwise min(max_position_embeddings, 4096)); the report says which it used")
   p.add_argument("--mesh", help="data,fsdp,expert,tensor (default: the run's mesh, else all devices on data)")
   p.add_argument("--dtype", help="compute dtype for --hf / --preset (float32, bfloat16)")
   p.add_argument("--max_new_tokens", type=int, default=32)
@@ -65,39 +81,50 @@ def main(argv=None) -> int:
   if mesh is not None and len(mesh) != 4:
     print(f"error: --mesh={args.mesh}: expected four integers data,fsdp,expert,tensor", file=sys.stderr)
     return 2
-  from moe_jax import data, evaluate  # after flag parsing: importing jax takes a while
   try:
     stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else ("\n",)
   except UnicodeDecodeError as e:
     print(f"error: --stop: {e.reason} in {e.object!r}; escapes like \\n and \\t are allowed", file=sys.stderr)
     return 2
-  try:
-    if args.output:  # a path that cannot be written fails now, not after the evaluation
-      errors.output_file(args.output, "--output")
-    evaluate.check_tasks(args.tasks, stop)  # bad task files fail before a model is loaded
-    if args.lm_eval_tasks:
-      import moe_jax.lm_eval_adapter  # noqa: F401  (a missing optional extra fails here, early)
-    tok = data.load_tokenizer(args.tokenizer or "byte")  # a bad --tokenizer fails before the model loads
-    model, variables, info = evaluate.load_model(workdir=args.workdir, checkpoint=args.checkpoint, hf=args.hf,
-                                                 preset=args.preset, vocab_size=tok.vocab_size if args.preset
-                                                 else None, dtype=args.dtype,
-                                                 seed=args.seed, mesh_shape=mesh)
-    evaluate.run(model, variables, model_name=info["name"], step=info["step"], tasks=args.tasks,
-                 lm_eval_tasks=args.lm_eval_tasks, lm_eval_include=args.lm_eval_include,
-                 lm_eval_limit=args.lm_eval_limit, tokenizer=args.tokenizer or info["tokenizer"],
-                 output=args.output, batch_size=args.batch_size, max_len=args.max_len, mesh=info["mesh"],
-                 rules=info["rules"], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.no_progress, stop=stop,
-                 show_samples=args.show_samples)
+  try:  # in a helper thread: Ctrl-C / SIGTERM exit 130 / 143 at once, during a compile too
+    interrupts.run_command(_evaluate, args, mesh, stop)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except OSError as e:  # a file the evaluation reads or writes, named
-    if e.filename is None:
+  except Exception as e:  # noqa: BLE001 - a file named, or a resource that ran out: one line; else a bug
+    msg = errors.resource_error(e, errors.EVAL_MEMORY_HINT)
+    if msg is None and isinstance(e, OSError) and e.filename is not None:
+      msg = errors.os_error_message(e)
+    if msg is None:
       raise
-    print(f"error: {errors.os_error_message(e)}", file=sys.stderr)
+    print(f"error: {msg}", file=sys.stderr)
     return 2
   return 0
+
+
+def _evaluate(args, mesh, stop):
+  """Loads the model and scores the tasks (run by interrupts.run_command in a helper thread)."""
+  from moe_jax import data, evaluate  # after flag parsing: importing jax takes a while
+  if args.output:  # a path that cannot be written fails now, not after the evaluation
+    errors.output_file(args.output, "--output")
+  evaluate.check_tasks(args.tasks, stop)  # bad task files fail before a model is loaded
+  if args.lm_eval_tasks:
+    import moe_jax.lm_eval_adapter  # noqa: F401  (a missing optional extra fails here, early)
+  tok = data.load_tokenizer(args.tokenizer or "byte")  # a bad --tokenizer fails before the model loads
+  model, variables, info = evaluate.load_model(workdir=args.workdir, checkpoint=args.checkpoint, hf=args.hf,
+                                               preset=args.preset, vocab_size=tok.vocab_size if args.preset
+                                               else None, dtype=args.dtype,
+                                               seed=args.seed, mesh_shape=mesh)
+  max_len, max_len_from = args.max_len, None
+  if not max_len and info.get("seq_len"):  # a train.py run: score at the context it trained at
+    max_len, max_len_from = int(info["seq_len"]), "the run's seq_len"
+  evaluate.run(model, variables, model_name=info["name"], step=info["step"], tasks=args.tasks,
+               lm_eval_tasks=args.lm_eval_tasks, lm_eval_include=args.lm_eval_include,
+               lm_eval_limit=args.lm_eval_limit, tokenizer=args.tokenizer or info["tokenizer"],
+               output=args.output, batch_size=args.batch_size, max_len=max_len, mesh=info["mesh"],
+               rules=info["rules"], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+               top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.no_progress, stop=stop,
+               show_samples=args.show_samples, max_len_from=max_len_from)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:  # absl hands over what it did not parse; a forgotten `--` or `=` lands here
+    _fail(f"unexpected argument(s) {' '.join(argv[1:])!r}: flags are --name=value (see --help)")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from moe_jax import errors, interrupts, sharding, train  # after flag parsing, so `--help` stays fast
 
@@ -97,18 +98,53 @@ def main(argv):
     _fail(str(e))
   logging.info("JAX %s, process %d of %d, %d local of %d devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)
+  claimed = os.path.isfile(os.path.join(workdir, "config.json"))
   try:
-    train.run(config, workdir)
+    try:
+      train.run(config, workdir)
+    except BaseException:
+      if not claimed:
+        _release_claim(workdir)
+      raise
   except train.UserError as e:
     _fail(str(e))
   except train.Diverged as e:
     _fail(str(e), code=1)
   except train.Interrupted as e:  # already saved; a compile may still run in a helper thread: do not wait
     interrupts.exit_now(e.exit_code)
-  except OSError as e:  # the file system refused a write (full, read-only, permissions), naming the file
-    if e.filename is None:
+  except Exception as e:  # noqa: BLE001 - resources that ran out become one line; anything else is a bug
+    msg = errors.resource_error(e, errors.TRAIN_MEMORY_HINT)
+    if msg is None and isinstance(e, OSError) and e.filename is not None:  # a file the run reads or writes
+      msg = errors.os_error_message(e)
+    if msg is None:
       raise
-    _fail(errors.os_error_message(e))
+    _fail(f"{msg}; {_survived(workdir)}")
+
+
+def _release_claim(workdir: str):
+  """A start that failed before its first checkpoint (out of memory in the first step, a compile
+  error, Ctrl-C) does not claim the workdir: the corrected command must not be refused as "another
+  config". Only the config.json this start wrote goes, and only while no checkpoint exists."""
+  import jax
+
+  from moe_jax import checkpoint
+  try:
+    if jax.process_index() == 0 and checkpoint.latest_step(workdir) is None:
+      os.remove(os.path.join(workdir, "config.json"))
+  except Exception:  # noqa: BLE001 - never written (failed before check_workdir), or the disk is what failed
+    pass
+
+
+def _survived(workdir: str) -> str:
+  """What is left after a failure: the newest checkpoint, or that nothing was claimed."""
+  from moe_jax import checkpoint
+  try:
+    step = checkpoint.latest_step(workdir)
+  except Exception:  # noqa: BLE001 - the workdir itself may be what failed
+    step = None
+  if step is None:
+    return f"no checkpoint was written and {workdir} is not claimed: rerun with the change"
+  return f"checkpoint {step} in {workdir} is kept: rerun with the change to resume from it"
 
 
 if __name__ == "__main__":

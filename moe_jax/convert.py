@@ -14,7 +14,8 @@ config does not resolve from here. A byte-level run gets a tokenizer.json with t
 
 Output directories must be new or empty; they are written into a temporary directory
 beside them and renamed when complete, with the usual file modes (umask). Bad input prints
-one line `error: ...` and exits with status 2.
+one line `error: ...` and exits with status 2; Ctrl-C exits 130 and SIGTERM 143, the temporary
+directory removed (one a kill -9 left is removed by the next convert to the same output).
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from moe_jax import errors
+from moe_jax import errors, interrupts
 from moe_jax.errors import UserError
 
 CONFIG_FILE = "model_config.json"
@@ -49,14 +49,15 @@ def _empty_output(path: str | Path, flag: str = "output") -> Path:
 
 
 class _Staging:
-  """A temporary directory beside `out`, renamed onto it when the block completes without error."""
+  """A temporary directory beside `out`, renamed onto it when the block completes without error;
+  removed on an error, a Ctrl-C or SIGTERM (interrupts.run_command), or, after a kill -9, by the
+  next convert to the same output (interrupts.make_staging)."""
 
   def __init__(self, out: Path):
     self.out = out
 
   def __enter__(self) -> Path:
-    self.out.parent.mkdir(parents=True, exist_ok=True)
-    self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.convert-", dir=self.out.parent))
+    self.tmp = Path(interrupts.make_staging(str(self.out), "convert"))
     return self.tmp
 
   def __exit__(self, exc_type, *_):
@@ -67,6 +68,7 @@ class _Staging:
       os.replace(self.tmp, self.out)
     else:
       shutil.rmtree(self.tmp, ignore_errors=True)
+    interrupts.staging_done(str(self.tmp))
 
 
 def _umask() -> int:
@@ -77,16 +79,28 @@ def _umask() -> int:
 
 def hf_to_ckpt(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", **config_overrides) -> Path:
   """Loads a Hugging Face directory (moe_jax.hf.load_pretrained) and writes an orbax checkpoint."""
-  import orbax.checkpoint as ocp
-
   from moe_jax import hf
   src, out = _existing_dir(hf_dir, "Hugging Face directory"), _empty_output(out_dir, "--out")
   model, variables = hf.load_pretrained(src, dtype=dtype, **config_overrides)
   with _Staging(out) as tmp:
-    (tmp / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2))
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(tmp / VARIABLES_DIR, variables)
+    write_checkpoint(tmp, model.cfg, variables)
   return out
+
+
+CHECKSUMS_FILE = "checksums.json"  # moe_jax.checksum digests of the variables, verified by restore()
+
+
+def write_checkpoint(directory: Path, cfg, variables):
+  """CONFIG_FILE, VARIABLES_DIR/ and CHECKSUMS_FILE into `directory` (a staging directory: the
+  rename that publishes it commits all three at once)."""
+  import orbax.checkpoint as ocp
+
+  from moe_jax import checksum
+  sums, _ = checksum.summarize(variables)
+  (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory / VARIABLES_DIR, variables)
+  (directory / CHECKSUMS_FILE).write_text(json.dumps({"format": checksum.FORMAT, "arrays": sums}))
 
 
 def _is_convert_checkpoint(path: Path) -> bool:
@@ -114,7 +128,23 @@ def restore(ckpt_dir: str | Path) -> tuple[Any, dict[str, Any]]:
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(src / VARIABLES_DIR, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                                                                  abstract))
+  _verify(src, variables)
   return model, variables
+
+
+def _verify(src: Path, variables):
+  """UserError when the variables read back differ from the checksums saved with them, or hold NaN/inf."""
+  from moe_jax import checksum, hf
+  sums, bad = checksum.summarize(variables)
+  if bad:
+    raise UserError(f"checkpoint {src} is damaged: non-finite parameters (NaN or inf in {', '.join(bad[:4])})")
+  if not (src / CHECKSUMS_FILE).is_file():  # written before checksums existed
+    print(f"warning: {src} has no {CHECKSUMS_FILE} (written before moe_jax verified checkpoints): its values cannot "
+          "be verified", file=sys.stderr)
+    return
+  wrong = list(checksum.mismatches(hf.read_json(src / CHECKSUMS_FILE)["arrays"], sums))
+  if wrong:
+    raise UserError(f"checkpoint {src} is damaged: checksum mismatch in {len(wrong)} array(s): {', '.join(wrong[:3])}")
 
 
 def run_tokenizer(path: str | Path) -> str:
@@ -226,10 +256,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error("--tokenizer and --no_mtp go with --from_ckpt/--to_hf")
   if args.dtype is not None and args.dtype not in ("float32", "bfloat16", "float16"):
     parser.error(f"--dtype={args.dtype}: give float32, bfloat16 or float16")
+  # Ctrl-C / SIGTERM: exit 130 / 143 at once, the staging directory removed (interrupts.run_command)
   if args.hf:
-    out = hf_to_ckpt(args.hf, args.out, dtype=args.dtype or "float32", scan_layers=args.scan_layers)
+    out = interrupts.run_command(hf_to_ckpt, args.hf, args.out, dtype=args.dtype or "float32",
+                                 scan_layers=args.scan_layers)
   else:
-    out = ckpt_to_hf(args.from_ckpt, args.to_hf, dtype=args.dtype, tokenizer=args.tokenizer, mtp=not args.no_mtp)
+    out = interrupts.run_command(ckpt_to_hf, args.from_ckpt, args.to_hf, dtype=args.dtype, tokenizer=args.tokenizer,
+                                 mtp=not args.no_mtp)
   print(f"wrote {out}")
   return 0
 

@@ -3,7 +3,8 @@
 Every command shares this: `ArgumentParser` turns a bad flag into a UserError (not argparse's
 usage dump), `main_guard` wraps a command's `main(argv) -> int` so a UserError, or an
 OSError that names a file (permission denied, no such file, read-only file system), prints
-one line and returns 2, and Ctrl-C returns 130. The path checks (`output_dir`,
+one line and returns 2, and Ctrl-C returns 130. Resources that ran out (device or host memory,
+disk space, permissions) are one line too, saying what to change (resource_error). The path checks (`output_dir`,
 `output_file`) run before expensive work, so a bad --workdir or --out fails in a second,
 not after a model has been loaded.
 """
@@ -11,6 +12,7 @@ not after a model has been loaded.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
 import sys
@@ -57,12 +59,16 @@ def main_guard(main: Callable[..., int]) -> Callable[..., int]:
     except UserError as e:
       return report(one_line(e))
     except OSError as e:
+      if resource_error(e):  # disk full, permissions: with what to do
+        return report(resource_error(e))
       if e.filename is None:
         raise
       return report(os_error_message(e))
     except KeyboardInterrupt:
       return report("interrupted", 130)
-    except Exception as e:  # noqa: BLE001 - only the one XLA failure below is shortened
+    except Exception as e:  # noqa: BLE001 - only resources and the one XLA failure below are shortened
+      if resource_error(e, "use a machine with more memory, or a smaller model"):
+        return report(resource_error(e, "use a machine with more memory, or a smaller model"))
       if not _bf16_dot_unsupported(e):
         raise
       return report("XLA:CPU could not run a matmul with bf16 operands (the fast fp32 path of "
@@ -75,6 +81,32 @@ def _bf16_dot_unsupported(e: Exception) -> bool:
   """XLA:CPU's 'Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32' (see layers/matmul.py)."""
   text = str(e)
   return type(e).__name__ == "JaxRuntimeError" and "DotThunk" in text and "BF16" in text
+
+
+# What to change when memory runs out, per command (resource_error's `hint`).
+TRAIN_MEMORY_HINT = ("lower batch_size or seq_len, raise optim.grad_accum (same batch, smaller microbatch), set "
+                     "model.remat_policy=full, or use a mesh that shards more (mesh.fsdp, mesh.expert, mesh.tensor)")
+EVAL_MEMORY_HINT = "lower --batch_size or --max_len, or use a --mesh that shards more (fsdp, tensor)"
+
+
+def resource_error(e: BaseException, hint: str = "") -> str | None:
+  """One line for a resource that ran out (None for anything else): device memory (XLA
+  RESOURCE_EXHAUSTED), host memory (MemoryError), disk space (ENOSPC, also when orbax or
+  tensorstore wrap it in another exception) and permissions. `hint`: what to change for memory."""
+  text = str(e)
+  first = one_line(e)[:300]
+  if type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in text:
+    return f"out of device memory (XLA RESOURCE_EXHAUSTED: {first.removeprefix('RESOURCE_EXHAUSTED: ')}): {hint}"
+  if isinstance(e, MemoryError):
+    return f"out of host memory (MemoryError{': ' + first if str(e) else ''}): {hint}"
+  errno_ = getattr(e, "errno", None)
+  if errno_ == errno.ENOSPC or "No space left on device" in text or "Disk quota exceeded" in text:
+    where = os_error_message(e) if isinstance(e, OSError) and e.filename else first
+    return f"disk full ({where}): free space there, or write to another disk"
+  if isinstance(e, PermissionError) or errno_ in (errno.EACCES, errno.EPERM, errno.EROFS):
+    where = os_error_message(e) if isinstance(e, OSError) and e.filename else first
+    return f"permission denied ({where}): make the location writable, or pick another one"
+  return None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -359,8 +359,10 @@ def load_model(*, workdir: Optional[str] = None, checkpoint: Optional[str] = Non
     mesh, rules = make_mesh(mesh_shape, _run_config(path))
     config, model, variables, step = ckpt_lib.restore_for_eval(path, mesh=mesh, rules=rules)
     tokenizer = config.get("data", {}).get("tokenizer", "byte") if config is not None else "byte"
+    # the context the run trained at: eval.py's default --max_len (a longer window scores positions it never saw)
+    seq_len = config.get("seq_len") if config is not None else None
     return for_eval(model), variables, {"name": os.path.abspath(path), "step": step, "mesh": mesh, "rules": rules,
-                                        "tokenizer": tokenizer}
+                                        "tokenizer": tokenizer, "seq_len": seq_len}
   mesh, rules = make_mesh(mesh_shape)
   if hf:
     if not os.path.isfile(os.path.join(hf, "config.json")):
@@ -408,9 +410,12 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
         tokenizer: str = "byte", output: Optional[str] = None, batch_size: int = 8,
         max_len: Optional[int] = None, mesh=None, rules=None, max_new_tokens: int = 32,
         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = ("\n",),
-        seed: int = 0, progress: bool = True, show_samples: int = 0, printer=print) -> dict[str, Any]:
+        seed: int = 0, progress: bool = True, show_samples: int = 0, printer=print,
+        max_len_from: Optional[str] = None) -> dict[str, Any]:
   """Scores `tasks` (module docstring) and lm-eval tasks -> report dict; writes JSON to `output`.
-  show_samples: print (and report under 'samples') the first N generations of each gen task."""
+  show_samples: print (and report under 'samples') the first N generations of each gen task.
+  max_len_from: where max_len came from, for the report (default: "--max_len" when given, else
+  min(max_position_embeddings, scoring.DEFAULT_MAX_LEN))."""
   task_list = parse_tasks(tasks)
   harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
   if not task_list and not harness:
@@ -443,7 +448,12 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
     from moe_jax import lm_eval_adapter
     rows += lm_eval_adapter.evaluate_tasks(scorer, tok, harness, include_path=lm_eval_include, limit=lm_eval_limit,
                                            max_new_tokens=max_new_tokens)
+  if max_len_from is None:
+    max_len_from = "--max_len" if max_len else f"min(max_position_embeddings, {scoring.DEFAULT_MAX_LEN})"
+  if max_len and scorer.max_len < max_len:
+    max_len_from += f", capped at max_position_embeddings={model.cfg.max_position_embeddings}"
   report = dict(model=model_name, checkpoint_step=step, tokenizer=tokenizer, max_len=scorer.max_len,
+                max_len_from=max_len_from,
                 batch_size=scorer.batch_size, devices=jax.device_count(), jax_version=jax.__version__,
                 results=rows)
   if samples:
@@ -482,6 +492,8 @@ def format_samples(samples: list[dict[str, Any]]) -> str:
 def format_table(report: dict[str, Any]) -> str:
   """The results as an aligned text table, headed by the model and step."""
   head = f"model: {report['model']}   step: {report['checkpoint_step']}"
+  if "max_len" in report:
+    head += f"   context: {report['max_len']} tokens ({report.get('max_len_from') or 'max_len'})"
   rows = [("task", "metric", "value", "n")] + [
       (r["task"], r["metric"], f"{r['value']:.4f}" if isinstance(r["value"], float) else str(r["value"]), str(r["n"]))
       for r in report["results"]]

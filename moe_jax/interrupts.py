@@ -14,8 +14,11 @@ Exit codes (train.py): 130 after Ctrl-C, 0 after SIGTERM (a preemption with its 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import threading
 from typing import Any, Callable, Optional
 
@@ -92,3 +95,69 @@ class Signals:
     if "error" in out:
       raise out["error"]
     return out["value"]
+
+
+# --- commands that save nothing on the way: eval.py, convert, data prepare -----------------------
+COMMAND_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports
+_STAGING: set[str] = set()  # staging directories of this process, removed when a signal stops it
+_STAGING_SEP = ".pid"
+
+
+def exit_at_once_on_signals():
+  """SIGINT / SIGTERM exit at once (130 / 143): for a command's start (imports, flags), before it
+  has written anything. Python's default would raise KeyboardInterrupt, which a jax import or GC
+  callback can swallow (Ctrl-C ignored in eval.py's first second)."""
+  def handler(signum, frame):
+    del frame
+    exit_now(COMMAND_EXIT_CODES[signum], "error: interrupted" if signum == signal.SIGINT else "error: terminated")
+  for s in COMMAND_EXIT_CODES:
+    signal.signal(s, handler)
+
+
+def run_command(fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """fn(*args, **kwargs) in a helper thread while the main thread waits for SIGINT / SIGTERM.
+
+  On a signal the staging directories this process made (make_staging) are removed and the process
+  exits at once with 130 / 143 and one `error:` line: no traceback from a thread or a GC callback,
+  and nothing half-written left beside the output. Exceptions of fn are re-raised here.
+  """
+  with Signals() as signals:
+    try:
+      return signals.wait(fn, *args, **kwargs)
+    except Interrupted as e:
+      for path in list(_STAGING):
+        shutil.rmtree(path, ignore_errors=True)
+      name = "interrupted" if e.signum == signal.SIGINT else "terminated"
+      exit_now(COMMAND_EXIT_CODES.get(e.signum, 128 + e.signum),
+               f"error: {name}; the output was not written" if _STAGING else f"error: {name}")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
+
+
+def make_staging(out: str, kind: str) -> str:
+  """A new temporary directory beside `out`: .NAME.KIND-HOST.pidPID-XXXX, removed on a signal by
+  run_command. First removes the ones a killed run (kill -9, a crash) of the same command left for
+  the same output on this host: a live process's staging is never touched."""
+  parent, name = os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  prefix = f".{name}.{kind}-{socket.gethostname()}{_STAGING_SEP}"
+  for entry in os.listdir(parent):
+    pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+  path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+  _STAGING.add(path)
+  return path
+
+
+def staging_done(path: str):
+  """The staging directory was renamed onto the output or removed: nothing to clean on a signal."""
+  _STAGING.discard(path)
