@@ -166,3 +166,55 @@ def test_bad_input_is_one_line_exit_2(capsys, flags, message):
   lines = [line for line in err.splitlines() if line.startswith("error:")]
   assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
   assert "Traceback" not in err and not out.strip()
+
+
+@pytest.mark.parametrize("step", ["eval", "generate"])
+def test_tiny_inference_steps_compile_for_tpu(capsys, step):
+  """--step=eval|generate: one sequence per data shard, FP8 weights (tiny is V3-shaped), per-chip memory."""
+  code, out, err = _aot(capsys, "--topology=v5p-16", "--mesh=2,1,4,1", f"--step={step}", "--set=model.moe_impl='ep'")
+  assert code == 0, err[-2000:]
+  r = json.loads(out.strip().splitlines()[-1])
+  assert r["step"] == step and r["chips"] == 8 and r["batch"] == 8 and r["seq"] == 32
+  assert r["weights"].startswith("fp8") and 0 < r["weights_gb_per_chip"] < r["hbm_gb"]
+  if step == "eval":
+    assert r["fits"] and 0 < r["argument_gb"] <= r["peak_gb"] < r["hbm_gb"]
+    assert r["compiled_flops"] > 0.5 * r["model_flops"] > 0
+    assert r["collectives"].get("all-to-all", {}).get("count", 0) > 0, r["collectives"]  # EP dispatch
+  else:
+    assert r["fits"] and r["prefill"]["fits"] and r["decode"]["fits"] and r["cache_gb_per_chip"] > 0
+    # The decode step donates the cache: its output cache aliases the argument.
+    assert r["decode"]["alias_gb"] >= r["cache_gb_per_chip"] > 0
+    assert r["decode_collectives"].get("all-to-all", {}).get("count", 0) > 0
+
+
+def test_fp8_abstract_variables_are_the_released_layout():
+  """--weights=fp8: every linear weight but embed, head and router gate is e4m3 with a 128x128 scale grid
+  that layers/fp8.Fp8Weight accepts, sharded like its weight's leading dims; all abstract (nothing built)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import traverse_util
+  from moe_jax import aot_steps
+  from moe_jax.config import tiny
+  from moe_jax.layers.fp8 import Fp8Weight
+  from moe_jax.model import Transformer
+  devices = aot.parse_topology("v5p-16").devices()
+  mesh = sharding.make_mesh(1, 2, 4, 1, devices=devices)
+  cfg = tiny(num_nextn_predict_layers=1, scan_layers=True)
+  flat = {}
+  for fp8 in (True, False):
+    v = aot_steps.abstract_variables(Transformer(cfg), mesh, sharding.DEFAULT_RULES, fp8, 8)
+    flat[fp8] = traverse_util.flatten_dict(v)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding.mesh is mesh for x in flat[fp8].values())
+  e4m3 = {p for p, x in flat[True].items() if x.dtype == jnp.float8_e4m3fn}
+  scales = {p for p in flat[True] if p[0] == "fp8_scales"}
+  assert {("params", *p[1:]) for p in scales} == e4m3 and not any(p[0] == "fp8_scales" for p in flat[False])
+  names = {"/".join(p[1:]) for p in e4m3}
+  assert not any(n.startswith(("embed", "head")) or "router" in n or "norm" in n for n in names), names
+  assert any("experts" in n or "moe" in n for n in names) and any(n.endswith("attn/k_b") for n in names)
+  dense = {p for p, x in flat[False].items() if x.dtype == jnp.float32 and len(x.shape) >= 2
+           and not p[-1].startswith(("embed", "head")) and "router" not in "/".join(p) and p[-1] != "embed"}
+  for p in e4m3:
+    q, s = flat[True][p], flat[True][("fp8_scales", *p[1:])]
+    Fp8Weight(q, s).split  # noqa: B018 (raises unless s is q's 128x128 block grid)
+    assert tuple(s.sharding.spec) == tuple(q.sharding.spec)[:s.ndim - 2]
+  assert e4m3 <= dense

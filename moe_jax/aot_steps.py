@@ -1,0 +1,214 @@
+"""Compile-only inference steps for a TPU topology: `python -m moe_jax.aot --step=eval|generate`.
+
+  eval      the scoring step eval.py runs (moe_jax/scoring.py `_score`): forward + log-softmax
+            over [B, S] -> per-row sums, greedy flags and per-token log p.
+  generate  the two programs moe_jax/generate.py runs: prefill (the prompt [B, S] into a fresh MLA
+            latent cache with room for S + 1 tokens, expanded attention, first token) and ONE decode
+            step (absorbed MLA against that cache, the cache donated), each compiled on its own.
+
+B defaults to one sequence per data shard (data x fsdp x expert), S to the config's seq_len.
+The model is the config's, dropless (as eval and generation run it: model.dropless), with
+param_dtype = its compute dtype (eval.py loads weights in the compute dtype). --weights=fp8 (the
+default 'auto' picks it for DeepSeek-V3, whose released weights are FP8) keeps what the released
+checkpoint holds in FP8 as e4m3 parameters with fp32 128x128 block scales (the `fp8_scales`
+collection, as hf.load_pretrained(keep_fp8=True) builds them: every linear weight but the
+embedding, the output head and the router gate; the rare block that does not map onto our
+layout stays in the compute dtype). The matmuls run in the compute dtype, each FP8 weight
+dequantized as it is used (layers/fp8.py `dense`): TPU v5p and v6e have no FP8 matmul unit,
+and libtpu (0.0.42 here) aborts on the FP8 blocked ragged_dot of model.fp8=True (a check in
+its ragged-dot lowering), so FP8 compute stays opt-in (--set model.fp8=True) and untried here.
+
+Nothing runs eagerly: variables, cache and batch are ShapeDtypeStructs carrying their shardings
+(from the rules table; the cache and the batch shard their batch dimension over the batch
+axes, scales follow their weight's layer/expert dimensions), and each program is only lowered
+and compiled. Figures are per chip, from XLA's memory analysis (the program's arguments, outputs
+not aliased to a donated argument, and its temp allocation) against the chip's HBM.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+STEPS = ("train", "eval", "generate")
+WEIGHTS = ("auto", "fp8", "dense")  # dense: every weight in the compute dtype
+
+
+def inference_config(config, weights: str):
+  """-> (ModelConfig for eval/generation, whether its released weights are kept in FP8)."""
+  from moe_jax import checkpoint
+  from moe_jax.config import dropless
+  from moe_jax.errors import UserError
+  if weights not in WEIGHTS:
+    raise UserError(f"--weights={weights!r} is not one of {', '.join(WEIGHTS)}")
+  mcfg = checkpoint.model_config(config)
+  v3 = mcfg.scoring_func == "sigmoid"  # DeepSeek-V3 (released in FP8); V2 / V2-Lite are bf16
+  fp8 = weights == "fp8" or (weights == "auto" and v3)
+  return dropless(mcfg).replace(param_dtype=mcfg.dtype), fp8
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_slot_shapes(rule_kind: str, hf_shape: tuple, slot_shapes: tuple) -> tuple | None:
+  """Scale shapes [(Rb, Cb)] per slot of a released FP8 tensor (hf.Rule.to_ours_fp8 traced, nothing read),
+  or None when its blocks do not map onto our layout."""
+  import jax
+  import jax.numpy as jnp
+  from moe_jax import hf
+  rule = hf.Rule("x", rule_kind, ())
+  scale_shape = tuple(-(-n // b) for n, b in zip(hf_shape, hf.FP8_BLOCK))
+  out = []
+
+  def trace(q, s):
+    kept = rule.to_ours_fp8(q, s, [tuple(x) for x in slot_shapes])
+    out.append(kept is not None)
+    return [sc for _, sc in kept] if kept is not None else []
+  shapes = jax.eval_shape(trace, jax.ShapeDtypeStruct(hf_shape, jnp.float8_e4m3fn),
+                          jax.ShapeDtypeStruct(scale_shape, jnp.float32))
+  return tuple(tuple(s.shape) for s in shapes) if out[0] else None
+
+
+def _released_fp8(key: str, kind: str) -> bool:
+  """Whether the released DeepSeek-V3 checkpoint stores this tensor in FP8 (with weight_scale_inv)."""
+  if kind not in ("linear", "linear2", "kv_b"):
+    return False
+  return not (key.endswith("mlp.gate.weight") or key.startswith("lm_head") or "shared_head.head" in key)
+
+
+def abstract_variables(model, mesh, rules, fp8: bool, batch: int) -> dict:
+  """{'params', 'router'[, 'fp8_scales']} as ShapeDtypeStructs with shardings; nothing allocated."""
+  import jax
+  import jax.numpy as jnp
+  from flax import traverse_util
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from moe_jax import hf, variables
+  mcfg = model.cfg
+  flat = traverse_util.flatten_dict(variables.abstract_sharded(model, (batch, 8), mesh, rules))
+  shapes = dict(flat)
+  if fp8:
+    for rule in hf.hf_rules(mcfg, mcfg.scoring_func == "sigmoid"):
+      if rule.alias or not _released_fp8(rule.key, rule.kind) or "router" in rule.parts[0][0]:
+        continue
+      slot_shapes = tuple(tuple(shapes[p].shape[len(index):]) for p, index in rule.parts)
+      scales = _fp8_slot_shapes(rule.kind, tuple(rule.hf_shape([list(s) for s in slot_shapes])), slot_shapes)
+      if scales is None:
+        continue
+      for (p, index), scale in zip(rule.parts, scales):
+        sp = ("fp8_scales", *p[1:])
+        if sp in flat:  # a stacked slot (layers, experts): one entry covers every index
+          continue
+        w = flat[p]
+        spec = tuple(w.sharding.spec) + (None,) * (len(w.shape) - len(w.sharding.spec))
+        flat[p] = jax.ShapeDtypeStruct(w.shape, jnp.float8_e4m3fn, sharding=w.sharding)
+        flat[sp] = jax.ShapeDtypeStruct(shapes[p].shape[:len(index)] + scale, jnp.float32,
+                                        sharding=NamedSharding(mesh, P(*spec[:len(index)])))
+  return traverse_util.unflatten_dict(flat)
+
+
+def _memory(compiled, hbm: int) -> dict[str, Any]:
+  mem = compiled.memory_analysis()
+  peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+  gb = lambda b: float(f"{b / 1e9:.4g}")  # noqa: E731
+  return {"argument_gb": gb(mem.argument_size_in_bytes), "output_gb": gb(mem.output_size_in_bytes),
+          "alias_gb": gb(mem.alias_size_in_bytes), "temp_gb": gb(mem.temp_size_in_bytes), "peak_gb": gb(peak),
+          "fits": peak <= hbm}
+
+
+def _lower_compile(fn, *args):
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, round(time.perf_counter() - t0, 1)
+
+
+def compile_inference(config, topology, step: str, weights: str = "auto", batch: int | None = None,
+                      seq: int | None = None) -> dict[str, Any]:
+  """Compiles the eval or generate programs for the topology's compile-only devices -> one JSON-able dict."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from moe_jax import aot, flops, generate, hlo, scoring, sharding
+  from moe_jax import variables as model_variables
+  from moe_jax.errors import UserError
+  from moe_jax.model import Transformer
+
+  devices = topology.devices()
+  mcfg, fp8 = inference_config(config, weights)
+  m = config.mesh
+  try:
+    mesh = sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor, dcn_data=m.dcn_data, dcn_fsdp=m.dcn_fsdp,
+                              dcn_expert=m.dcn_expert, dcn_tensor=m.dcn_tensor, devices=devices)
+    rules = sharding.merge_rules([tuple(r) for r in m.rules])
+    b = batch or sharding.data_parallel_size(mesh, rules)
+    sharding.validate(mcfg, b, mesh, rules, model_variables.abstract(mcfg))
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  s = seq or config.seq_len
+  if s + (step == "generate") > mcfg.max_position_embeddings:
+    raise UserError(f"--seq={s} is longer than the model's max_position_embeddings={mcfg.max_position_embeddings}")
+  model = Transformer(mcfg)
+  hbm = aot.FAMILIES[topology.family].hbm_bytes
+  variables = abstract_variables(model, mesh, rules, fp8, b)
+  row = sharding.batch_sharding(mesh, 2, rules)
+  ids = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=NamedSharding(mesh, P(*row.spec[:len(shape)])))  # noqa: E731
+  out: dict[str, Any] = {
+      "step": step, "topology": topology.name, "libtpu": topology.libtpu_name, "num_slices": topology.num_slices,
+      "chips": len(devices), "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+      "layers": mcfg.num_hidden_layers, "seq": s, "batch": b, "moe_impl": mcfg.moe_impl,
+      "weights": "fp8 (e4m3 + 128x128 scales)" if fp8 else mcfg.param_dtype,
+      "weights_gb_per_chip": float(f"{sum(_per_chip_bytes(x) for x in jax.tree.leaves(variables)) / 1e9:.4g}"),
+      "hbm_gb": round(hbm / 1e9, 3)}
+  with sharding.activation_rules(mesh, rules):
+    if step == "eval":
+      # scoring._score itself (jit, model static): the shardings come with the abstract arguments.
+      score = functools.partial(scoring._score.lower, model=model)
+      t0 = time.perf_counter()
+      compiled = score(variables, ids(b, s), ids(b, s), jax.ShapeDtypeStruct((b, s), jnp.bool_, sharding=row)).compile()
+      out["compile_s"] = round(time.perf_counter() - t0, 1)
+      out.update(_memory(compiled, hbm))
+      summary = hlo.summarize(compiled.as_text())
+      model_flops = flops.forward_flops_per_token(mcfg, s, with_mtp=False) * b * s / len(devices)
+      out.update(compiled_flops=float(f"{summary.flops:.4g}"), model_flops=float(f"{model_flops:.4g}"),
+                 collectives={k: {"count": int(v["count"]), "gb": round(v["bytes"] / 1e9, 3)}
+                              for k, v in sorted(summary.collectives.items())})
+    else:
+      cache_shapes = jax.eval_shape(lambda: generate.init_cache(model, b, s + 1))
+      cache = jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=_cache_sharding(c, b, mesh, row)),
+                           cache_shapes)
+
+      def prefill(variables, prompt_BS, lengths_B):
+        c = generate.init_cache(model, b, s + 1)
+        logits, c = generate._decode_call(model, variables, c, prompt_BS, None)
+        return generate.sample_logits(logits[jnp.arange(b), lengths_B - 1], None), c
+
+      def decode(variables, cache, tok_B, pos_B):
+        logits, c = generate._decode_call(model, variables, cache, tok_B[:, None], pos_B[:, None], absorb=True)
+        return generate.sample_logits(logits[:, 0], None), c
+
+      cache_sh = jax.tree.map(lambda c: c.sharding, cache)
+      pre, out["prefill_compile_s"] = _lower_compile(
+          jax.jit(prefill, out_shardings=(NamedSharding(mesh, P(*row.spec[:1])), cache_sh)),
+          variables, ids(b, s), ids(b))
+      dec, out["decode_compile_s"] = _lower_compile(
+          jax.jit(decode, donate_argnums=(1,), out_shardings=(NamedSharding(mesh, P(*row.spec[:1])), cache_sh)),
+          variables, cache, ids(b), ids(b))
+      out["cache_gb_per_chip"] = float(f"{sum(_per_chip_bytes(x) for x in jax.tree.leaves(cache)) / 1e9:.4g}")
+      out["prefill"], out["decode"] = _memory(pre, hbm), _memory(dec, hbm)
+      out["fits"] = out["prefill"]["fits"] and out["decode"]["fits"]
+      out["decode_collectives"] = {k: {"count": int(v["count"]), "gb": round(v["bytes"] / 1e9, 3)}
+                                   for k, v in sorted(hlo.summarize(dec.as_text()).collectives.items())}
+  return out
+
+
+def _per_chip_bytes(x) -> int:
+  """Bytes one device holds of an abstract array with a NamedSharding (the largest shard)."""
+  import math
+  shard = x.sharding.shard_shape(x.shape)
+  return math.prod(shard) * x.dtype.itemsize
+
+
+def _cache_sharding(c, batch: int, mesh, row):
+  """The decode cache [..., B, T, C] (layers first when scanned): B over the batch axes."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  lead = c.ndim - 3
+  assert c.shape[lead] == batch, (c.shape, batch)
+  return NamedSharding(mesh, P(*([None] * lead), row.spec[0], None, None))
