@@ -21,6 +21,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "splash", "pallas_gpu")  # layers/attention.py
 MOE_GMMS = ("auto", "tiled", "ragged_dot", "pallas")  # layers/gmm.py
 FP8_KERNELS = ("xla", "pallas")  # layers/fp8.py
+ATTENTION_TYPES = ("mla", "gqa")  # layers/mla.py | layers/gqa.py (MHA / GQA / MQA, for ablations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,10 @@ class ModelConfig:
   # fused kernel, scales applied in the K loop; Triton on a GPU, interpreted elsewhere). "xla" stays the
   # default until the fused kernel has run on a GPU (tested only in the Pallas interpreter so far).
   fp8_kernel: str = "xla"
+  # 'mla' (DeepSeek) or 'gqa': plain attention with num_key_value_heads key/value heads (layers/gqa.py;
+  # = num_attention_heads: MHA, 1: MQA), MLA's head dims; not a Hugging Face DeepSeek layout.
+  attention_type: str = "mla"
+  num_key_value_heads: int = 0  # 'gqa' only; 0: num_attention_heads (MHA)
 
   def __post_init__(self):
     if self.q_lora_rank == 0:
@@ -141,6 +146,14 @@ class ModelConfig:
       _fail("fp8", f"must be True or False, got {self.fp8!r}")
     if self.fp8_kernel not in FP8_KERNELS:
       _fail("fp8_kernel", f"{self.fp8_kernel!r} is not one of {FP8_KERNELS}")
+    if self.attention_type not in ATTENTION_TYPES:
+      _fail("attention_type", f"{self.attention_type!r} is not one of {ATTENTION_TYPES}")
+    if self.attention_type == "gqa" and self.num_key_value_heads == 0:
+      object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+    if self.attention_type == "gqa" and (self.num_key_value_heads < 1
+                                         or self.num_attention_heads % self.num_key_value_heads):
+      _fail("num_key_value_heads", f"{self.num_key_value_heads} must divide num_attention_heads="
+            f"{self.num_attention_heads} (1: MQA, num_attention_heads: MHA)")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))

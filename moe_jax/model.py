@@ -22,6 +22,7 @@ from flax import linen as nn
 
 from moe_jax.config import ModelConfig
 from moe_jax.layers.common import MLP, RMSNorm, project, weight
+from moe_jax.layers.gqa import GQA
 from moe_jax.layers.mla import MLA
 from moe_jax.layers.moe import MoE
 
@@ -44,7 +45,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BSD, positions_BS, segment_ids_BS=None, decode: bool = False, absorb: bool = True):
     cfg = self.cfg
-    h = x_BSD + MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x_BSD), positions_BS, segment_ids_BS,
+    attn = GQA if cfg.attention_type == "gqa" else MLA  # plain attention for ablations (layers/gqa.py)
+    h = x_BSD + attn(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x_BSD), positions_BS, segment_ids_BS,
                                       decode, absorb)
     ffn = MoE(cfg, name="moe") if self.moe else MLP(cfg, cfg.intermediate_size, name="mlp")
     out = h + ffn(RMSNorm(cfg, name="ffn_norm")(h))
