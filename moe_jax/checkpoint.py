@@ -12,6 +12,13 @@ moves it aside to `<step>.damaged` so that step can be saved again.
 Restores go into abstract trees (jax.ShapeDtypeStruct with a sharding), so a checkpoint
 written on one mesh restores onto another. Shapes are compared with the checkpoint's
 metadata first, and an incompatible checkpoint is refused with the differing shapes named.
+
+Integrity: every step carries a third item, `checksums` (moe_jax/checksum.py: a 64-bit digest
+of every saved array, computed on device from the values being saved), written inside the
+same atomic commit. Every restore recomputes the digests of what it read and compares; a
+mismatch, or parameters holding NaN/inf, is damage like a truncated file (fallback, one
+warning, `<step>.damaged`). Steps written before checksums existed restore with one warning.
+A save refuses parameters that hold NaN/inf (NonFinite): such a step would rotate good ones out.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from moe_jax import sharding
+from moe_jax import checksum, sharding
 from moe_jax import variables as model_variables
 from moe_jax.config import ModelConfig
 from moe_jax.errors import UserError
@@ -44,6 +51,10 @@ RESUMABLE = ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_eve
 # Test hook: MOE_JAX_TEST_PAUSE_SAVE="STEP:MARKER" makes the save of STEP touch MARKER and then
 # hang inside the commit (before the rename), so a test can kill -9 a process mid-save.
 PAUSE_ENV = "MOE_JAX_TEST_PAUSE_SAVE"
+# Entries of a workdir besides config.json that a run itself creates (anything else: not ours).
+RUN_FILES = {"checkpoints", "metrics.jsonl", "expert_load.jsonl", "tb", "train.lock"}
+# The state subtrees that must be finite to save or restore (the model's variables).
+MODEL_ITEMS = ("params", "router")
 
 
 class _ConfigHandler(ocp.JsonCheckpointHandler):
@@ -106,6 +117,21 @@ class Damaged(RuntimeError):
   """A complete checkpoint step whose files cannot be read back (truncated, deleted, corrupt)."""
 
 
+class NonFinite(RuntimeError):
+  """A save refused: the parameters hold NaN or inf (the message names the step and the arrays)."""
+
+
+_warned_unverified = False
+
+
+def check_max_to_keep(value) -> Optional[int]:
+  """checkpoint.max_to_keep: None (keep every step) or an int >= 1; 0 or less would delete every step."""
+  if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    return value
+  raise UserError(f"checkpoint.max_to_keep={value!r} must be >= 1 (or None: keep every step); "
+                  "0 or less would delete every checkpoint, the newest included")
+
+
 def _silence_read_noise():
   """Drop the tracebacks a failed read's leftover callbacks print (installed once per process,
   before reading, since those callbacks run on other threads and may print before the restore
@@ -144,6 +170,7 @@ class Checkpointer:
   def __init__(self, workdir: str, max_to_keep: Optional[int] = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    max_to_keep = check_max_to_keep(max_to_keep)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save)  # read_only: never saves (orbax's own flag only adds warnings)
@@ -151,21 +178,86 @@ class Checkpointer:
         self.directory, options=options,
         # The PyTree handler reads the same format and can restore a subset (restore_for_eval).
         item_handlers={"state": ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
-                       "config": _ConfigHandler("config.json")})
+                       "config": _ConfigHandler("config.json"),
+                       "checksums": ocp.JsonCheckpointHandler("checksums.json")})
     self.read_only = read_only
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, step: int, state: dict, config: dict):
-    """Starts an async save of `state` (a dict of arrays) and the config at `step`."""
+    """Starts an async save of `state` (a dict of arrays), its checksums and the config at `step`.
+
+    NonFinite (nothing written) when the parameters hold NaN or inf. Every process calls it (the
+    checksums are one jit over the global arrays). A checkpoints/ directory removed since the
+    last save is recreated, with one warning.
+    """
     if step in self.manager.all_steps():
       return
+    sums, bad = checksum.summarize(state)
+    bad = [p for p in bad if p.startswith(MODEL_ITEMS)]
+    if bad:
+      raise NonFinite(f"the parameters at step {step} hold NaN or inf ({', '.join(bad[:4])}"
+                      f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}); not saving them, so no good "
+                      f"checkpoint is rotated out (newest kept: step {self.latest_step()})")
+    self._settle(step)
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=_ConfigSave({"step": step, "config": config})), force=True)
+        state=ocp.args.StandardSave(state),
+        config=_ConfigSave({"step": step, "config": config, "checksums": checksum.FORMAT}),
+        checksums=ocp.args.JsonSave({"format": checksum.FORMAT, "arrays": sums})), force=True)
+
+  def _settle(self, step: int):
+    """Waits for the save in flight. When someone removed checkpoints/ during the run (before or
+    during that save), says so in one warning and recreates it rather than fail inside orbax."""
+    lost = ""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  (re-raised unless the directory went away under the save)
+      if not self._removed_under_save(e):
+        raise
+      lost = f"; the save in flight failed: {damage_reason(e)}"
+    if os.path.isdir(self.directory) and not lost:
+      return
+    logging.warning("%s was removed during the run (the checkpoints in it are gone%s); recreating it to save "
+                    "step %d", self.directory, lost, step)
+    if jax.process_index() == 0:
+      os.makedirs(self.directory, exist_ok=True)
+    self.manager.reload()
+
+  def _removed_under_save(self, e: BaseException) -> bool:
+    """Did a save fail because a file under checkpoints/ vanished (the directory removed under it)?"""
+    seen = set()
+    while e is not None and id(e) not in seen:
+      seen.add(id(e))
+      if isinstance(e, FileNotFoundError) and str(e.filename or "").startswith(self.directory):
+        return True
+      e = e.__cause__ or e.__context__
+    return False
 
   def config(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(config=_ConfigRestore()))["config"]["config"]
+    return self._config_item(step)["config"]
+
+  def _config_item(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(config=_ConfigRestore()))["config"]
+
+  def verify(self, step: int, restored: dict):
+    """Recomputes the digests of the arrays read back from `step` and compares them with the saved
+    ones; Damaged on a mismatch or NaN/inf parameters. Steps without checksums: one warning per process."""
+    global _warned_unverified
+    sums, bad = checksum.summarize(restored)
+    bad = [p for p in bad if p.startswith(MODEL_ITEMS)]
+    if bad:
+      raise Damaged(f"non-finite parameters (NaN or inf in {', '.join(bad[:4])})")
+    if not self._config_item(step).get("checksums"):  # written before checksums existed
+      if not _warned_unverified:
+        _warned_unverified = True
+        logging.warning("checkpoint step %d in %s has no checksums (written before moe_jax verified checkpoints): "
+                        "its values cannot be verified", step, self.directory)
+      return
+    saved = self.manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
+    wrong = list(checksum.mismatches(saved["arrays"], sums))
+    if wrong:
+      raise Damaged(f"checksum mismatch in {len(wrong)} array(s): {', '.join(wrong[:3])}")
 
   def saved_tree(self, step: int):
     """The saved state's tree of array metadata; Damaged when its metadata cannot be read."""
@@ -189,7 +281,9 @@ class Checkpointer:
                                     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
     else:
       args = ocp.args.StandardRestore(abstract_state)
-    return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    self.verify(step, restored)
+    return restored
 
   def restore_intact(self, load: Callable[[int], T]) -> tuple[Optional[int], Optional[T]]:
     """(step, load(step)) for the newest step whose load succeeds; (None, None) without steps.
@@ -237,11 +331,20 @@ class Checkpointer:
     return f" (moved aside: {', '.join(names)})" if names else ""
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; UserError (one line) when checkpoints/ was removed under it."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      if not self._removed_under_save(e):
+        raise
+      raise UserError(f"{self.directory} was removed while a checkpoint was being saved: that step is lost "
+                      f"({damage_reason(e)}); checkpoints still there: {self.manager.all_steps() or 'none'}") from None
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 # --- workdir guard ------------------------------------------------------------------------
@@ -262,6 +365,14 @@ def config_diff(old: dict, new: dict, ignore=RESUMABLE) -> list[str]:
   skip = lambda k: any(k == p or k.startswith(p + ".") for p in ignore)  # noqa: E731
   return [f"{k}: workdir {a.get(k, '<absent>')!r} != this run {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def foreign_entries(workdir: str) -> list[str]:
+  """The entries of workdir that no run creates (sorted; [] when it does not exist)."""
+  if not os.path.isdir(workdir):
+    return []
+  return sorted(n for n in os.listdir(workdir) if n not in RUN_FILES and n != "config.json"
+                and not n.startswith(("metrics.jsonl.", "expert_load.jsonl.")))  # .damaged-<n>, .tmp
 
 
 def check_workdir(workdir: str, config: dict, abstract_state: dict):
@@ -292,8 +403,7 @@ def check_workdir(workdir: str, config: dict, abstract_state: dict):
           msg += f"; its checkpoint {step} has other shapes: {'; '.join(shapes[:6])}"
       raise UserError(msg + "; use another --workdir, or delete this one to start over")
     return
-  foreign = sorted(set(os.listdir(workdir)) - {"checkpoints", "metrics.jsonl", "expert_load.jsonl", "tb"}) \
-      if os.path.isdir(workdir) else []
+  foreign = foreign_entries(workdir)
   if foreign or latest_step(workdir) is not None:
     raise UserError(f"workdir {workdir} is not empty ({', '.join(foreign[:5]) or 'checkpoints'}) and holds no "
                     "moe_jax config.json; refusing to overwrite it: pick a new --workdir")
