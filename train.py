@@ -79,7 +79,7 @@ def main(argv):
   if len(argv) > 1:  # absl hands over what it did not parse; a forgotten `--` or `=` lands here
     _fail(f"unexpected argument(s) {' '.join(argv[1:])!r}: flags are --name=value (see --help)")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from moe_jax import errors, interrupts, sharding, train  # after flag parsing, so `--help` stays fast
+  from moe_jax import errors, init_from, interrupts, sharding, train  # after flag parsing: `--help` stays fast
 
   try:
     sharding.initialize_distributed(enable=_DISTRIBUTED.value or None)
@@ -94,6 +94,9 @@ def main(argv):
     _fail(_one_line(e))
   try:  # a file, or a read-only place: say so now, not after compiling
     errors.output_dir(workdir, "--workdir")
+    # init_from sets the model's shape fields: one given on the command line must agree with its checkpoint
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    init_from.check_explicit(config, [k.removeprefix("model.") for k in overrides if k.startswith("model.")], workdir)
   except errors.UserError as e:
     _fail(str(e))
   logging.info("JAX %s, process %d of %d, %d local of %d devices: %s", jax.__version__, jax.process_index(),

@@ -600,8 +600,8 @@ def _setup(config, workdir: str):
   loaded = None
   if origin is not None and checkpoint.latest_step(workdir) is None:
     # The weights load before a new workdir is claimed (config.json, checkpoints/): a bad init_from leaves
-    # it as it was. A workdir with files is checked first, so another run's is refused before any read.
-    if os.path.isdir(workdir) and os.listdir(workdir):
+    # it as it was. Another run's workdir, or one with foreign files, is refused first, before any read.
+    if os.path.isfile(os.path.join(workdir, "config.json")) or checkpoint.foreign_entries(workdir):
       checkpoint.check_workdir(workdir, config.to_dict(), abstract)
     loaded = _init_from_state(trainer, origin, config.seed)
   checkpoint.check_workdir(workdir, config.to_dict(), abstract)
