@@ -79,7 +79,7 @@ def main(argv):
   if len(argv) > 1:  # absl hands over what it did not parse; a forgotten `--` or `=` lands here
     _fail(f"unexpected argument(s) {' '.join(argv[1:])!r}: flags are --name=value (see --help)")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from moe_jax import errors, init_from, interrupts, sharding, train  # after flag parsing: `--help` stays fast
+  from moe_jax import errors, init_from, interrupts, sharding, train, workdir_lock  # after flag parsing
 
   try:
     sharding.initialize_distributed(enable=_DISTRIBUTED.value or None)
@@ -105,8 +105,8 @@ def main(argv):
   try:
     try:
       train.run(config, workdir)
-    except BaseException:
-      if not claimed:
+    except BaseException as e:
+      if not claimed and not isinstance(e, workdir_lock.Busy):  # refused: the workdir is the holder's
         _release_claim(workdir)
       raise
   except train.UserError as e:

@@ -37,9 +37,13 @@ LOCK_NAME = "train.lock"
 _MSG_BYTES = 512  # the refusal broadcast to the other processes of a multi-host run
 
 
+class Busy(UserError):
+  """Another process holds the workdir's lock (the message names its PID and host)."""
+
+
 class WorkdirLock:
-  """Context manager: `with WorkdirLock(workdir):` holds the workdir's lock, or raises UserError
-  naming the holder's PID and host. Creates workdir when it does not exist."""
+  """Context manager: `with WorkdirLock(workdir):` holds the workdir's lock, or raises Busy (a
+  UserError) naming the holder's PID and host. Creates workdir when it does not exist."""
 
   def __init__(self, workdir: str):
     self.workdir, self.path = workdir, os.path.join(workdir, LOCK_NAME)
@@ -51,7 +55,7 @@ class WorkdirLock:
     if jax.process_count() > 1:
       refusal = _broadcast(refusal)
     if refusal:
-      raise UserError(refusal)
+      raise Busy(refusal)
     return self
 
   def __exit__(self, *exc):
