@@ -311,8 +311,13 @@ def hf_rules(cfg: ModelConfig, v3: bool) -> list[Rule]:
 
 def abstract_variables(model: Transformer) -> dict[Path_, jax.ShapeDtypeStruct]:
   """Flat {(collection, *path): ShapeDtypeStruct} of the model's params and router state."""
+  return dict(_abstract_of(model.cfg))
+
+
+@functools.lru_cache(maxsize=8)  # tracing init takes seconds; a load after config_from_dir asks again
+def _abstract_of(cfg: ModelConfig) -> dict[Path_, jax.ShapeDtypeStruct]:
   tokens = jnp.zeros((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), tokens)))
+  shapes = jax.eval_shape(lambda: nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), tokens)))
   return traverse_util.flatten_dict({c: shapes[c] for c in ("params", "router") if c in shapes})
 
 

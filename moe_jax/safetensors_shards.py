@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 CHUNK_BYTES = 64 << 20  # one read buffer: the most one read call asks for
+PROGRESS_BYTES = 4 << 20
 MAX_GAP_BYTES = 0  # ranges further apart than this are read separately (the gap is not read)
 Box = tuple[tuple[int, int], ...]  # (start, stop) per axis
 
@@ -110,8 +111,12 @@ class RangeReader:
     self.stats = stats if stats is not None else LoadStats()
     self.progress = progress
     self._files: dict[Any, io.FileIO] = {}
+    self._unreported = 0
 
   def close(self):
+    if self.progress and self._unreported:
+      self.progress(self._unreported)
+    self._unreported = 0
     for f in self._files.values():
       f.close()
     self._files.clear()
@@ -129,8 +134,10 @@ class RangeReader:
       done += n
     self.stats.bytes_read += len(out)
     self.stats.reads += 1
-    if self.progress:
-      self.progress(len(out))
+    self._unreported += len(out)
+    if self.progress and self._unreported >= PROGRESS_BYTES:  # per-row reads: not one bar update each
+      self.progress(self._unreported)
+      self._unreported = 0
 
   def block(self, entry, rows: np.ndarray, cols: np.ndarray, np_dtype) -> np.ndarray:
     """entry (path, offset, nbytes, dtype, shape) of a 2-D [R, C] or 1-D [R] tensor -> its
