@@ -37,6 +37,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", default=None, lock_config=Tr
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints and metrics (default ./workdir/<config name>)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host); "
                                  "also on when JAX_COORDINATOR_ADDRESS is set")
+_COORDINATOR_TIMEOUT = flags.DEFINE_integer("coordinator_timeout", None, "seconds to wait for the distributed "
+                                            "coordinator before failing (default $MOE_JAX_COORDINATOR_TIMEOUT, "
+                                            "else 300)", lower_bound=1)
 
 
 def _fail(msg: str, code: int = 2):
@@ -82,7 +85,7 @@ def main(argv):
   from moe_jax import errors, init_from, interrupts, sharding, train, workdir_lock  # after flag parsing
 
   try:
-    sharding.initialize_distributed(enable=_DISTRIBUTED.value or None)
+    sharding.initialize_distributed(enable=_DISTRIBUTED.value or None, timeout_s=_COORDINATOR_TIMEOUT.value)
   except ValueError as e:
     _fail(f"distributed: {e}")
   import jax

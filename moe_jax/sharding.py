@@ -292,14 +292,58 @@ def activation_rules(mesh: Mesh, rules):
 
 
 # --- multi-host ---------------------------------------------------------------------
+COORDINATOR_TIMEOUT_ENV = "MOE_JAX_COORDINATOR_TIMEOUT"  # seconds; jax's own default is 300
+
+
+def coordinator_timeout(default: int = 300) -> int:
+  """The seconds to wait for the coordinator: $MOE_JAX_COORDINATOR_TIMEOUT, else `default`."""
+  raw = os.environ.get(COORDINATOR_TIMEOUT_ENV, "")
+  try:
+    value = int(raw) if raw else default
+  except ValueError:
+    raise ValueError(f"{COORDINATOR_TIMEOUT_ENV}={raw!r} is not a whole number of seconds") from None
+  if value < 1:
+    raise ValueError(f"{COORDINATOR_TIMEOUT_ENV}={value} must be >= 1 second")
+  return value
+
+
+def wait_for_coordinator(address: str, timeout_s: float):
+  """Returns once a TCP connection to the coordinator (HOST:PORT) opens; ValueError after timeout_s.
+
+  jax.distributed.initialize on a process other than 0 aborts the whole process from C++ ("another
+  task died", a stack trace, no Python exception) when the coordinator stays unreachable, so the
+  processes that connect to it probe it first and fail with one line instead.
+  """
+  import socket
+  import time
+  host, sep, port = address.rpartition(":")
+  if not sep or not port.isdigit():
+    raise ValueError(f"coordinator address {address!r} is not HOST:PORT")
+  host = host.strip("[]")  # [::1]:1234
+  deadline, last = time.monotonic() + timeout_s, None
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+        return
+    except OSError as e:
+      last = e.strerror or type(e).__name__
+    if time.monotonic() >= deadline:
+      raise ValueError(f"coordinator {address} unreachable for {timeout_s:g} s ({last}): check JAX_COORDINATOR_ADDRESS "
+                       f"and that process 0 is running; {COORDINATOR_TIMEOUT_ENV} sets the wait")
+    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
 def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None, enable: Optional[bool] = None, **kwargs) -> bool:
+                           process_id: Optional[int] = None, enable: Optional[bool] = None,
+                           timeout_s: Optional[int] = None, **kwargs) -> bool:
   """Calls jax.distributed.initialize() when asked; returns whether it did.
 
   Asked by: a coordinator address (argument or JAX_COORDINATOR_ADDRESS, with
   JAX_NUM_PROCESSES / JAX_PROCESS_ID), or enable=True (cluster auto-detection: TPU pods,
-  SLURM, Open MPI). kwargs go to jax.distributed.initialize (e.g. initialization_timeout).
-  Call it first, before anything touches a device. Idempotent.
+  SLURM, Open MPI). timeout_s (default $MOE_JAX_COORDINATOR_TIMEOUT, else 300): how long a
+  process waits for the coordinator (a ValueError naming it after that) and jax's
+  initialization_timeout. kwargs go to jax.distributed.initialize. Call it first, before
+  anything touches a device. Idempotent.
   """
   coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not (enable or coordinator):
@@ -307,10 +351,14 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
   if jax.distributed.is_initialized():
     return True
   env = lambda k: int(os.environ[k]) if k in os.environ else None  # noqa: E731
+  process_id = process_id if process_id is not None else env("JAX_PROCESS_ID")
+  timeout_s = timeout_s or kwargs.pop("initialization_timeout", None) or coordinator_timeout()
+  if coordinator and process_id:  # process 0 hosts the coordinator; the others connect to it
+    wait_for_coordinator(coordinator, timeout_s)
   jax.distributed.initialize(
       coordinator_address=coordinator,
       num_processes=num_processes if num_processes is not None else env("JAX_NUM_PROCESSES"),
-      process_id=process_id if process_id is not None else env("JAX_PROCESS_ID"), **kwargs)
+      process_id=process_id, initialization_timeout=timeout_s, **kwargs)
   return True
 
 
