@@ -35,15 +35,12 @@ from moe_jax.config import dropless
 NEG_INF = -1e30
 
 
-def sample_logits(logits_BV: jax.Array, rng: Optional[jax.Array], temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-  """Next tokens [B] int32: argmax when temperature == 0, else a draw from the tempered
-  distribution restricted to the top_k tokens and to the smallest set whose mass is >= top_p."""
-  if temperature <= 0.0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """fp32 logits [..., V] of the distribution that sampling draws from: tempered, NEG_INF outside the
+  top_k tokens and outside the smallest set whose mass is >= top_p (temperature must be > 0)."""
   logits = logits_BV.astype(jnp.float32) / temperature
   if top_k > 0:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, NEG_INF, logits)
   if top_p < 1.0:
     sorted_desc = -jnp.sort(-logits, axis=-1)
@@ -52,14 +49,25 @@ def sample_logits(logits_BV: jax.Array, rng: Optional[jax.Array], temperature: f
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
     threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, NEG_INF, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return logits
 
 
-def init_cache(model: nn.Module, batch: int, length: int):
-  """Zeroed decode cache with room for `length` tokens (shapes from eval_shape: no parameters built)."""
+def sample_logits(logits_BV: jax.Array, rng: Optional[jax.Array], temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """Next tokens [B] int32: argmax when temperature == 0, else a draw from the tempered
+  distribution restricted to the top_k tokens and to the smallest set whose mass is >= top_p."""
+  if temperature <= 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, filter_logits(logits_BV, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+
+
+def init_cache(model: nn.Module, batch: int, length: int, mtp: bool = False):
+  """Zeroed decode cache with room for `length` tokens (shapes from eval_shape: no parameters built).
+  mtp: keep the MTP depths' caches too (speculative decoding drafts with them)."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, length), jnp.int32),
                                              decode=True))["cache"]
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))
+  shapes = {k: v for k, v in nn.unbox(shapes).items() if mtp or not k.startswith("mtp_")}
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _strip(variables):
@@ -109,13 +117,33 @@ def _generate(variables, prompt_BS, lengths_B, rng, *, model, max_new_tokens, te
 def generate(model: nn.Module, variables, prompt_tokens, max_new_tokens: int, *,
              prompt_lengths=None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rng: Optional[jax.Array] = None, stop_tokens: Sequence[int] = (), pad_id: int = 0,
-             absorb: bool = True) -> jax.Array:
+             absorb: bool = True, speculative: int = 0) -> jax.Array:
   """prompt_tokens [B, S] int32 -> tokens [B, S + max_new_tokens] (layout: module docstring).
 
   prompt_lengths [B] (default: all S) marks right-padded prompts of different lengths.
   Greedy unless temperature > 0 (then rng is required). Rows stop after emitting any of
   stop_tokens. absorb=False decodes with the expanded MLA (same cache, for comparison).
+  speculative=K >= 1: the model's MTP module drafts K tokens per step and the model verifies
+  them in one call (moe_jax/speculative.py): the same tokens greedily, the same distribution
+  when sampling.
   """
+  if speculative:
+    from moe_jax import speculative as spec  # it builds on this module's helpers
+    return spec.generate_speculative(model, variables, prompt_tokens, max_new_tokens, speculative,
+                                     prompt_lengths=prompt_lengths, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, rng=rng, stop_tokens=stop_tokens, pad_id=pad_id,
+                                     absorb=absorb)[0]
+  model, variables, prompt, lengths, rng = prepare(model, variables, prompt_tokens, max_new_tokens,
+                                                   prompt_lengths, temperature, rng)
+  return _generate(variables, prompt, lengths, rng, model=model, max_new_tokens=int(max_new_tokens),
+                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                   stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id), absorb=bool(absorb))
+
+
+def prepare(model: nn.Module, variables, prompt_tokens, max_new_tokens: int, prompt_lengths, temperature: float,
+            rng):
+  """Checked inputs of a generation -> (dropless model, variables without cache, prompt [B, S] int32,
+  lengths [B] int32, rng)."""
   prompt = jnp.asarray(prompt_tokens, jnp.int32)
   if prompt.ndim != 2:
     raise ValueError(f"prompt_tokens must be [batch, length], got shape {prompt.shape}")
@@ -138,9 +166,7 @@ def generate(model: nn.Module, variables, prompt_tokens, max_new_tokens: int, *,
   rng = jax.random.key(0) if rng is None else rng
   if dropless(model.cfg) != model.cfg:  # generation never drops a token, whatever the training setting
     model = type(model)(dropless(model.cfg))
-  return _generate(_strip(variables), prompt, lengths, rng, model=model, max_new_tokens=int(max_new_tokens),
-                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                   stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id), absorb=bool(absorb))
+  return model, _strip(variables), prompt, lengths, rng
 
 
 def continuations(tokens_BT, prompt_lengths, max_new_tokens: int, stop_tokens: Sequence[int] = ()) -> list[list[int]]:

@@ -43,11 +43,12 @@ class Block(nn.Module):
   moe: bool
 
   @nn.compact
-  def __call__(self, x_BSD, positions_BS, segment_ids_BS=None, decode: bool = False, absorb: bool = True):
+  def __call__(self, x_BSD, positions_BS, segment_ids_BS=None, decode: bool = False, absorb: bool = True,
+               append: bool = False):
     cfg = self.cfg
     attn = GQA if cfg.attention_type == "gqa" else MLA  # plain attention for ablations (layers/gqa.py)
     h = x_BSD + attn(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x_BSD), positions_BS, segment_ids_BS,
-                                      decode, absorb)
+                                      decode, absorb, append)
     ffn = MoE(cfg, name="moe") if self.moe else MLP(cfg, cfg.intermediate_size, name="mlp")
     out = h + ffn(RMSNorm(cfg, name="ffn_norm")(h))
     return nn.with_logical_constraint(out, BLOCK_BOUNDARY)
@@ -57,8 +58,9 @@ class ScanBlock(Block):
   """Block with the (carry, x) -> (carry, y) signature that nn.scan wants."""
 
   @nn.compact
-  def __call__(self, x_BSD, positions_BS, segment_ids_BS=None, decode: bool = False, absorb: bool = True):
-    return super().__call__(x_BSD, positions_BS, segment_ids_BS, decode, absorb), None
+  def __call__(self, x_BSD, positions_BS, segment_ids_BS=None, decode: bool = False, absorb: bool = True,
+               append: bool = False):
+    return super().__call__(x_BSD, positions_BS, segment_ids_BS, decode, absorb, append), None
 
 
 def _block_class(cfg: ModelConfig, scanned: bool):
@@ -66,7 +68,7 @@ def _block_class(cfg: ModelConfig, scanned: bool):
   if cfg.remat_policy == "none":
     return cls
   return nn.remat(cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not scanned,
-                  static_argnums=(4, 5))  # decode, absorb (self is argnum 0)
+                  static_argnums=(4, 5, 6))  # decode, absorb, append (self is argnum 0)
 
 
 class MTPLayer(nn.Module):
@@ -75,12 +77,14 @@ class MTPLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, emb_BSD, h_BSD, positions_BS, segment_ids_BS=None):
+  def __call__(self, emb_BSD, h_BSD, positions_BS, segment_ids_BS=None, decode: bool = False,
+               append: bool = False):
     cfg = self.cfg
     eh = weight(self, cfg, "eh_proj", (2 * cfg.hidden_size, cfg.hidden_size), (None, "embed"))
     joined = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb_BSD), RMSNorm(cfg, name="hnorm")(h_BSD)], -1)
     h = project("bse,ed->bsd", joined, eh, cfg)
-    h = Block(cfg, moe=cfg.is_moe_layer(cfg.num_hidden_layers), name="block")(h, positions_BS, segment_ids_BS)
+    h = Block(cfg, moe=cfg.is_moe_layer(cfg.num_hidden_layers), name="block")(h, positions_BS, segment_ids_BS,
+                                                                             decode, True, append)
     return h, RMSNorm(cfg, name="head_norm")(h)
 
 
@@ -96,7 +100,7 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       def stack(moe, n, name):
         return nn.scan(_block_class(cfg, True), variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
-                       split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4, length=n,
+                       split_rngs={"params": True}, in_axes=(nn.broadcast,) * 5, length=n,
                        metadata_params={nn.PARTITION_NAME: "layers"})(cfg, moe, name=name)
       k = cfg.first_k_dense_replace
       self.dense_layers = stack(False, k, "dense_layers") if k else None
@@ -118,6 +122,19 @@ class Transformer(nn.Module):
     w = self.embed.T if self.cfg.tie_word_embeddings else self.head
     return project("bsd,dv->bsv", h_normed_BSD, w, self.cfg, fp8=False).astype(jnp.float32)  # head stays bf16/fp32
 
+  def trunk(self, tokens_BS: jax.Array, positions_BS: jax.Array, segment_ids_BS: Optional[jax.Array] = None,
+            decode: bool = False, absorb: bool = True, append: bool = False) -> jax.Array:
+    """tokens [B, S] -> final-normed hidden states [B, S, D] (what the head and MTP depth 1 read)."""
+    x = self.embed_tokens(tokens_BS)
+    if self.cfg.scan_layers:
+      for stack in (self.dense_layers, self.moe_layers):
+        if stack is not None:
+          x, _ = stack(x, positions_BS, segment_ids_BS, decode, absorb, append)
+    else:
+      for layer in self.layers:
+        x = layer(x, positions_BS, segment_ids_BS, decode, absorb, append)
+    return self.final_norm(x)
+
   def __call__(self, tokens_BS: jax.Array, positions_BS: Optional[jax.Array] = None,
                segment_ids_BS: Optional[jax.Array] = None, decode: bool = False, absorb: bool = True,
                return_mtp: bool = False):
@@ -126,21 +143,14 @@ class Transformer(nn.Module):
     positions default to 0..S-1; segment_ids (packed documents) restrict attention to
     tokens of the same id. decode/absorb: see MLA.__call__. MTP logits at position i of
     depth k predict token i+k+1 (positions within k of the end see padding and are not
-    meaningful; the loss masks them).
+    meaningful; the loss masks them). Initializing with decode=True also creates the MTP
+    depths' own caches (speculative decoding drafts with them).
     """
     cfg = self.cfg
     b, s = tokens_BS.shape
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    x = self.embed_tokens(tokens_BS)
-    if cfg.scan_layers:
-      for stack in (self.dense_layers, self.moe_layers):
-        if stack is not None:
-          x, _ = stack(x, positions_BS, segment_ids_BS, decode, absorb)
-    else:
-      for layer in self.layers:
-        x = layer(x, positions_BS, segment_ids_BS, decode, absorb)
-    h = self.final_norm(x)
+    h = self.trunk(tokens_BS, positions_BS, segment_ids_BS, decode, absorb)
     logits = self.logits(h)
     if not (return_mtp or self.is_initializing()):
       return logits
@@ -148,8 +158,25 @@ class Transformer(nn.Module):
     for k, layer in enumerate(self.mtp, start=1):
       # Token i+k's embedding at position i; the last k positions see token 0 (masked in the loss).
       shifted = jnp.concatenate([tokens_BS[:, k:], jnp.zeros((b, k), tokens_BS.dtype)], axis=1)
-      h, h_normed = layer(self.embed_tokens(shifted), h, positions_BS, segment_ids_BS)
+      h, h_normed = layer(self.embed_tokens(shifted), h, positions_BS, segment_ids_BS, decode)
       mtp_logits.append(self.logits(h_normed))
     if not return_mtp:
       return logits
     return logits, jnp.stack(mtp_logits) if mtp_logits else jnp.zeros((0, b, s, cfg.vocab_size), jnp.float32)
+
+  # --- speculative decoding (moe_jax/speculative.py) ---------------------------------------
+  def verify(self, tokens_BS: jax.Array, positions_BS: jax.Array, absorb: bool = True):
+    """S tokens appended to the decode cache, causal among themselves ->
+    (logits [B, S, V] fp32, final-normed hidden [B, S, D])."""
+    h = self.trunk(tokens_BS, positions_BS, None, True, absorb, True)
+    return self.logits(h), h
+
+  def draft(self, depth: int, next_tokens_BS: jax.Array, h_BSD: jax.Array, positions_BS: jax.Array,
+            query_B: jax.Array, append: bool = True):
+    """MTP depth `depth` (0-based) against its own decode cache: at position i, h [B, S, D] (the
+    main model's final-normed hidden for depth 0, else the previous depth's output) and token
+    i+depth+1 (next_tokens) -> (output hidden [B, S, D], logits [B, V] at column query_B [B]),
+    the logits predicting token i+depth+2. append=False: a prefill of the empty cache."""
+    h, h_normed = self.mtp[depth](self.embed_tokens(next_tokens_BS), h_BSD, positions_BS, None, True, append)
+    rows = jnp.arange(h.shape[0])
+    return h, self.logits(h_normed[rows, query_B][:, None])[:, 0]

@@ -126,14 +126,17 @@ class MLA(nn.Module):
     return project("bshk,khv->bshv", o_latent, self.v_b, cfg)
 
   def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, segment_ids_BS: Optional[jax.Array] = None,
-               decode: bool = False, absorb: bool = True) -> jax.Array:
+               decode: bool = False, absorb: bool = True, append: bool = False) -> jax.Array:
     """Expanded attention, or with decode=True one step against the latent cache.
 
     decode=True: the first call creates the cache with room for S tokens (call it with the
     full [B, max_len] shape); later calls write each token's latent at slot positions[b, s].
-    A call with S > 1 is a prefill of an empty cache (expanded attention over the chunk);
-    a call with S == 1 is a decode step over every slot <= its position, in the absorbed
-    form (absorb=False re-expands keys and values from the cache, for comparison).
+    A call with S > 1 is a prefill of an empty cache (expanded attention over the chunk)
+    unless append=True; a call with S == 1, or any S with append=True, attends from each
+    query to every slot <= its own position (so S appended tokens are causal among
+    themselves: speculative verification), in the absorbed form (absorb=False re-expands
+    keys and values from the cache, for comparison). Slots are written before they are read,
+    so a call may overwrite stale slots (rejected drafts) at or after its first position.
     """
     cfg = self.cfg
     length = x_BSD.shape[1]
@@ -143,10 +146,10 @@ class MLA(nn.Module):
 
     if decode:
       cached = self.cache(c, k_rope, positions_BS)
-      if cached is not None and length == 1:
+      if cached is not None and (length == 1 or append):
         cache_c, cache_r = cached
         slots = jnp.arange(cache_c.shape[1])
-        mask = (slots[None, :] <= positions_BS[:, :1])[:, None, None, :]  # [B, 1, 1, T]
+        mask = (slots[None, None, :] <= positions_BS[:, :, None])[:, None]  # [B, 1, S, T]
         form = self.absorbed if absorb else self.expanded
         out = form(q_nope, q_rope, cache_c, cache_r, mask)
         return project("bshv,hvd->bsd", out, self.o, cfg)

@@ -1,0 +1,169 @@
+"""Speculative decoding with the MTP module: greedy equals plain greedy token for token, sampling
+keeps the model's distribution (and a wrong acceptance rule is caught), stale cache slots of
+rejected drafts never reach an accepted token's logits, and a model without MTP is refused."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as scistats
+
+from moe_jax import config as mcfg
+from moe_jax import speculative
+from moe_jax.errors import UserError
+from moe_jax.generate import filter_logits, generate, init_cache
+from moe_jax.model import Transformer
+from test_generate import random_variables
+
+# A 6-token vocabulary so that the random MTP module's drafts are accepted now and then
+# (every path of the acceptance is exercised); weights of 0.2 keep greedy choices off near-ties.
+VOCAB = 6
+
+
+def _setup(dtype):
+  model = Transformer(mcfg.tiny(vocab_size=VOCAB, initializer_range=0.2, max_position_embeddings=64, dtype=dtype))
+  return model, random_variables(model, 3)
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def greedy_case(request):
+  """Batch 4, ragged prompts, a stop token that cuts some rows: the plain greedy reference."""
+  model, variables = _setup(request.param)
+  prompt = np.array(jax.random.randint(jax.random.key(5), (4, 6), 0, VOCAB))
+  lengths = np.array([6, 2, 1, 4])
+  for b, n in enumerate(lengths):
+    prompt[b, n:] = 0
+  free = np.asarray(generate(model, variables, prompt, 14, prompt_lengths=lengths))
+  stop = int(free[1, lengths[1] + 9])  # row 1's 10th new token: rows stop at different steps
+  ref = np.asarray(generate(model, variables, prompt, 14, prompt_lengths=lengths, stop_tokens=(stop,)))
+  return model, variables, prompt, lengths, stop, ref
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_equals_plain_greedy(greedy_case, k):
+  model, variables, prompt, lengths, stop, ref = greedy_case
+  out, st = speculative.generate_speculative(model, variables, prompt, 14, k, prompt_lengths=lengths,
+                                             stop_tokens=(stop,))
+  np.testing.assert_array_equal(np.asarray(out), ref)
+  assert any(r[lengths[b]:].tolist().count(stop) for b, r in enumerate(ref))  # the stop token cut a row
+  assert st["accept_rate"][0] > 0  # drafts were accepted: the multi-token commit path ran
+  assert 1.0 < st["tokens_per_step"] <= k + 1
+  assert st["verify_steps"] < st["new_tokens"]  # fewer main-model steps than tokens
+
+
+def test_generate_flag_matches(greedy_case):
+  model, variables, prompt, lengths, stop, ref = greedy_case
+  out = generate(model, variables, prompt, 14, prompt_lengths=lengths, stop_tokens=(stop,), speculative=2)
+  np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+def _exact_joint(model, variables, prompt, temperature, top_k):
+  """P[a, b, c] of the first three new tokens under the model's filtered distribution (teacher forcing)."""
+  def dist(tokens, col):
+    logits = model.apply(variables, jnp.asarray(tokens))[:, col]
+    return np.asarray(jax.nn.softmax(filter_logits(logits, temperature, top_k), -1), np.float64)
+  p_a = dist(prompt[None], -1)[0]  # [V]
+  ab = np.array([[a, b] for a in range(VOCAB) for b in range(VOCAB)])
+  seqs = np.concatenate([np.repeat(prompt[None], len(ab), 0), ab], 1)  # [V*V, L+2]
+  p_b = dist(seqs[::VOCAB, :-1], -1)  # [V] given a
+  p_c = dist(seqs, -1).reshape(VOCAB, VOCAB, VOCAB)  # given a, b
+  return p_a[:, None, None] * p_b[:, :, None] * p_c
+
+
+def _chi2_pvalue(samples_N3, joint):
+  """Pearson chi-square of the (token 2, token 3) pairs against the exact marginal; cells with
+  expectation < 5 pooled into one."""
+  n = len(samples_N3)
+  expected = joint.sum(0).reshape(-1) * n
+  observed = np.bincount(samples_N3[:, 1] * VOCAB + samples_N3[:, 2], minlength=VOCAB * VOCAB)
+  small = expected < 5
+  e = np.append(expected[~small], expected[small].sum())
+  o = np.append(observed[~small], observed[small].sum())
+  keep = e > 0
+  return scistats.chisquare(o[keep], e[keep] * o[keep].sum() / e[keep].sum()).pvalue
+
+
+@pytest.fixture(scope="module")
+def sampling_case():
+  # Smaller weights than the greedy case: flatter distributions, so that drafts are both accepted
+  # and rejected.
+  model = Transformer(mcfg.tiny(vocab_size=VOCAB, initializer_range=0.1, max_position_embeddings=64))
+  variables = random_variables(model, 4)
+  prompt = np.array([1, 4, 2], np.int32)
+  temperature, top_k = 0.9, 5
+  return model, variables, prompt, temperature, top_k, _exact_joint(model, variables, prompt, temperature, top_k)
+
+
+N_DRAWS = 6000  # rows of one batch: each row is one independent draw of 3 tokens
+
+
+def _draw(case, k=None):
+  model, variables, prompt, temperature, top_k, _ = case
+  batch = np.repeat(prompt[None], N_DRAWS, 0)
+  kw = dict(temperature=temperature, top_k=top_k, rng=jax.random.key(11))
+  if k is None:
+    return np.asarray(generate(model, variables, batch, 3, **kw))[:, 3:]
+  out, st = speculative.generate_speculative(model, variables, batch, 3, k, **kw)
+  return np.asarray(out)[:, 3:], st
+
+
+def test_sampling_keeps_the_distribution(sampling_case):
+  joint = sampling_case[-1]
+  # The drafts' distribution differs from the model's: a rule that ignored p would show.
+  assert _chi2_pvalue(_draw(sampling_case), joint) > 1e-3  # plain sampling passes the same test
+  samples, st = _draw(sampling_case, k=2)
+  assert 0.05 < st["accept_rate"][0] < 0.95  # both acceptance and rejection happen
+  assert _chi2_pvalue(samples, joint) > 1e-3
+
+
+def test_wrong_acceptance_rule_is_caught(sampling_case, monkeypatch):
+  """Accepting every draft (the draft distribution's tokens) must fail the same test."""
+  monkeypatch.setattr(speculative, "acceptance_probability", lambda p, q: jnp.ones_like(p))
+  speculative._generate.clear_cache()
+  try:
+    samples, st = _draw(sampling_case, k=2)
+  finally:
+    speculative._generate.clear_cache()
+  assert st["accept_rate"][0] == 1.0
+  assert _chi2_pvalue(samples, sampling_case[-1]) < 1e-6
+
+
+def test_rejected_slots_never_reach_accepted_logits():
+  """Verify [x, wrong drafts] (stale slots P+1..P+K), then verify from P+1: the logits equal a
+  teacher-forced forward's; and noise in every slot after P changes nothing at P..P+K."""
+  model, variables = _setup("float32")
+  seq = np.array([[3, 1, 4, 1, 5, 2, 0, 3]], np.int32)
+  p, k = 4, 2
+  ref = np.asarray(model.apply(variables, seq))  # [1, 8, V]
+
+  @jax.jit
+  def verify(cache, tokens, positions):
+    out, mut = model.apply({**variables, "cache": cache}, tokens, positions, method="verify", mutable=["cache"])
+    return out, mut["cache"]
+
+  def call(cache, method, *args):
+    if method == "verify":
+      return verify(cache, *args)
+    out, mut = model.apply({**variables, "cache": cache}, *args, method=method, mutable=["cache"])
+    return out, mut["cache"]
+
+  cache = init_cache(model, 1, 16)
+  _, cache = call(cache, "trunk", seq[:, :p], jnp.arange(p)[None], None, True)
+  wrong = np.array([[seq[0, p], (seq[0, p + 1] + 1) % VOCAB, (seq[0, p + 2] + 2) % VOCAB]], np.int32)
+  _, stale = call(cache, "verify", wrong, p + jnp.arange(k + 1)[None])
+  (logits, _), _ = call(stale, "verify", seq[:, p + 1:p + 2 + k], p + 1 + jnp.arange(k + 1)[None])
+  np.testing.assert_allclose(np.asarray(logits), ref[:, p + 1:p + 2 + k], atol=1e-4, rtol=1e-4)
+
+  noisy = jax.tree.map(lambda c: c.at[:, p:].set(jax.random.normal(jax.random.key(0), c[:, p:].shape)), cache)
+  (clean, _), _ = call(cache, "verify", seq[:, p:p + 1 + k], p + jnp.arange(k + 1)[None])
+  (dirty, _), _ = call(noisy, "verify", seq[:, p:p + 1 + k], p + jnp.arange(k + 1)[None])
+  np.testing.assert_array_equal(np.asarray(clean), np.asarray(dirty))
+
+
+def test_model_without_mtp_is_refused():
+  model = Transformer(mcfg.tiny(vocab_size=VOCAB, num_nextn_predict_layers=0))
+  variables = random_variables(model, 0)
+  with pytest.raises(UserError, match="MTP weights"):
+    speculative.generate_speculative(model, variables, np.ones((1, 3), np.int32), 4, 1)
+  with pytest.raises(UserError, match=">= 1"):
+    speculative.generate_speculative(*_setup("float32"), np.ones((1, 3), np.int32), 4, 0)
