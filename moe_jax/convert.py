@@ -79,9 +79,21 @@ def _umask() -> int:
 
 def hf_to_ckpt(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", **config_overrides) -> Path:
   """Loads a Hugging Face directory (moe_jax.hf.load_pretrained) and writes an orbax checkpoint."""
-  from moe_jax import hf
+  from flax import linen as nn
+
+  from moe_jax import hf, sharding
+  from moe_jax import variables as model_variables
   src, out = _existing_dir(hf_dir, "Hugging Face directory"), _empty_output(out_dir, "--out")
-  model, variables = hf.load_pretrained(src, dtype=dtype, **config_overrides)
+  # Every device on 'fsdp': each process reads only its devices' part of every tensor, and no
+  # device needs a whole one. A width that the device count does not divide: replicated.
+  boxed = model_variables.abstract(hf.pretrained_config(src, dtype=dtype, **config_overrides))
+  mesh = sharding.make_mesh(1, -1)
+  try:
+    sharding.check_divisible(boxed, sharding.DEFAULT_RULES, dict(mesh.shape))
+  except ValueError:
+    mesh = sharding.make_mesh(-1)
+  shardings = nn.unbox(sharding.named_shardings(boxed, mesh, sharding.DEFAULT_RULES))
+  model, variables = hf.load_pretrained(src, dtype=dtype, shardings=shardings, **config_overrides)
   with _Staging(out) as tmp:
     write_checkpoint(tmp, model.cfg, variables)
   return out

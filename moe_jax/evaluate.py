@@ -368,8 +368,12 @@ def load_model(*, workdir: Optional[str] = None, checkpoint: Optional[str] = Non
     if not os.path.isfile(os.path.join(hf, "config.json")):
       raise UserError(f"--hf={hf}: not a Hugging Face model directory (no config.json)")
     from moe_jax import hf as hf_lib
-    try:
-      model, variables = hf_lib.load_pretrained(hf, **({"dtype": dtype} if dtype else {}))
+    from moe_jax.model import Transformer
+    load_kw = {"dtype": dtype} if dtype else {}
+    try:  # placed as scoring.place would: each process reads only what its devices hold
+      abstract = model_variables.abstract_sharded(Transformer(hf_lib.pretrained_config(hf, **load_kw)),
+                                                  (sharding.data_parallel_size(mesh, rules), 1), mesh, rules)
+      model, variables = hf_lib.load_pretrained(hf, shardings=jax.tree.map(lambda a: a.sharding, abstract), **load_kw)
     except ValueError as e:  # config/tensor mismatches, named by hf.py
       raise UserError(f"--hf={hf}: {e}") from None
     name, step = os.path.abspath(hf), None
@@ -411,11 +415,15 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
         max_len: Optional[int] = None, mesh=None, rules=None, max_new_tokens: int = 32,
         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = ("\n",),
         seed: int = 0, progress: bool = True, show_samples: int = 0, printer=print,
-        max_len_from: Optional[str] = None) -> dict[str, Any]:
+        max_len_from: Optional[str] = None, speculative: int = 0,
+        speculative_compare: bool = False) -> dict[str, Any]:
   """Scores `tasks` (module docstring) and lm-eval tasks -> report dict; writes JSON to `output`.
   show_samples: print (and report under 'samples') the first N generations of each gen task.
   max_len_from: where max_len came from, for the report (default: "--max_len" when given, else
-  min(max_position_embeddings, scoring.DEFAULT_MAX_LEN))."""
+  min(max_position_embeddings, scoring.DEFAULT_MAX_LEN)).
+  speculative=K: generation drafts K tokens per step with the MTP module; the report's
+  'speculative' entry pools the draft counters and new tokens/s, and with speculative_compare
+  the gen tasks run again without drafts in the same process for the plain tokens/s."""
   task_list = parse_tasks(tasks)
   harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
   if not task_list and not harness:
@@ -425,7 +433,7 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
     raise UserError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids but the model's vocab_size is "
                     f"{model.cfg.vocab_size}")
   scorer = scoring.Scorer(model, variables, batch_size=batch_size, max_len=max_len, mesh=mesh, rules=rules,
-                          pad_id=0, progress=progress)
+                          pad_id=0, progress=progress, speculative=speculative)
   rows, samples, heatmaps = [], [], []
   for kind, path in task_list:
     start = time.time()
@@ -448,6 +456,11 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
     from moe_jax import lm_eval_adapter
     rows += lm_eval_adapter.evaluate_tasks(scorer, tok, harness, include_path=lm_eval_include, limit=lm_eval_limit,
                                            max_new_tokens=max_new_tokens)
+  spec_report = None
+  if speculative:
+    spec_report = _speculative_report(scorer, task_list, tok, speculative_compare, printer,
+                                      dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                           top_p=top_p, stop=stop, seed=seed))
   if max_len_from is None:
     max_len_from = "--max_len" if max_len else f"min(max_position_embeddings, {scoring.DEFAULT_MAX_LEN})"
   if max_len and scorer.max_len < max_len:
@@ -458,6 +471,8 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
                 results=rows)
   if samples:
     report["samples"] = samples
+  if spec_report:
+    report["speculative"] = spec_report
   if heatmaps:  # each expert's share of its layer's routed tokens, per lm task
     report["expert_load"] = {name: {k: (v / max(v.sum(), 1)).tolist() for k, v in loads.items()}
                              for name, loads in heatmaps}
@@ -477,6 +492,43 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
       except UserError as e:  # matplotlib missing: the numbers are in the report already
         printer(f"no expert-load heat map: {e}")
   return report
+
+
+def _speculative_report(scorer, task_list, tok, compare: bool, printer, gen_kw) -> dict[str, Any]:
+  """Pooled draft counters and tokens/s of the generations so far (speculative.pool); with compare,
+  the gen tasks once more without drafts (same batches, same process): tokens/s of both over the
+  batches where neither compiled, and whether every output matched (greedy: it must)."""
+  from moe_jax import speculative
+  spec_log = scorer.gen_log
+  if not spec_log:
+    printer("speculative: no generation ran (no gen task, no lm-eval generation)")
+    return {}
+  rep: dict[str, Any] = dict(drafts=speculative.pool(spec_log))
+  spec = rep["drafts"]
+  line = (f"speculative K={spec['k']}: accept rate per draft position "
+          f"{[round(a, 3) for a in spec['accept_rate']]}, {spec['tokens_per_step']:.2f} tokens per verify step, "
+          f"{spec['tokens_per_s']} new tokens/s")
+  if compare:
+    scorer.speculative, scorer.gen_log = 0, []
+    try:
+      for kind, path in task_list:
+        if kind == "gen":
+          eval_gen(scorer, tok, path, **gen_kw)
+      plain_log = scorer.gen_log
+    finally:
+      scorer.speculative, scorer.gen_log = spec["k"], spec_log
+    pairs = [(s, p) for s, p in zip(spec_log, plain_log) if not (s["compiled"] or p["compiled"])]
+    rep["same_outputs"] = all(s["outputs"] == p["outputs"] for s, p in zip(spec_log, plain_log))
+    rep["compare"] = dict(batches=len(pairs), speculative_tokens_per_s=speculative.pool([s for s, _ in pairs])[
+        "tokens_per_s"], plain_tokens_per_s=speculative.pool([p for _, p in pairs])["tokens_per_s"])
+    cmp = rep["compare"]
+    if cmp["plain_tokens_per_s"] and cmp["speculative_tokens_per_s"]:
+      cmp["speedup"] = round(cmp["speculative_tokens_per_s"] / cmp["plain_tokens_per_s"], 3)
+    line += (f"; same batches without drafts ({len(pairs)} not compiling): {cmp['speculative_tokens_per_s']} vs "
+             f"{cmp['plain_tokens_per_s']} new tokens/s, speed-up {cmp.get('speedup')}x, "
+             f"same outputs: {rep['same_outputs']}")
+  printer(line)
+  return rep
 
 
 def format_samples(samples: list[dict[str, Any]]) -> str:

@@ -393,6 +393,13 @@ def config_from_dir(path: str | os.PathLike, **config_overrides) -> ModelConfig:
   return _open(Path(path), **config_overrides)[0]
 
 
+def pretrained_config(path: str | os.PathLike, dtype: str = "float32", keep_fp8: bool = False,
+                      **config_overrides) -> ModelConfig:
+  """The ModelConfig load_pretrained(path, dtype, keep_fp8=keep_fp8, **config_overrides) builds,
+  from the headers alone: callers build the shardings to load with from it."""
+  return config_from_dir(path, **{"dtype": dtype, "param_dtype": dtype, "fp8": keep_fp8, **config_overrides})
+
+
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: Optional[Any] = None,
                     keep_fp8: bool = False, **config_overrides) -> tuple[Transformer, dict[str, Any]]:
   """A Hugging Face DeepSeek-V2/V3 directory -> (Transformer, {'params', 'router'}).

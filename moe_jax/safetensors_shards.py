@@ -8,7 +8,8 @@ shard is a box; `Source` says which HF tensor fills each slot of its leading sta
 the transpose [out, in] -> [in, out] and the head splits). `ShardReader.fill` turns a box into
 the HF rows and columns it needs, reads them (`RangeReader.block`) and lays them out as ours;
 `build_array` does that once per distinct box among the process's devices (a shard replicated
-on several local devices is read once) and assembles the global jax.Array.
+on several local devices is read once; boxes that tile one larger box are read as that box,
+in longer ranges) and assembles the global jax.Array.
 
 Host memory: the boxes of one variable that this process holds, plus one read chunk. Reads:
 ranges adjacent in the file are merged; ranges further apart than `max_gap` bytes are read
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 CHUNK_BYTES = 64 << 20  # one read buffer: the most one read call asks for
 PROGRESS_BYTES = 4 << 20
 MAX_GAP_BYTES = 0  # ranges further apart than this are read separately (the gap is not read)
+TILE_BOXES = True  # local boxes that tile one box are read as it (tests turn it off to check each box)
 Box = tuple[tuple[int, int], ...]  # (start, stop) per axis
 
 
@@ -249,8 +251,18 @@ def build_array(reader: ShardReader, source: Source, sharding: Optional[jax.shar
   """The global array: each distinct local box read once; without a sharding, jnp.asarray of the whole."""
   if sharding is None:
     return jnp.asarray(reader.fill(source, local_boxes(source.shape, None)[0]))
-  boxes = {box: reader.fill(source, box) for box in local_boxes(source.shape, sharding)}
-  return jax.make_array_from_callback(source.shape, sharding, lambda index: boxes[box_of(index, source.shape)])
+  boxes = local_boxes(source.shape, sharding)
+  hull = tuple((min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(len(source.shape)))
+  if TILE_BOXES and sum(_size(b) for b in boxes) == _size(hull):  # the boxes tile one box (distinct boxes are disjoint):
+    whole = reader.fill(source, hull)  # read it at once, in longer ranges
+    data = {b: whole[tuple(slice(s - h, e - h) for (s, e), (h, _) in zip(b, hull))] for b in boxes}
+  else:
+    data = {b: reader.fill(source, b) for b in boxes}
+  return jax.make_array_from_callback(source.shape, sharding, lambda index: data[box_of(index, source.shape)])
+
+
+def _size(box: Box) -> int:
+  return math.prod(e - s for s, e in box)
 
 
 def load(entries: dict, np_dtypes: dict, sources: dict, shardings: dict, checkpoint_bytes: int,

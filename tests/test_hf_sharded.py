@@ -143,7 +143,10 @@ _UNSHARDED = {}  # case -> (variables, stats) of the load without shardings, sha
 
 
 @pytest.mark.parametrize("case, mesh_name", [(c, m) for c, (_, _, meshes) in CASES.items() for m in meshes])
-def test_sharded_load_equals_unsharded(checkpoints, case, mesh_name):
+def test_sharded_load_equals_unsharded(checkpoints, case, mesh_name, monkeypatch):
+  """Each device box read on its own (in one process the boxes tile the whole array, which
+  would otherwise be read at once): every box maps back to the HF rows/cols it holds."""
+  monkeypatch.setattr(shards, "TILE_BOXES", False)
   ckpt, kw, _ = CASES[case]
   path = checkpoints[ckpt]
   if case not in _UNSHARDED:
@@ -174,6 +177,18 @@ def test_sharded_load_equals_unsharded(checkpoints, case, mesh_name):
     assert stats["bytes_read"] == stats["planned_bytes"] == whole_stats["bytes_read"]
   assert stats["bytes_read"] <= stats["checkpoint_bytes"]
   assert stats["bytes_read"] >= 0.9 * whole_stats["bytes_read"]
+
+
+def test_boxes_tiling_one_box_are_read_at_once(checkpoints):
+  """One process holding every box of a variable reads it as the unsharded load does."""
+  path = checkpoints["v3_f32"]
+  _, whole = hf.load_pretrained(path)
+  whole_stats = hf.last_load_stats()
+  _, got = hf.load_pretrained(path, shardings=shardings_for(path, sharding.make_mesh(*MESHES["fsdp4_expert2"])))
+  stats = hf.last_load_stats()
+  assert (stats["reads"], stats["bytes_read"]) == (whole_stats["reads"], whole_stats["bytes_read"])
+  for p, x in flat(got).items():
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(flat(whole)[p]))
 
 
 def test_kept_fp8_blocks_are_the_checkpoints(checkpoints):
