@@ -11,7 +11,10 @@ prints one JSON line:
   bytes against the chip's HBM (fits); compiled matmul FLOPs per step (scanned loops counted
   their full trip count, moe_jax/hlo.py) and XLA's cost_analysis figure, against the model
   FLOPs of moe_jax/flops.py; per collective kind the count and bytes per step per chip, and
-  their total against the layout's ideal (ideal_collectives); and the data layout: every
+  their total against the layout's ideal (ideal_collectives), in buffer bytes and in wire bytes
+  under the ring model (wire_gb, ideal_wire_gb, wire_ratio; the compiler's disguised gathers and
+  reduce-scatters split out, moe_jax/hlo.py), the weight-sized all-reduces over a whole slice
+  that remain (whole_slice_all_reduces); and the data layout: every
   host's batch rows (each must be non-empty, all rows fed).
 
 Topology names as Cloud TPU spells them: v5p-N (N TensorCores, N/2 chips: v5p-512 is 256 chips,
@@ -210,6 +213,9 @@ def ideal_collectives(trainer, config) -> dict[str, float]:
              transposes backward, each the chip's tokens x top-k x hidden (no padding, no rounds)
   Recomputation under remat, dropless rounds and fp32 reductions are what the compiled program
   adds on top; the ratio compiled / ideal says how much.
+  The same in wire bytes per chip under the ring model (hlo.wire_factor), keys 'wire_*': a
+  gather or reduce-scatter over g chips sends (g-1)/g of the full buffer, the all-reduce of a
+  shard replicated r times 2(r-1)/r of the shard, an all-to-all over e chips (e-1)/e.
   """
   import jax
   import jax.numpy as jnp
@@ -220,7 +226,7 @@ def ideal_collectives(trainer, config) -> dict[str, float]:
   act = jnp.dtype(mcfg.compute_dtype).itemsize
   boxed = variables.abstract(mcfg)["params"]
   specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  gather = reduce = 0.0
+  gather = reduce = wire_gather = wire_reduce = 0.0
   moe_layers = 0
   for leaf, logical in zip(jax.tree.leaves(nn.unbox(boxed)), specs):
     dims = [sharding.spec_axes(a) for a in nn.logical_to_mesh_axes(tuple(logical), trainer.rules)]
@@ -230,14 +236,32 @@ def ideal_collectives(trainer, config) -> dict[str, float]:
     if gathered > 1:  # this chip's slice gathered over the data-parallel axes, and its gradient scattered back
       gather += leaf.size / cut * gathered * act
       reduce += leaf.size / cut * gathered * act
+      wire_gather += leaf.size / cut * (gathered - 1) * act
+      wire_reduce += leaf.size / cut * (gathered - 1) * act
     if replicas > 1:
       reduce += leaf.size / cut * act
+      wire_reduce += leaf.size / cut * act * 2 * (replicas - 1) / replicas
     if "exp" in logical:  # a routed-expert stack (gate, up or down)
       moe_layers += leaf.shape[list(logical).index("layers")] if "layers" in logical else 1
   moe_layers //= 3
   tokens = config.batch_size * config.seq_len / math.prod(sizes[a] for a in data_axes)
   a2a = 4 * moe_layers * tokens * mcfg.num_experts_per_tok * mcfg.hidden_size * act if sizes["expert"] > 1 else 0.0
-  return {"gather": gather, "reduce": reduce, "a2a": a2a, "total": gather + reduce + a2a}
+  wire_a2a = a2a * (sizes["expert"] - 1) / sizes["expert"]
+  return {"gather": gather, "reduce": reduce, "a2a": a2a, "total": gather + reduce + a2a,
+          "wire_gather": wire_gather, "wire_reduce": wire_reduce, "wire_a2a": wire_a2a,
+          "wire_total": wire_gather + wire_reduce + wire_a2a}
+
+
+def whole_slice_all_reduces(summary, slice_chips: int, min_bytes: float = 2 ** 20) -> dict[str, Any]:
+  """The all-reduces (in any form) over a whole slice of weight or gradient size (>= 1 MiB): the
+  layout's gathers and reductions should run over sub-groups instead (the TPU compiler keeps a
+  sub-group reduce-scatter or all-gather true, and turns a whole-slice one into all-reduces)."""
+  found = [i for i in summary.items if "all-reduce" in i["kind"] and not i["kind"].startswith("dcn-")
+           and (i["group"] or 0) >= slice_chips and i["bytes"] >= min_bytes]
+  found.sort(key=lambda d: -d["bytes"] * d["times"])
+  return {"count": int(sum(i["times"] for i in found)), "gb": round(sum(i["bytes"] * i["times"] for i in found) / 1e9, 3),
+          "largest": [{"kind": i["kind"], "gb": round(i["bytes"] / 1e9, 3), "times": i["times"], "op": i["op"]}
+                      for i in found[:6]]}
 
 
 # --- compile ---------------------------------------------------------------------------------
@@ -280,11 +304,16 @@ def compile_step(config, topology: Topology) -> dict[str, Any]:
       "xla_cost_flops": float(f"{cost.get('flops', 0.0):.4g}"),
       "model_flops": float(f"{model_flops:.4g}"),
       "flops_ratio": round(summary.flops / model_flops, 4) if model_flops else None,
-      "collectives": {k: {"count": int(v["count"]), "gb": gb(v["bytes"])} for k, v in sorted(summary.collectives.items())},
-      "ideal_collectives_gb": {k: gb(v) for k, v in ideal.items()},
+      "collectives": {k: {"count": int(v["count"]), "gb": gb(v["bytes"]), "wire_gb": gb(v["wire"])}
+                      for k, v in sorted(summary.collectives.items())},
+      "ideal_collectives_gb": {k: gb(v) for k, v in ideal.items() if not k.startswith("wire_")},
       "collectives_ratio": round(sum(v["bytes"] for v in summary.collectives.values()) / ideal["total"], 3)
                            if ideal["total"] else None,
-      "largest_collectives": [dict(d, bytes=int(d["bytes"])) for d in summary.largest[:6]],
+      "wire_gb": gb(summary.wire_bytes),
+      "ideal_wire_gb": {k[len("wire_"):]: gb(v) for k, v in ideal.items() if k.startswith("wire_")},
+      "wire_ratio": round(summary.wire_bytes / ideal["wire_total"], 3) if ideal["wire_total"] else None,
+      "whole_slice_all_reduces": whole_slice_all_reduces(summary, math.prod(topology.shape)),
+      "largest_collectives": [dict(d, bytes=int(d["bytes"]), wire=int(d["wire"])) for d in summary.largest[:6]],
       "unknown_trip_counts": len(summary.unknown_trip_counts),
       "data": layout,
   }

@@ -9,15 +9,31 @@ trip counts of the loops around it), and matmuls and collectives are summed with
   matmuls to it; taps on padding or dilation holes not counted), plus Pallas kernels (custom
   calls) by the `cost_estimate` they carry (splash attention, megablox). Elementwise work is
   not counted.
-  Collectives: count and bytes per kind. Bytes are the larger of the operand and the result
-  per chip (all-gather: the gathered result; reduce-scatter: the full input; all-reduce,
-  all-to-all, collective-permute: the buffer itself). Async pairs count once (the -start).
+  Collectives: count, buffer bytes and wire bytes per kind. Buffer bytes are the larger of the
+  operand and the result per chip (all-gather: the gathered result; reduce-scatter: the full
+  input; all-reduce, all-to-all, collective-permute: the buffer itself). Wire bytes are what
+  one chip sends under the ring model over a group of n: all-reduce 2(n-1)/n x buffer,
+  all-gather, reduce-scatter and all-to-all (n-1)/n x buffer, collective-permute and DCN
+  transfers the buffer. Async pairs count once (the -start).
+  Forms the TPU compiler gives collectives, each under its own kind:
+    reduce-scatter                a native reduce-scatter, or a `kind=kCustom` fusion calling an
+                                  `%all-reduce-scatter` computation (all-reduce + dynamic-slice
+                                  inside, one fused collective; its padded buffer is counted)
+    all-gather-as-all-reduce      an all-reduce whose input is a dynamic-update-slice (a shard
+                                  written into zeros): a gather in disguise, at all-reduce wire cost
+    reduce-scatter-as-all-reduce  an all-reduce whose every use dynamic-slices it: a
+                                  reduce-scatter in disguise, at all-reduce wire cost
+    all-reduce                    the rest
   Cross-slice (DCN) transfers, which TPU multi-slice programs express as send/recv with a
   `_xla_megascale_transfer_type`, are counted under 'dcn-' + the transfer's kind.
+  Group sizes are read from `replica_groups={{..},..}`, the iota form `[groups,size]<=[..]`, the
+  mesh form `mesh['x'=4,'y'=8]{'y'}` (with or without `device_ids=(..)`) and `{}` (all devices).
 
-The trip count of a loop comes from its condition (`compare(i, constant N), direction=LT`,
-the form jax's scan and fori_loop take); a loop whose count cannot be read counts once and
-is reported in `unknown_trip_counts`.
+The trip count of a loop comes from its induction variable: the condition compares a tuple
+element with a constant (`compare(i, N)`, LT/LE/GT/GE/NE), the loop's initial tuple gives its
+start, and the body's root adds a constant step to it (XLA's windowed-einsum loops start at
+0 and step by 2, for example). A loop whose count cannot be read counts once and is
+reported in `unknown_trip_counts`.
 """
 
 from __future__ import annotations
@@ -120,19 +136,73 @@ def parse(text: str) -> tuple[dict[str, Computation], str]:
   return comps, entry
 
 
-def _trip_count(cond: Computation) -> int | None:
-  root = cond.instructions.get(cond.root or "")
-  if root is None or root.opcode != "compare":
-    return None
-  for name in root.operands:
-    ins = cond.instructions.get(name)
-    if ins is not None and ins.opcode == "constant" and re.fullmatch(r"-?\d+", ins.args.strip()):
-      n = int(ins.args)
-      if "direction=LT" in root.attrs:
-        return n
-      if "direction=LE" in root.attrs:
-        return n + 1
+def _through(comp: Computation, name: str) -> Instruction | None:
+  """The instruction behind `name`, looking through copies, bitcasts and converts."""
+  ins = comp.instructions.get(name)
+  while ins is not None and ins.opcode in ("copy", "bitcast", "convert", "reshape") and ins.operands:
+    ins = comp.instructions.get(ins.operands[0])
+  return ins
+
+
+def _int_constant(ins: Instruction | None) -> int | None:
+  if ins is not None and ins.opcode == "constant" and re.fullmatch(r"-?\d+", ins.args.strip()):
+    return int(ins.args)
   return None
+
+
+def _tuple_index(ins: Instruction | None) -> int | None:
+  """k of `get-tuple-element(param), index=k`."""
+  if ins is None or ins.opcode != "get-tuple-element":
+    return None
+  m = re.search(r"\bindex=(\d+)", ins.attrs)
+  return int(m.group(1)) if m else None
+
+
+_FLIP = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "NE": "NE"}
+
+
+def trip_count(cond: Computation, body: Computation, init: Instruction | None,
+               caller: Computation) -> int | None:
+  """Iterations of a while loop: (limit - start) / step for `compare(i, limit)` on its induction
+  variable i (a tuple element), start from the initial tuple, step from the body's `add`."""
+  root = cond.instructions.get(cond.root or "")
+  if root is None or root.opcode != "compare" or len(root.operands) != 2:
+    return None
+  m = re.search(r"direction=(\w+)", root.attrs)
+  direction = m.group(1) if m else None
+  lhs, rhs = (_through(cond, o) for o in root.operands)
+  if _int_constant(lhs) is not None:  # constant on the left: limit OP i
+    lhs, rhs, direction = rhs, lhs, _FLIP.get(direction)
+  k, limit = _tuple_index(lhs), _int_constant(rhs)
+  if k is None or limit is None or direction is None:
+    return None
+  # start: element k of the tuple the loop starts from
+  start = None
+  if init is not None and init.opcode == "tuple" and k < len(init.operands):
+    start = _int_constant(_through(caller, init.operands[k]))
+  # step: the body's root tuple, element k = add(element k, step)
+  step = None
+  body_root = body.instructions.get(body.root or "")
+  if body_root is not None and body_root.opcode == "tuple" and k < len(body_root.operands):
+    upd = _through(body, body_root.operands[k])
+    if upd is not None and upd.opcode in ("add", "subtract") and len(upd.operands) == 2:
+      a, b = (_through(body, o) for o in upd.operands)
+      if _tuple_index(a) == k:
+        step = _int_constant(b)
+      elif _tuple_index(b) == k and upd.opcode == "add":
+        step = _int_constant(a)
+      if step is not None and upd.opcode == "subtract":
+        step = -step
+  if start is None or not step:
+    return None
+  span = limit - start
+  if direction in ("LT", "GT"):
+    n = -(-span // step) if (step > 0) == (direction == "LT") else 0
+  elif direction in ("LE", "GE"):
+    n = span // step + 1 if (step > 0) == (direction == "LE") else 0
+  else:  # NE: exact landing only
+    n = span // step if span % step == 0 else None
+  return max(n, 0) if n is not None else None
 
 
 def multipliers(comps: dict[str, Computation], entry: str) -> tuple[dict[str, float], list[str]]:
@@ -148,7 +218,10 @@ def multipliers(comps: dict[str, Computation], entry: str) -> tuple[dict[str, fl
       trips = 1
       if ins.opcode == "while":
         cond = next((c for c, k in called.items() if k == "condition"), None)
-        trips = _trip_count(comps[cond]) if cond in comps else None
+        body = next((c for c, k in called.items() if k == "body"), None)
+        init = comp.instructions.get(ins.operands[0]) if ins.operands else None
+        trips = (trip_count(comps[cond], comps[body], _through(comp, init.name) if init else None, comp)
+                 if cond in comps and body in comps else None)
         if trips is None:
           unknown.append(ins.name)
           trips = 1
@@ -245,43 +318,134 @@ def _collective_kind(ins: Instruction) -> str | None:
   return None
 
 
-def _group_size(attrs: str) -> int | None:
+def group_size(attrs: str, devices: int | None = None) -> int | None:
+  """Chips in one replica group of a collective (None when the attributes do not say)."""
   m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
   if m:
     return len(m.group(1).split(","))
-  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)  # iota form [groups,size]
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)  # iota form [groups,size]<=[...]
   if m:
     return int(m.group(2))
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)  # mesh form: sizes and grouped axes
+  # mesh form: sizes, an optional device order, the grouped axes:
+  #   mesh['axis_0'=64,'axis_1'=1] {'axis_0'}   mesh['x'=8,'y'=4], device_ids=([2,16]T(1,0)) {'x'}
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)
   if m:
-    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-    return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)) if a in sizes)
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)) if a in sizes)
+  if re.search(r"replica_groups=\{\}", attrs):  # one group of every device
+    return devices
   return None
 
 
+def wire_factor(kind: str, n: int | None) -> float:
+  """Bytes one chip sends per buffer byte under the ring model, for a group of n chips."""
+  if kind.startswith("dcn-") or kind == "collective-permute":
+    return 1.0  # the transfer is the buffer
+  share = (n - 1) / n if n else 1.0  # an unknown group: the large-group limit
+  if kind in ("all-reduce", "all-gather-as-all-reduce", "reduce-scatter-as-all-reduce"):
+    return 2.0 * share  # reduce-scatter then all-gather
+  return share  # all-gather, reduce-scatter, all-to-all, ragged-all-to-all
+
+
 _KERNEL_FLOPS = re.compile(r'"cost_estimate"\s*:\s*\{[^}]*"flops"\s*:\s*"?(\d+)')
+_SHAPE_OPS = ("copy", "bitcast", "convert", "reshape", "transpose")
+
+
+def _users(comp: Computation) -> dict[str, list[Instruction]]:
+  users = defaultdict(list)
+  for ins in comp.instructions.values():
+    for o in ins.operands:
+      users[o].append(ins)
+  return users
+
+
+def _fused(comps: dict[str, Computation], ins: Instruction) -> Computation | None:
+  m = re.search(r"\bcalls=%?([\w.\-]+)", ins.attrs)
+  return comps.get(m.group(1)) if m and ins.opcode == "fusion" else None
+
+
+def _made_by_dus(comps, comp: Computation, name: str) -> bool:
+  """Whether `name` is a dynamic-update-slice (a shard written into a buffer), or a fusion rooted at one."""
+  ins = comp.instructions.get(name)
+  while ins is not None and ins.opcode in _SHAPE_OPS and ins.operands:
+    ins = comp.instructions.get(ins.operands[0])
+  if ins is None:
+    return False
+  if ins.opcode == "dynamic-update-slice":
+    return True
+  fused = _fused(comps, ins)
+  return fused is not None and _made_by_dus(comps, fused, fused.root or "")
+
+
+def _only_sliced(comps, comp: Computation, users, name: str, depth: int = 0) -> bool:
+  """Whether every use of `name` takes a dynamic-slice of it (directly, through shape ops, or in a
+  fusion that dynamic-slices the matching parameter)."""
+  uses = users.get(name, [])
+  if not uses or depth > 8:
+    return False
+  for u in uses:
+    if u.opcode == "dynamic-slice" and u.operands[0] == name:
+      continue
+    if u.opcode in _SHAPE_OPS + ("get-tuple-element", "all-reduce-done"):
+      if _only_sliced(comps, comp, users, u.name, depth + 1):
+        continue
+      return False
+    fused = _fused(comps, u)
+    if fused is None:
+      return False
+    params = {int(i.args): i.name for i in fused.instructions.values() if i.opcode == "parameter"}
+    positions = [k for k, o in enumerate(u.operands) if o == name]
+    if not all(k in params and _only_sliced(comps, fused, _users(fused), params[k], depth + 1) for k in positions):
+      return False
+  return True
+
+
+def _all_reduce_scatter_body(comps, ins: Instruction) -> Instruction | None:
+  """The all-reduce inside a `kind=kCustom` fusion calling an `%all-reduce-scatter` computation."""
+  fused = _fused(comps, ins)
+  if fused is None or "kind=kCustom" not in ins.attrs or not fused.name.startswith("all-reduce-scatter"):
+    return None
+  return next((i for i in fused.instructions.values() if i.opcode in ("all-reduce", "all-reduce-start")), None)
 
 
 @dataclasses.dataclass
 class Summary:
   flops: float  # matmul FLOPs per step, per chip (Pallas kernels included)
   kernel_flops: float  # of which Pallas kernels (their cost estimates)
-  collectives: dict[str, dict[str, float]]  # kind -> {'count', 'bytes'} per step, per chip
-  largest: list[dict]  # the biggest collectives: kind, bytes, group size, times per step, op name
+  collectives: dict[str, dict[str, float]]  # kind -> {'count', 'bytes', 'wire'} per step, per chip
+  largest: list[dict]  # the biggest collectives: kind, bytes, wire, group size, times per step, op name
   unknown_trip_counts: list[str]
+  items: list[dict] = dataclasses.field(default_factory=list)  # every collective, as in `largest`
+
+  @property
+  def wire_bytes(self) -> float:
+    return sum(v["wire"] for v in self.collectives.values())
+
+
+def _num_devices(text: str) -> int | None:
+  m = re.search(r"num_partitions=(\d+)", text[:4000])
+  r = re.search(r"replica_count=(\d+)", text[:4000])
+  return int(m.group(1)) * (int(r.group(1)) if r else 1) if m else None
 
 
 def summarize(text: str, top: int = 12) -> Summary:
   """Per-step matmul FLOPs and collectives of a compiled module's text (`compiled.as_text()`)."""
   comps, entry = parse(text)
   mult, unknown = multipliers(comps, entry)
+  devices = _num_devices(text)
   flops = kernel_flops = 0.0
   totals: dict[str, dict[str, float]] = {}
   items = []
+  inner = set()  # the computations of all-reduce-scatter fusions: counted at the fusion
+  for comp in comps.values():
+    for ins in comp.instructions.values():
+      if ins.opcode == "fusion" and _all_reduce_scatter_body(comps, ins) is not None:
+        inner.add(_fused(comps, ins).name)
   for comp in comps.values():
     times = mult.get(comp.name, 0.0)
-    if not times:
+    if not times or comp.name in inner:
       continue
+    users = None
     for ins in comp.instructions.values():
       if ins.opcode in ("dot", "convolution"):
         flops += times * matmul_flops(comp, ins)
@@ -291,21 +455,37 @@ def summarize(text: str, top: int = 12) -> Summary:
         if m:
           kernel_flops += times * float(m.group(1))
         continue
-      kind = _collective_kind(ins)
-      if kind is None:
+      kind, attrs = _collective_kind(ins), ins.attrs
+      if kind is None and ins.opcode == "fusion":
+        body = _all_reduce_scatter_body(comps, ins)
+        if body is None:
+          continue
+        kind, attrs = "reduce-scatter", body.attrs
+        nbytes = type_bytes(body.type_text)  # the (padded) buffer the fused collective reduces
+      elif kind is None:
         continue
-      result = type_bytes(ins.type_text)
-      if ins.opcode.endswith("-start"):  # async: the result tuple holds the operand(s) and the output
-        arrays = _arrays(ins.type_text)
-        result = max((DTYPE_BYTES[dt] * math.prod(s) for dt, s in arrays), default=0.0)
-      operand = sum(type_bytes(comp.instructions[o].type_text) for o in ins.operands
-                    if o in comp.instructions and comp.instructions[o].opcode != "after-all")
-      nbytes = max(result, operand)
-      t = totals.setdefault(kind, {"count": 0.0, "bytes": 0.0})
+      else:
+        result = type_bytes(ins.type_text)
+        if ins.opcode.endswith("-start"):  # async: the result tuple holds the operand(s) and the output
+          arrays = _arrays(ins.type_text)
+          result = max((DTYPE_BYTES[dt] * math.prod(s) for dt, s in arrays), default=0.0)
+        operand = sum(type_bytes(comp.instructions[o].type_text) for o in ins.operands
+                      if o in comp.instructions and comp.instructions[o].opcode != "after-all")
+        nbytes = max(result, operand)
+        if kind == "all-reduce":
+          users = users if users is not None else _users(comp)
+          if ins.operands and all(_made_by_dus(comps, comp, o) for o in ins.operands):
+            kind = "all-gather-as-all-reduce"
+          elif _only_sliced(comps, comp, users, ins.name):
+            kind = "reduce-scatter-as-all-reduce"
+      group = group_size(attrs, devices)
+      wire = nbytes * wire_factor(kind, group)
+      t = totals.setdefault(kind, {"count": 0.0, "bytes": 0.0, "wire": 0.0})
       t["count"] += times
       t["bytes"] += times * nbytes
+      t["wire"] += times * wire
       name = re.search(r'op_name="([^"]*)"', ins.attrs)
-      items.append({"kind": kind, "bytes": nbytes, "times": times, "group": _group_size(ins.attrs),
+      items.append({"kind": kind, "bytes": nbytes, "wire": wire, "times": times, "group": group,
                     "op": name.group(1)[-120:] if name else ins.name})
   items.sort(key=lambda d: -d["bytes"] * d["times"])
-  return Summary(flops + kernel_flops, kernel_flops, totals, items[:top], unknown)
+  return Summary(flops + kernel_flops, kernel_flops, totals, items[:top], unknown, items)

@@ -98,6 +98,9 @@ def test_tiny_train_step_compiles_for_tpu(capsys, topology, mesh, impl):
   if impl == "ep":
     assert r["collectives"].get("all-to-all", {}).get("count", 0) > 0, r["collectives"]
   assert set(r["ideal_collectives_gb"]) == {"gather", "reduce", "a2a", "total"} and r["collectives_ratio"] > 0
+  assert set(r["ideal_wire_gb"]) == {"gather", "reduce", "a2a", "total"} and r["wire_ratio"] > 0
+  kinds = r["collectives"].values()  # (figures rounded to MB)
+  assert r["wire_gb"] == pytest.approx(sum(v["wire_gb"] for v in kinds), abs=0.001 * len(kinds))
 
 
 def test_ideal_collectives_of_an_fsdp_layout():
@@ -121,6 +124,9 @@ def test_ideal_collectives_of_an_fsdp_layout():
               if not cut_names & set(spec))
   assert ideal["a2a"] == 0 and ideal["gather"] == cut  # tiny computes in fp32: 4 bytes
   assert ideal["reduce"] == cut + whole
+  # on the wire (ring): gather and reduce-scatter over 8 send 7/8, the all-reduce of a whole weight 2 x 7/8
+  assert ideal["wire_gather"] == pytest.approx(7 / 8 * cut)
+  assert ideal["wire_reduce"] == pytest.approx(7 / 8 * cut + 2 * 7 / 8 * whole)
   # expert parallelism: 4 exchanges (dispatch, combine; forward, backward) per MoE layer
   config.mesh.update(fsdp=2, expert=4)
   ep = aot.ideal_collectives(train_lib.Trainer(config), config)
@@ -128,6 +134,7 @@ def test_ideal_collectives_of_an_fsdp_layout():
   moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace + cfg.num_nextn_predict_layers
   tokens = config.batch_size * config.seq_len / 8
   assert ep["a2a"] == 4 * moe_layers * tokens * cfg.num_experts_per_tok * cfg.hidden_size * 4 > 0
+  assert ep["wire_a2a"] == pytest.approx(3 / 4 * ep["a2a"])
 
 
 def test_multi_slice_sends_data_parallel_reductions_over_dcn(capsys):
@@ -218,3 +225,13 @@ def test_fp8_abstract_variables_are_the_released_layout():
     Fp8Weight(q, s).split  # noqa: B018 (raises unless s is q's 128x128 block grid)
     assert tuple(s.sharding.spec) == tuple(q.sharding.spec)[:s.ndim - 2]
   assert e4m3 <= dense
+
+
+def test_inference_step_that_does_not_fit_is_a_result(capsys):
+  """XLA's out-of-memory refusal is reported as fits: false (with its message), not as an error."""
+  code, out, err = _aot(capsys, "--topology=v6e-1", "--mesh=1,1,1,1", "--step=eval", "--weights=dense",
+                        "--set=model.vocab_size=150000000")  # a 38 GB embedding on a 34 GB chip
+  assert code == 0, err[-2000:]
+  r = json.loads(out.strip().splitlines()[-1])
+  assert r["fits"] is False and r["compiled"] is False and "RESOURCE_EXHAUSTED" in r["oom"]
+  assert r["weights_gb_per_chip"] > r["hbm_gb"]

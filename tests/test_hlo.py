@@ -1,0 +1,179 @@
+"""moe_jax/hlo.py's reading of compiled programs: collective forms, group sizes, wire bytes, trip counts.
+
+The main rules are checked on small programs compiled by libtpu for real TPU topologies
+(compile-only devices, nothing runs), whose answers are known from their shapes; the rarer
+textual forms (a loop's start and step, the mesh group form with a device order) on short
+HLO snippets in the form libtpu prints them.
+"""
+
+import functools
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from moe_jax import aot, hlo  # noqa: E402
+
+BF16 = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(topology: str) -> Mesh:
+  devices = aot.parse_topology(topology).devices()
+  return Mesh(np.array(devices).reshape(2, len(devices) // 2), ("a", "b"))
+
+
+def _shard_map(topology, fn, shape, in_spec, out_spec, dtype=jnp.bfloat16):
+  mesh = _mesh(topology)
+  arg = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, in_spec))
+  f = jax.shard_map(fn, mesh=mesh, in_specs=(in_spec,), out_specs=out_spec, check_vma=False)
+  return hlo.summarize(jax.jit(f).lower(arg).compile().as_text())
+
+
+def _only(summary, kind):
+  assert set(summary.collectives) == {kind}, summary.collectives
+  (item,) = [i for i in summary.items if i["kind"] == kind]
+  return summary.collectives[kind], item
+
+
+def test_fsdp_weight_on_a_whole_slice_is_gathered_and_reduced_by_all_reduces():
+  """GSPMD, one matmul whose [1024, 2048] weight is cut 64 ways over all of v5p-128 (64 chips): the
+  forward gathers it as dynamic-update-slice + all-reduce, the gradient reduce-scatters as
+  all-reduce + dynamic-slice; each is told apart and costs a ring all-reduce on the wire."""
+  mesh = _mesh("v5p-128")
+  cut = NamedSharding(mesh, P(("a", "b")))
+  x = jax.ShapeDtypeStruct((64 * 8, 1024), jnp.bfloat16, sharding=cut)
+  w = jax.ShapeDtypeStruct((1024, 2048), jnp.bfloat16, sharding=cut)
+  grad = jax.grad(lambda x, w: jnp.sum(jnp.tanh(x @ w)), argnums=1)
+  s = hlo.summarize(jax.jit(grad, out_shardings=cut).lower(x, w).compile().as_text())
+  buffer = 1024 * 2048 * BF16
+  assert set(s.collectives) == {"all-gather-as-all-reduce", "reduce-scatter-as-all-reduce"}, s.collectives
+  for kind in s.collectives:
+    assert s.collectives[kind]["count"] == 1 and s.collectives[kind]["bytes"] == buffer
+    assert s.collectives[kind]["wire"] == pytest.approx(2 * 63 / 64 * buffer)
+  assert {i["group"] for i in s.items} == {64}
+  assert s.wire_bytes == pytest.approx(4 * 63 / 64 * buffer)
+
+
+def test_sub_group_reduce_scatter_is_a_reduce_scatter():
+  """psum_scatter over 4 of v5p-16's 8 chips compiles to a kCustom fusion calling
+  %all-reduce-scatter (an all-reduce inside): one reduce-scatter, no all-reduce; over 32 of
+  v5p-128's 64 chips to a native reduce-scatter. Wire: (n-1)/n of the buffer."""
+  scatter = lambda x: jax.lax.psum_scatter(x, "b", scatter_dimension=0, tiled=True)  # noqa: E731
+  s = _shard_map("v5p-16", scatter, (1024, 4096), P(), P(("a", "b")))
+  assert "all-reduce" not in s.collectives and s.collectives["reduce-scatter"]["count"] == 1, s.collectives
+  (item,) = [i for i in s.items if i["kind"] == "reduce-scatter"]
+  assert item["group"] == 4
+  assert 1024 * 4096 * BF16 <= item["bytes"] <= 1.2 * 1024 * 4096 * BF16  # the fusion pads its buffer
+  assert item["wire"] == pytest.approx(3 / 4 * item["bytes"])
+  total, item = _only(_shard_map("v5p-128", scatter, (1024, 4096), P(), P(("a", "b"))), "reduce-scatter")
+  assert total["bytes"] == 1024 * 4096 * BF16 and item["group"] == 32
+  assert total["wire"] == pytest.approx(31 / 32 * 1024 * 4096 * BF16)
+
+
+def test_whole_slice_reduce_scatter_is_an_all_reduce_in_disguise():
+  s = _shard_map("v5p-16", lambda x: jax.lax.psum_scatter(x, ("a", "b"), scatter_dimension=0, tiled=True),
+                 (1024, 4096), P(), P(("a", "b")))
+  total, item = _only(s, "reduce-scatter-as-all-reduce")
+  assert total["bytes"] == 1024 * 4096 * BF16 and item["group"] == 8
+  assert total["wire"] == pytest.approx(2 * 7 / 8 * 1024 * 4096 * BF16)
+
+
+def test_all_reduce_and_all_to_all_wire_bytes():
+  total, item = _only(_shard_map("v5p-16", lambda x: jax.lax.psum(x, ("a", "b")), (1024, 4096), P(), P()),
+                      "all-reduce")
+  assert item["group"] == 8 and total["wire"] == pytest.approx(2 * 7 / 8 * 1024 * 4096 * BF16)
+  total, item = _only(_shard_map("v5p-16", lambda x: jax.lax.all_to_all(x, "b", 0, 0, tiled=True),
+                                 (1024, 4096), P(), P()), "all-to-all")
+  assert item["group"] == 4 and total["wire"] == pytest.approx(3 / 4 * 1024 * 4096 * BF16)
+  total, item = _only(_shard_map("v5p-16", lambda x: jax.lax.all_gather(x, "b", axis=0, tiled=True),
+                                 (1024, 4096), P(("a", "b")), P("a")), "all-gather")
+  assert item["group"] == 4 and total["bytes"] == 512 * 4096 * BF16
+  assert total["wire"] == pytest.approx(3 / 4 * 512 * 4096 * BF16)
+
+
+def test_scan_counts_its_trips_from_the_compiled_loop():
+  mesh = _mesh("v5p-16")
+  x = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=NamedSharding(mesh, P()))
+  step = lambda c, _: (jnp.tanh(c @ c), None)  # noqa: E731
+  for length in (3, 7):
+    s = hlo.summarize(jax.jit(lambda x: jax.lax.scan(step, x, None, length=length)[0]).lower(x).compile().as_text())
+    assert s.flops == length * 2 * 256 ** 3 and not s.unknown_trip_counts
+
+
+_LOOP = """HloModule m, num_partitions=8
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %step = s32[] constant(STEP)
+  %next = s32[] OP(%i, %step)
+  %x = f32[4] get-tuple-element(%p), index=1
+  %ag = f32[8] all-gather(%x), replica_groups=GROUPS, dimensions={0}
+  %y = f32[4] slice(%ag), slice={[0:4]}
+  ROOT %t = (s32[], f32[4]) tuple(%next, %y)
+}
+
+%cond (q: (s32[], f32[4])) -> pred[] {
+  %q = (s32[], f32[4]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(LIMIT)
+  ROOT %lt = pred[] compare(%j, %n), direction=DIR
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4] parameter(0)
+  %zero = s32[] constant(START)
+  %c = s32[] copy(%zero)
+  %init = (s32[], f32[4]) tuple(%c, %a)
+  %w = (s32[], f32[4]) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[4] get-tuple-element(%w), index=1
+}
+"""
+
+
+@pytest.mark.parametrize("start,step,op,limit,direction,trips", [
+    (0, 1, "add", 8, "LT", 8),
+    (0, 2, "add", 8, "LT", 4),  # a windowed-einsum loop: two shards a trip
+    (1, 2, "add", 8, "LT", 4),  # 1, 3, 5, 7
+    (1, 2, "add", 7, "LT", 3),
+    (0, 2, "add", 8, "LE", 5),
+    (10, 3, "subtract", 0, "GT", 4),  # 10, 7, 4, 1
+    (0, 3, "add", 9, "NE", 3),
+    (5, 1, "add", 2, "LT", 0),
+])
+def test_trip_count_reads_start_and_step(start, step, op, limit, direction, trips):
+  text = (_LOOP.replace("STEP", str(step)).replace("OP", op).replace("LIMIT", str(limit))
+          .replace("DIR", direction).replace("START", str(start)).replace("GROUPS", "{{0,1},{2,3},{4,5},{6,7}}"))
+  s = hlo.summarize(text)
+  assert not s.unknown_trip_counts
+  assert s.collectives.get("all-gather", {"count": 0})["count"] == trips
+
+
+@pytest.mark.parametrize("groups,size", [
+    ("{{0,1},{2,3},{4,5},{6,7}}", 2),
+    ("[2,4]<=[8]", 4),
+    ("mesh['axis_0'=4,'axis_1'=2] {'axis_0'}", 4),
+    ("mesh['x'=2,'y'=4], device_ids=([4,2]T(1,0)) {'x','y'}", 8),
+    ("mesh['x'=2,'y'=4], device_ids=([4,2]T(1,0)) {'y'}", 4),
+    ("{}", 8),  # every device: num_partitions
+])
+def test_group_sizes_in_every_form(groups, size):
+  text = (_LOOP.replace("STEP", "1").replace("OP", "add").replace("LIMIT", "1").replace("DIR", "LT")
+          .replace("START", "0").replace("GROUPS", groups))
+  (item,) = hlo.summarize(text).items
+  assert item["group"] == size
+  assert item["wire"] == pytest.approx((size - 1) / size * 8 * 4)
+
+
+def test_unreadable_loop_counts_once_and_is_reported():
+  text = (_LOOP.replace("STEP", "1").replace("OP", "multiply").replace("LIMIT", "8").replace("DIR", "LT")
+          .replace("START", "1").replace("GROUPS", "{{0,1}}"))
+  s = hlo.summarize(text)
+  assert s.unknown_trip_counts == ["w"] and s.collectives["all-gather"]["count"] == 1
