@@ -54,6 +54,11 @@ def parse_args(argv):
   p.add_argument("--stop", action="append", help="stop sequence for gen tasks, repeatable, escapes "
                  "like \\n allowed (default: \\n)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--speculative", type=int, default=0, metavar="K",
+                 help="generation drafts K tokens per step with the model's MTP module and verifies them in one "
+                 "call (greedy: the same tokens); the report gives the acceptance rate per draft position")
+  p.add_argument("--speculative_compare", action="store_true",
+                 help="with --speculative: run the gen tasks again without drafts and report both tokens/s")
   p.add_argument("--no_progress", action="store_true")
   p.add_argument("--show_samples", type=int, default=0, metavar="N",
                  help="print the first N generations of each gen task (prompt, output, answer); also in --output")
@@ -61,10 +66,13 @@ def parse_args(argv):
   args = p.parse_args(argv)
   if not (args.tasks or args.lm_eval_tasks):
     p.error("nothing to evaluate: give --tasks=KIND:PATH,... and/or --lm_eval_tasks=NAME,...")
+  if args.speculative_compare and not args.speculative:
+    p.error("--speculative_compare needs --speculative=K (K >= 1 draft tokens)")
   for name, ok, want in (("batch_size", args.batch_size > 0, "> 0"), ("max_len", (args.max_len or 1) > 0, "> 0"),
                          ("lm_eval_limit", (args.lm_eval_limit or 1) > 0, "> 0"),
                          ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"),
                          ("show_samples", args.show_samples >= 0, ">= 0"),
+                         ("speculative", args.speculative >= 0, ">= 0 (0: off)"),
                          ("temperature", args.temperature >= 0, ">= 0"), ("top_k", args.top_k >= 0, ">= 0"),
                          ("top_p", 0 < args.top_p <= 1, "in (0, 1]")):
     if not ok:
@@ -124,7 +132,8 @@ def _evaluate(args, mesh, stop):
                output=args.output, batch_size=args.batch_size, max_len=max_len, mesh=info["mesh"],
                rules=info["rules"], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.no_progress, stop=stop,
-               show_samples=args.show_samples, max_len_from=max_len_from)
+               show_samples=args.show_samples, max_len_from=max_len_from, speculative=args.speculative,
+               speculative_compare=args.speculative_compare)
 
 
 if __name__ == "__main__":

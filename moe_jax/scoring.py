@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -20,7 +21,7 @@ from flax import linen as nn
 from tqdm.auto import tqdm
 
 from moe_jax import generate as gen_lib
-from moe_jax import sharding
+from moe_jax import sharding, speculative
 
 MIN_BUCKET = 16
 DEFAULT_MAX_LEN = 4096  # without max_len: long-context models (163840 positions) would score giant windows
@@ -46,8 +47,11 @@ class Scorer:
   """Log-likelihoods and generations for a model; see the module docstring for batching."""
 
   def __init__(self, model: nn.Module, variables, *, batch_size: int = 8, max_len: Optional[int] = None,
-               mesh=None, rules=None, pad_id: int = 0, progress: bool = True):
+               mesh=None, rules=None, pad_id: int = 0, progress: bool = True, speculative: int = 0):
     self.model, self.pad_id, self.progress = model, pad_id, progress
+    # generate(): speculative=K drafts with the MTP module (moe_jax/speculative.py); gen_log gets
+    # one record per batch (new tokens, seconds, whether it compiled, draft counters).
+    self.speculative, self.gen_log = speculative, []
     self.max_len = min(max_len or DEFAULT_MAX_LEN, model.cfg.max_position_embeddings)
     self.mesh, self.rules = mesh, rules or sharding.DEFAULT_RULES
     dp = sharding.data_parallel_size(mesh, self.rules) if mesh is not None else 1
@@ -133,14 +137,23 @@ class Scorer:
       for row, i in enumerate(idx):
         tokens[row, :len(prompts[i])] = prompts[i]
         lengths[row] = len(prompts[i])
+      kw = dict(prompt_lengths=self._put(lengths), temperature=temperature, top_k=top_k, top_p=top_p,
+                rng=jax.random.fold_in(rng, b), stop_tokens=stop_tokens, pad_id=self.pad_id)
       with self._context():
-        out = gen_lib.generate(self.model, self.variables, self._put(tokens), max_new_tokens,
-                               prompt_lengths=self._put(lengths), temperature=temperature, top_k=top_k,
-                               top_p=top_p, rng=jax.random.fold_in(rng, b), stop_tokens=stop_tokens,
-                               pad_id=self.pad_id)
+        program = speculative._generate if self.speculative else gen_lib._generate
+        compiled, start = program._cache_size(), time.perf_counter()
+        if self.speculative:
+          out, counters = speculative.generate_speculative(self.model, self.variables, self._put(tokens),
+                                                           max_new_tokens, self.speculative, **kw)
+        else:
+          out, counters = gen_lib.generate(self.model, self.variables, self._put(tokens), max_new_tokens, **kw), {}
+        out = np.asarray(out)  # waits for the device: the time below is the whole generation
+        record = dict(seconds=time.perf_counter() - start, compiled=program._cache_size() != compiled, **counters)
       new = gen_lib.continuations(out, lengths, max_new_tokens, stop_tokens)
       for row, i in enumerate(idx):
         results[i] = new[row]
+      self.gen_log.append(dict(record, new_tokens=sum(len(new[row]) for row in range(len(idx))),
+                               outputs=new[:len(idx)]))
     return results
 
 

@@ -167,3 +167,32 @@ def test_model_without_mtp_is_refused():
     speculative.generate_speculative(model, variables, np.ones((1, 3), np.int32), 4, 1)
   with pytest.raises(UserError, match=">= 1"):
     speculative.generate_speculative(*_setup("float32"), np.ones((1, 3), np.int32), 4, 0)
+
+
+def test_eval_report_gives_acceptance_and_both_speeds(tmp_path):
+  """evaluate.run(speculative=2, speculative_compare=True) on a gen task: per-position acceptance,
+  tokens per verify step, tokens/s of both over the same non-compiling batches, same outputs."""
+  import json
+
+  from moe_jax import evaluate
+  model = Transformer(mcfg.tiny(vocab_size=257, initializer_range=0.2, max_position_embeddings=64))
+  variables = random_variables(model, 5)
+  path = tmp_path / "gen.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in ("ab", "cd", "ef", "gh")))
+  lines = []
+  report = evaluate.run(model, variables, model_name="tiny", tasks=f"gen:{path}", max_new_tokens=6, batch_size=2,
+                        max_len=32, progress=False, printer=lines.append, speculative=2, speculative_compare=True)
+  spec = report["speculative"]
+  assert spec["drafts"]["k"] == 2 and len(spec["drafts"]["accept_rate"]) == 2
+  assert 1.0 <= spec["drafts"]["tokens_per_step"] <= 3.0
+  assert spec["same_outputs"] is True  # greedy: drafts change the speed, never the tokens
+  assert spec["compare"]["batches"] == 1  # two batches of one bucket: the first compiles
+  assert spec["compare"]["speculative_tokens_per_s"] > 0 and spec["compare"]["plain_tokens_per_s"] > 0
+  assert any(line.startswith("speculative K=2: accept rate per draft position") for line in lines)
+
+
+def test_eval_cli_needs_k_for_compare(capsys):
+  import eval as eval_cli
+  with pytest.raises(SystemExit) as e:
+    eval_cli.main(["--preset", "tiny", "--tasks=gen:x.jsonl", "--speculative_compare"])
+  assert e.value.code == 2 and "--speculative_compare needs --speculative=K" in capsys.readouterr().err
