@@ -17,7 +17,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # torch: install the CPU build first (`pip install torch==2.13.0`) or pip picks a CUDA one.
+        # torch: install the CPU build first (`pip install torch==2.13.0 --index-url
+        # https://download.pytorch.org/whl/cpu`): from PyPI alone pip picks the CUDA one on Linux.
         "hf": ["torch>=2.4", "transformers>=5.0", "tokenizers>=0.20"],
         # Everything the suite exercises, so `pytest` skips nothing: parity (torch, transformers),
         # lm-eval adapter, plots, TensorBoard, and libtpu (jax[tpu]) for the compile-only TPU

@@ -178,3 +178,13 @@ def test_eval_scores_a_run_at_its_seq_len_and_says_so(tmp_path, monkeypatch, cap
   report = json.loads(out.read_text())
   assert (report["max_len"], report["max_len_from"]) == (32, "the run's seq_len")
   assert "context: 32 tokens (the run's seq_len)" in capsys.readouterr().out
+
+
+def test_shipped_sample_tasks_are_valid():
+  """examples/tasks (README's eval example): one file per task kind, each accepted as it is."""
+  from moe_jax import evaluate
+  tasks = ROOT / "examples" / "tasks"
+  spec = f"lm:{tasks / 'lm.txt'},mc:{tasks / 'mc.jsonl'},gen:{tasks / 'gen.jsonl'}"
+  evaluate.check_tasks(spec, ("\n",))
+  assert [k for k, _ in evaluate.parse_tasks(spec)] == ["lm", "mc", "gen"]
+  assert len((tasks / "mc.jsonl").read_text().splitlines()) >= 8 and (tasks / "lm.txt").stat().st_size > 500
