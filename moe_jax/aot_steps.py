@@ -109,15 +109,26 @@ def _memory(compiled, hbm: int) -> dict[str, Any]:
   mem = compiled.memory_analysis()
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
   gb = lambda b: float(f"{b / 1e9:.4g}")  # noqa: E731
-  return {"argument_gb": gb(mem.argument_size_in_bytes), "output_gb": gb(mem.output_size_in_bytes),
+  return {"compiled": True, "argument_gb": gb(mem.argument_size_in_bytes), "output_gb": gb(mem.output_size_in_bytes),
           "alias_gb": gb(mem.alias_size_in_bytes), "temp_gb": gb(mem.temp_size_in_bytes), "peak_gb": gb(peak),
           "fits": peak <= hbm}
 
 
 def _lower_compile(fn, *args):
+  """-> (compiled or None, seconds, the compiler's out-of-memory message or None). XLA refuses a
+  program whose buffers exceed HBM (RESOURCE_EXHAUSTED): that is a measured "does not fit"."""
   t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return compiled, round(time.perf_counter() - t0, 1)
+  try:
+    compiled, oom = fn.lower(*args).compile(), None
+  except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is a result
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    compiled, oom = None, " ".join(str(e).split())[:300]
+  return compiled, round(time.perf_counter() - t0, 1), oom
+
+
+def _not_fitting(oom: str) -> dict[str, Any]:
+  return {"compiled": False, "fits": False, "oom": oom}
 
 
 def compile_inference(config, topology, step: str, weights: str = "auto", batch: int | None = None,
@@ -160,10 +171,11 @@ def compile_inference(config, topology, step: str, weights: str = "auto", batch:
   with sharding.activation_rules(mesh, rules):
     if step == "eval":
       # scoring._score itself (jit, model static): the shardings come with the abstract arguments.
-      score = functools.partial(scoring._score.lower, model=model)
-      t0 = time.perf_counter()
-      compiled = score(variables, ids(b, s), ids(b, s), jax.ShapeDtypeStruct((b, s), jnp.bool_, sharding=row)).compile()
-      out["compile_s"] = round(time.perf_counter() - t0, 1)
+      score = jax.jit(functools.partial(scoring._score.__wrapped__, model=model))
+      compiled, out["compile_s"], oom = _lower_compile(score, variables, ids(b, s), ids(b, s),
+                                                       jax.ShapeDtypeStruct((b, s), jnp.bool_, sharding=row))
+      if compiled is None:
+        return {**out, **_not_fitting(oom)}
       out.update(_memory(compiled, hbm))
       summary = hlo.summarize(compiled.as_text())
       model_flops = flops.forward_flops_per_token(mcfg, s, with_mtp=False) * b * s / len(devices)
@@ -185,13 +197,17 @@ def compile_inference(config, topology, step: str, weights: str = "auto", batch:
         return generate.sample_logits(logits[:, 0], None), c
 
       cache_sh = jax.tree.map(lambda c: c.sharding, cache)
-      pre, out["prefill_compile_s"] = _lower_compile(
+      out["cache_gb_per_chip"] = float(f"{sum(_per_chip_bytes(x) for x in jax.tree.leaves(cache)) / 1e9:.4g}")
+      pre, out["prefill_compile_s"], oom = _lower_compile(
           jax.jit(prefill, out_shardings=(NamedSharding(mesh, P(*row.spec[:1])), cache_sh)),
           variables, ids(b, s), ids(b))
-      dec, out["decode_compile_s"] = _lower_compile(
+      if pre is None:
+        return {**out, "prefill": _not_fitting(oom), **_not_fitting(oom)}
+      dec, out["decode_compile_s"], oom = _lower_compile(
           jax.jit(decode, donate_argnums=(1,), out_shardings=(NamedSharding(mesh, P(*row.spec[:1])), cache_sh)),
           variables, cache, ids(b), ids(b))
-      out["cache_gb_per_chip"] = float(f"{sum(_per_chip_bytes(x) for x in jax.tree.leaves(cache)) / 1e9:.4g}")
+      if dec is None:
+        return {**out, "prefill": _memory(pre, hbm), "decode": _not_fitting(oom), **_not_fitting(oom)}
       out["prefill"], out["decode"] = _memory(pre, hbm), _memory(dec, hbm)
       out["fits"] = out["prefill"]["fits"] and out["decode"]["fits"]
       out["decode_collectives"] = {k: {"count": int(v["count"]), "gb": round(v["bytes"] / 1e9, 3)}
