@@ -24,6 +24,8 @@ trip counts of the loops around it), and matmuls and collectives are summed with
     reduce-scatter-as-all-reduce  an all-reduce whose every use dynamic-slices it: a
                                   reduce-scatter in disguise, at all-reduce wire cost
     all-reduce                    the rest
+  A tuple all-reduce (XLA's combiner packs several into one) is split by operand, each piece
+  under its own kind.
   Cross-slice (DCN) transfers, which TPU multi-slice programs express as send/recv with a
   `_xla_megascale_transfer_type`, are counted under 'dcn-' + the transfer's kind.
   Group sizes are read from `replica_groups={{..},..}`, the iota form `[groups,size]<=[..]`, the
@@ -348,7 +350,7 @@ def wire_factor(kind: str, n: int | None) -> float:
 
 
 _KERNEL_FLOPS = re.compile(r'"cost_estimate"\s*:\s*\{[^}]*"flops"\s*:\s*"?(\d+)')
-_SHAPE_OPS = ("copy", "bitcast", "convert", "reshape", "transpose")
+_SHAPE_OPS = ("copy", "bitcast", "convert", "reshape", "transpose", "copy-start", "copy-done")
 
 
 def _users(comp: Computation) -> dict[str, list[Instruction]]:
@@ -398,6 +400,37 @@ def _only_sliced(comps, comp: Computation, users, name: str, depth: int = 0) -> 
     if not all(k in params and _only_sliced(comps, fused, _users(fused), params[k], depth + 1) for k in positions):
       return False
   return True
+
+
+def _tuple_users_sliced(comps, comp: Computation, users, name: str, index: int) -> bool:
+  """Whether every use of element `index` of a tuple-shaped collective `name` dynamic-slices it."""
+  outs = [name] + [u.name for u in users.get(name, []) if u.opcode == "all-reduce-done"]
+  gtes = [u for o in outs for u in users.get(o, [])
+          if u.opcode == "get-tuple-element" and re.search(rf"\bindex={index}\b", u.attrs)]
+  return bool(gtes) and all(_only_sliced(comps, comp, users, g.name) for g in gtes)
+
+
+def _all_reduce_pieces(comps, comp: Computation, users, ins: Instruction) -> list[tuple[str, float]]:
+  """(kind, buffer bytes) of each operand of an all-reduce: the combiner packs several into one
+  tuple all-reduce, gathers in disguise beside gradient reductions."""
+  if len(ins.operands) <= 1:
+    nbytes = max([type_bytes(ins.type_text)] + [type_bytes(comp.instructions[o].type_text) for o in ins.operands
+                                                 if o in comp.instructions])
+    if ins.operands and _made_by_dus(comps, comp, ins.operands[0]):
+      return [("all-gather-as-all-reduce", nbytes)]
+    if _only_sliced(comps, comp, users, ins.name):
+      return [("reduce-scatter-as-all-reduce", nbytes)]
+    return [("all-reduce", nbytes)]
+  pieces = []
+  for k, o in enumerate(ins.operands):
+    nbytes = type_bytes(comp.instructions[o].type_text) if o in comp.instructions else 0.0
+    if _made_by_dus(comps, comp, o):
+      pieces.append(("all-gather-as-all-reduce", nbytes))
+    elif _tuple_users_sliced(comps, comp, users, ins.name, k):
+      pieces.append(("reduce-scatter-as-all-reduce", nbytes))
+    else:
+      pieces.append(("all-reduce", nbytes))
+  return pieces
 
 
 def _all_reduce_scatter_body(comps, ins: Instruction) -> Instruction | None:
@@ -460,10 +493,13 @@ def summarize(text: str, top: int = 12) -> Summary:
         body = _all_reduce_scatter_body(comps, ins)
         if body is None:
           continue
-        kind, attrs = "reduce-scatter", body.attrs
-        nbytes = type_bytes(body.type_text)  # the (padded) buffer the fused collective reduces
+        attrs = body.attrs
+        pieces = [("reduce-scatter", type_bytes(body.type_text))]  # the (padded) buffer the fused collective reduces
       elif kind is None:
         continue
+      elif kind == "all-reduce":
+        users = users if users is not None else _users(comp)
+        pieces = _all_reduce_pieces(comps, comp, users, ins)
       else:
         result = type_bytes(ins.type_text)
         if ins.opcode.endswith("-start"):  # async: the result tuple holds the operand(s) and the output
@@ -471,21 +507,19 @@ def summarize(text: str, top: int = 12) -> Summary:
           result = max((DTYPE_BYTES[dt] * math.prod(s) for dt, s in arrays), default=0.0)
         operand = sum(type_bytes(comp.instructions[o].type_text) for o in ins.operands
                       if o in comp.instructions and comp.instructions[o].opcode != "after-all")
-        nbytes = max(result, operand)
-        if kind == "all-reduce":
-          users = users if users is not None else _users(comp)
-          if ins.operands and all(_made_by_dus(comps, comp, o) for o in ins.operands):
-            kind = "all-gather-as-all-reduce"
-          elif _only_sliced(comps, comp, users, ins.name):
-            kind = "reduce-scatter-as-all-reduce"
+        pieces = [(kind, max(result, operand))]
       group = group_size(attrs, devices)
-      wire = nbytes * wire_factor(kind, group)
-      t = totals.setdefault(kind, {"count": 0.0, "bytes": 0.0, "wire": 0.0})
-      t["count"] += times
-      t["bytes"] += times * nbytes
-      t["wire"] += times * wire
       name = re.search(r'op_name="([^"]*)"', ins.attrs)
-      items.append({"kind": kind, "bytes": nbytes, "wire": wire, "times": times, "group": group,
-                    "op": name.group(1)[-120:] if name else ins.name})
+      merged: dict[str, float] = {}
+      for kind, nbytes in pieces:
+        merged[kind] = merged.get(kind, 0.0) + nbytes
+      for kind, nbytes in merged.items():  # one op counts once per kind it carries
+        wire = nbytes * wire_factor(kind, group)
+        t = totals.setdefault(kind, {"count": 0.0, "bytes": 0.0, "wire": 0.0})
+        t["count"] += times
+        t["bytes"] += times * nbytes
+        t["wire"] += times * wire
+        items.append({"kind": kind, "bytes": nbytes, "wire": wire, "times": times, "group": group,
+                      "op": name.group(1)[-120:] if name else ins.name})
   items.sort(key=lambda d: -d["bytes"] * d["times"])
   return Summary(flops + kernel_flops, kernel_flops, totals, items[:top], unknown, items)
