@@ -10,8 +10,9 @@ then loads each with hf.load_pretrained(dtype=bfloat16) in fresh processes:
                     each process reads only the boxes its devices hold
 and a plain sequential read of every tensor (SafetensorsReader.read) as the storage reference.
 Per process: bytes_read (counted by the reader), its fraction of the checkpoint's bytes,
-seconds, GB/s (bytes_read / seconds of the load, tracing excluded), peak RSS (VmHWM) and RSS
-before the load. The files were just written: reads come from the page cache.
+seconds of the load (reads, layout, dequantization, device transfers; tracing excluded) and
+GB/s = bytes_read / those seconds, read_seconds / read_gb_per_s: the read calls alone, peak RSS
+(VmHWM) and RSS before the load. The files were just written: reads come from the page cache.
 
   python benchmarks/hf_read.py              # ~390 MB bf16 + ~200 MB FP8 checkpoint
   python benchmarks/hf_read.py --smoke
@@ -176,7 +177,8 @@ def main():
         for pid, r in enumerate(run_mode(path, sharded, processes, tmp)):
           common.emit("hf_read", checkpoint=form, mode=mode, process=pid, bytes_read=r["bytes_read"],
                       fraction=r["bytes_read"] / r["checkpoint_bytes"], seconds=r["seconds"],
-                      gb_per_s=r["bytes_read"] / r["seconds"] / 1e9, reads=r["reads"],
+                      gb_per_s=r["bytes_read"] / r["seconds"] / 1e9, read_seconds=r["read_seconds"],
+                      read_gb_per_s=r["bytes_read"] / r["read_seconds"] / 1e9, reads=r["reads"],
                       checkpoint_bytes=r["checkpoint_bytes"], peak_rss_mib=r["peak_rss_mib"],
                       rss_before_mib=r["rss_before_mib"])
 

@@ -38,7 +38,6 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import linen as nn
 from flax import traverse_util
@@ -47,100 +46,15 @@ from moe_jax import safetensors_shards as shards
 from moe_jax.config import HF_DEFAULTS, ModelConfig
 from moe_jax.errors import UserError
 from moe_jax.model import Transformer
+from moe_jax.safetensors_shards import ST_DTYPES as _ST_DTYPES
+from moe_jax.safetensors_shards import SafetensorsReader, read_json  # noqa: F401 (hf.SafetensorsReader, hf.read_json)
 
 SUPPORTED = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 FP8_BLOCK = (128, 128)
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
-              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 Path_ = tuple[str, ...]
 
 
 # --- reading and writing safetensors ------------------------------------------------
-class SafetensorsReader:
-  """Tensors of a (sharded) safetensors checkpoint, read one at a time at their header offsets.
-
-  safetensors' numpy backend cannot return float8 tensors, and its torch backend would make
-  torch a load-time dependency; the format is a JSON header plus raw little-endian bytes, so
-  reading exactly one tensor's bytes works for every dtype and never maps a whole file.
-  """
-
-  def __init__(self, directory: str | os.PathLike):
-    d = Path(directory)
-    index = d / "model.safetensors.index.json"
-    if index.exists():
-      weight_map = read_json(index).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise UserError(f"{index}: no 'weight_map' object; is the download complete?")
-      files = sorted(set(weight_map.values()))
-    elif (d / "model.safetensors").exists():
-      files = ["model.safetensors"]
-    else:
-      raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
-    self.entries: dict[str, tuple[Path, int, int, str, tuple[int, ...]]] = {}
-    for name in files:
-      f = d / name
-      if not f.is_file():
-        raise UserError(f"{f}: missing, but {index.name} lists it; is the download complete?")
-      for key, entry in _read_header(f).items():
-        self.entries[key] = (f, *entry)
-
-  def keys(self) -> list[str]:
-    return list(self.entries)
-
-  def shape(self, key: str) -> tuple[int, ...]:
-    return self.entries[key][4]
-
-  def dtype(self, key: str) -> str:
-    """The safetensors dtype name (F32, BF16, F8_E4M3, ...)."""
-    return self.entries[key][3]
-
-  def read(self, key: str) -> np.ndarray:
-    path, offset, nbytes, dtype, shape = self.entries[key]
-    if dtype not in _ST_DTYPES:
-      raise UserError(f"tensor {key!r}: unsupported safetensors dtype {dtype}")
-    with open(path, "rb") as fh:
-      fh.seek(offset)
-      return np.frombuffer(fh.read(nbytes), dtype=_ST_DTYPES[dtype]).reshape(shape)
-
-
-def read_json(path: Path) -> dict:
-  """A JSON object from `path`; a file that does not parse is named (truncated downloads are common)."""
-  try:
-    value = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{path}: not valid JSON ({e}); is the file complete?") from None
-  if not isinstance(value, dict):
-    raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
-  return value
-
-
-def _read_header(f: Path) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
-  """key -> (offset, nbytes, dtype, shape) from a safetensors header, checked against the file size."""
-  size = f.stat().st_size
-  damaged = f"{f}: not a complete safetensors file"
-  with open(f, "rb") as fh:
-    n = int.from_bytes(fh.read(8), "little")
-    if size < 8 or 8 + n > size:
-      raise UserError(f"{damaged} ({size} bytes, header claims {n}); is the download complete?")
-    try:
-      header = json.loads(fh.read(n))
-      out = {}
-      for key, meta in header.items():
-        if key != "__metadata__":
-          begin, end = meta["data_offsets"]
-          out[key] = (8 + n + begin, end - begin, meta["dtype"], tuple(meta["shape"]))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
-      raise UserError(f"{damaged} (unreadable header: {e})") from None
-  for key, (_, nbytes, dtype, shape) in out.items():
-    if dtype in _ST_DTYPES and nbytes != math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize:
-      raise UserError(f"{damaged}: tensor {key!r} {dtype}{list(shape)} spans {nbytes} bytes")
-  end = max((off + nb for off, nb, _, _ in out.values()), default=8 + n)
-  if end > size:
-    raise UserError(f"{damaged}: its tensors need {end} bytes, the file has {size} (truncated?)")
-  return out
-
-
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]):
   from safetensors.numpy import save_file
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})

@@ -1,15 +1,15 @@
 """Per-process reading of safetensors checkpoints: only the byte ranges this process's devices hold.
 
-A safetensors file is a JSON header plus raw row-major tensors at known offsets, so any box of
-a tensor is a set of byte ranges: a range of rows is one contiguous range, a range of columns
-is one short range per row. For one variable of ours (e.g. stacked experts [E, D, F]) a device
+A safetensors file is a JSON header plus raw row-major tensors at known offsets
+(SafetensorsReader parses the headers), so any box of a tensor is a set of byte ranges: a
+range of rows is one contiguous range, a range of columns is one short range per row. For one variable of ours (e.g. stacked experts [E, D, F]) a device
 shard is a box; `Source` says which HF tensor fills each slot of its leading stack axes
 (layers, experts) and how the slot's axes map onto the tensor's rows and columns (`AxisMap`:
 the transpose [out, in] -> [in, out] and the head splits). `ShardReader.fill` turns a box into
 the HF rows and columns it needs, reads them (`RangeReader.block`) and lays them out as ours;
 `build_array` does that once per distinct box among the process's devices (a shard replicated
-on several local devices is read once; boxes that tile one larger box are read as that box,
-in longer ranges) and assembles the global jax.Array.
+on several local devices is read once; adjacent boxes are read as one larger box, in longer
+ranges) and assembles the global jax.Array.
 
 Host memory: the boxes of one variable that this process holds, plus one read chunk. Reads:
 ranges adjacent in the file are merged; ranges further apart than `max_gap` bytes are read
@@ -23,22 +23,118 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import json
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from moe_jax.errors import UserError
+
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 CHUNK_BYTES = 64 << 20  # one read buffer: the most one read call asks for
 PROGRESS_BYTES = 4 << 20
 MAX_GAP_BYTES = 0  # ranges further apart than this are read separately (the gap is not read)
-TILE_BOXES = True  # local boxes that tile one box are read as it (tests turn it off to check each box)
+MERGE_BOXES = True  # adjacent local boxes are read as one (tests turn it off to check each box)
 Box = tuple[tuple[int, int], ...]  # (start, stop) per axis
 
 
+# --- the files ---------------------------------------------------------------------
+class SafetensorsReader:
+  """Tensors of a (sharded) safetensors checkpoint, read one at a time at their header offsets.
+
+  safetensors' numpy backend cannot return float8 tensors, and its torch backend would make
+  torch a load-time dependency; the format is a JSON header plus raw little-endian bytes, so
+  reading exactly one tensor's bytes works for every dtype and never maps a whole file.
+  """
+
+  def __init__(self, directory: str | os.PathLike):
+    d = Path(directory)
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+      weight_map = read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise UserError(f"{index}: no 'weight_map' object; is the download complete?")
+      files = sorted(set(weight_map.values()))
+    elif (d / "model.safetensors").exists():
+      files = ["model.safetensors"]
+    else:
+      raise UserError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    self.entries: dict[str, tuple[Path, int, int, str, tuple[int, ...]]] = {}
+    for name in files:
+      f = d / name
+      if not f.is_file():
+        raise UserError(f"{f}: missing, but {index.name} lists it; is the download complete?")
+      for key, entry in _read_header(f).items():
+        self.entries[key] = (f, *entry)
+
+  def keys(self) -> list[str]:
+    return list(self.entries)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self.entries[key][4]
+
+  def dtype(self, key: str) -> str:
+    """The safetensors dtype name (F32, BF16, F8_E4M3, ...)."""
+    return self.entries[key][3]
+
+  def read(self, key: str) -> np.ndarray:
+    path, offset, nbytes, dtype, shape = self.entries[key]
+    if dtype not in ST_DTYPES:
+      raise UserError(f"tensor {key!r}: unsupported safetensors dtype {dtype}")
+    with open(path, "rb") as fh:
+      fh.seek(offset)
+      return np.frombuffer(fh.read(nbytes), dtype=ST_DTYPES[dtype]).reshape(shape)
+
+
+def read_json(path: Path) -> dict:
+  """A JSON object from `path`; a file that does not parse is named (truncated downloads are common)."""
+  try:
+    value = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: not valid JSON ({e}); is the file complete?") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
+
+
+def _read_header(f: Path) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
+  """key -> (offset, nbytes, dtype, shape) from a safetensors header, checked against the file size."""
+  size = f.stat().st_size
+  damaged = f"{f}: not a complete safetensors file"
+  with open(f, "rb") as fh:
+    n = int.from_bytes(fh.read(8), "little")
+    if size < 8 or 8 + n > size:
+      raise UserError(f"{damaged} ({size} bytes, header claims {n}); is the download complete?")
+    try:
+      header = json.loads(fh.read(n))
+      out = {}
+      for key, meta in header.items():
+        if key != "__metadata__":
+          begin, end = meta["data_offsets"]
+          out[key] = (8 + n + begin, end - begin, meta["dtype"], tuple(meta["shape"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
+      raise UserError(f"{damaged} (unreadable header: {e})") from None
+  for key, (_, nbytes, dtype, shape) in out.items():
+    if dtype in ST_DTYPES and nbytes != math.prod(shape) * np.dtype(ST_DTYPES[dtype]).itemsize:
+      raise UserError(f"{damaged}: tensor {key!r} {dtype}{list(shape)} spans {nbytes} bytes")
+  end = max((off + nb for off, nb, _, _ in out.values()), default=8 + n)
+  if end > size:
+    raise UserError(f"{damaged}: its tensors need {end} bytes, the file has {size} (truncated?)")
+  return out
+
+
+
+# --- boxes of tensors ------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class AxisMap:
   """Where element [i_0, i_1, ...] of one slot of our array sits in a 2-D (or 1-D) HF tensor:
@@ -94,12 +190,14 @@ class Source:
 
 @dataclasses.dataclass
 class LoadStats:
-  """What one process read: bytes (gaps included), read calls, seconds, the checkpoint's tensor
+  """What one process read: bytes (gaps included), read calls, seconds of the whole load (reads,
+  layout, dequantization, device transfers) and of the read calls alone, the checkpoint's tensor
   bytes (all files, for the fraction) and the bytes its boxes need (the progress bar's total)."""
 
   bytes_read: int = 0
   reads: int = 0
   seconds: float = 0.0
+  read_seconds: float = 0.0
   checkpoint_bytes: int = 0
   planned_bytes: int = 0
 
@@ -127,6 +225,7 @@ class RangeReader:
     f = self._files.get(path)
     if f is None:
       f = self._files[path] = open(path, "rb", buffering=0)
+    start = time.perf_counter()
     f.seek(offset)
     done = 0
     while done < len(out):
@@ -134,6 +233,7 @@ class RangeReader:
       if not n:
         raise OSError(f"{path}: ends before byte {offset + len(out)} (truncated while loading?)")
       done += n
+    self.stats.read_seconds += time.perf_counter() - start
     self.stats.bytes_read += len(out)
     self.stats.reads += 1
     self._unreported += len(out)
@@ -211,7 +311,7 @@ class ShardReader:
       rb, cb = rows // slot.block[0], cols // slot.block[1]
       ur, uc = np.unique(rb), np.unique(cb)
       scale = self._block(slot.scale_key, ur, uc).astype(np.float32)
-      block = block.astype(np.float32) * scale[np.ix_(np.searchsorted(ur, rb), np.searchsorted(uc, cb))]
+      block = _to_f32(block) * scale[np.ix_(np.searchsorted(ur, rb), np.searchsorted(uc, cb))]
     return slot.axes.to_ours(block, box)
 
   def fill(self, source: Source, box: Box) -> np.ndarray:
@@ -234,6 +334,35 @@ class ShardReader:
     return total
 
 
+_FP8_TO_F32 = {t: np.arange(256, dtype=np.uint8).view(t).astype(np.float32)
+               for t in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)}
+
+
+def _to_f32(x: np.ndarray) -> np.ndarray:
+  """astype(float32), by table for the 256 float8 values (the same bits, several times faster)."""
+  table = _FP8_TO_F32.get(x.dtype.type)
+  return table[x.view(np.uint8)] if table is not None else x.astype(np.float32)
+
+
+def merge_boxes(boxes: list[Box]) -> list[Box]:
+  """Disjoint boxes -> fewer disjoint boxes with the same union: two that touch along one axis
+  and agree on the others become one (read as one: longer ranges, fewer reads)."""
+  boxes = list(boxes)
+  merged = True
+  while merged:
+    merged = False
+    for i, j in itertools.combinations(range(len(boxes)), 2):
+      a, b = boxes[i], boxes[j]
+      differ = [d for d in range(len(a)) if a[d] != b[d]]
+      if len(differ) == 1 and (a[differ[0]][1] == b[differ[0]][0] or b[differ[0]][1] == a[differ[0]][0]):
+        d = differ[0]
+        boxes[i] = a[:d] + ((min(a[d][0], b[d][0]), max(a[d][1], b[d][1])),) + a[d + 1:]
+        del boxes[j]
+        merged = True
+        break
+  return boxes
+
+
 def box_of(index: tuple, shape: tuple[int, ...]) -> Box:
   """A device index (tuple of slices, as Sharding.devices_indices_map gives) -> (start, stop) per axis."""
   index = tuple(index) + (slice(None),) * (len(shape) - len(index))
@@ -252,17 +381,13 @@ def build_array(reader: ShardReader, source: Source, sharding: Optional[jax.shar
   if sharding is None:
     return jnp.asarray(reader.fill(source, local_boxes(source.shape, None)[0]))
   boxes = local_boxes(source.shape, sharding)
-  hull = tuple((min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(len(source.shape)))
-  if TILE_BOXES and sum(_size(b) for b in boxes) == _size(hull):  # the boxes tile one box (distinct boxes are disjoint):
-    whole = reader.fill(source, hull)  # read it at once, in longer ranges
-    data = {b: whole[tuple(slice(s - h, e - h) for (s, e), (h, _) in zip(b, hull))] for b in boxes}
-  else:
-    data = {b: reader.fill(source, b) for b in boxes}
+  data = {}
+  for big in merge_boxes(boxes) if MERGE_BOXES else boxes:  # each read once, the devices' boxes cut from it
+    value = reader.fill(source, big)
+    for b in boxes:
+      if all(s >= bs and e <= be for (s, e), (bs, be) in zip(b, big)):
+        data[b] = value[tuple(slice(s - bs, e - bs) for (s, e), (bs, _) in zip(b, big))]
   return jax.make_array_from_callback(source.shape, sharding, lambda index: data[box_of(index, source.shape)])
-
-
-def _size(box: Box) -> int:
-  return math.prod(e - s for s, e in box)
 
 
 def load(entries: dict, np_dtypes: dict, sources: dict, shardings: dict, checkpoint_bytes: int,

@@ -146,7 +146,7 @@ _UNSHARDED = {}  # case -> (variables, stats) of the load without shardings, sha
 def test_sharded_load_equals_unsharded(checkpoints, case, mesh_name, monkeypatch):
   """Each device box read on its own (in one process the boxes tile the whole array, which
   would otherwise be read at once): every box maps back to the HF rows/cols it holds."""
-  monkeypatch.setattr(shards, "TILE_BOXES", False)
+  monkeypatch.setattr(shards, "MERGE_BOXES", False)
   ckpt, kw, _ = CASES[case]
   path = checkpoints[ckpt]
   if case not in _UNSHARDED:
@@ -177,6 +177,14 @@ def test_sharded_load_equals_unsharded(checkpoints, case, mesh_name, monkeypatch
     assert stats["bytes_read"] == stats["planned_bytes"] == whole_stats["bytes_read"]
   assert stats["bytes_read"] <= stats["checkpoint_bytes"]
   assert stats["bytes_read"] >= 0.9 * whole_stats["bytes_read"]
+
+
+def test_merge_boxes():
+  a, b, c = ((0, 2), (0, 4)), ((2, 4), (0, 4)), ((4, 6), (4, 8))
+  assert shards.merge_boxes([a, b]) == [((0, 4), (0, 4))]
+  assert sorted(shards.merge_boxes([c, a, b])) == [((0, 4), (0, 4)), c]  # c touches no box along one axis
+  quarters = [((r, r + 2), (k, k + 2)) for r in (0, 2) for k in (0, 2)]
+  assert shards.merge_boxes(quarters) == [((0, 4), (0, 4))]
 
 
 def test_boxes_tiling_one_box_are_read_at_once(checkpoints):
