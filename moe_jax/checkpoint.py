@@ -269,7 +269,8 @@ class Checkpointer:
     return saved
 
   def restore(self, step: int, abstract_state: dict, partial: bool = False) -> dict:
-    """Restores `state` into abstract_state (ShapeDtypeStructs with shardings); refuses other shapes."""
+    """Restores `state` into abstract_state (ShapeDtypeStructs with shardings); refuses other shapes
+    (UserError) and raises Damaged when what was read fails verify (checksums, NaN/inf parameters)."""
     saved = self.saved_tree(step)
     mismatch = shape_mismatches(saved if not partial else {k: saved[k] for k in abstract_state if k in saved},
                                 abstract_state)
