@@ -11,7 +11,7 @@ and restored
 The two sides run interleaved (verified, plain, verified, ...) and report medians, so a busy
 machine slows both alike. `digest_s` times moe_jax.checksum.summarize alone on the state.
 
-  python benchmarks/checkpoint_integrity.py                 # ~125M parameters (state ~1.5 GB fp32)
+  python benchmarks/checkpoint_integrity.py                 # 119M parameters (state 1.43 GB fp32)
   python benchmarks/checkpoint_integrity.py --smoke         # tiny, for the test
 """
 
@@ -39,9 +39,9 @@ def model(smoke: bool):
   if smoke:
     return common.bench10m(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                            num_hidden_layers=2)
-  # bench10m widened: d 768, vocab 32768, 8 layers (1 dense + 7 MoE of 16 experts of width 512).
+  # bench10m widened: d 768, vocab 32768, 4 layers (1 dense + 3 MoE of 16 experts of width 512): 119M.
   return common.bench10m(vocab_size=32768, hidden_size=768, intermediate_size=2048, moe_intermediate_size=512,
-                         num_hidden_layers=8, num_attention_heads=8, q_lora_rank=384, kv_lora_rank=256)
+                         num_hidden_layers=4, num_attention_heads=8, q_lora_rank=384, kv_lora_rank=256)
 
 
 def main():

@@ -140,11 +140,11 @@ def restore(ckpt_dir: str | Path) -> tuple[Any, dict[str, Any]]:
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(src / VARIABLES_DIR, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                                                                  abstract))
-  _verify(src, variables)
+  verify(src, variables)
   return model, variables
 
 
-def _verify(src: Path, variables):
+def verify(src: Path, variables):
   """UserError when the variables read back differ from the checksums saved with them, or hold NaN/inf."""
   from moe_jax import checksum, hf
   sums, bad = checksum.summarize(variables)

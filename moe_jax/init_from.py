@@ -326,6 +326,7 @@ def _restore_convert(path: str, src: ModelConfig, mesh, rules) -> tuple[ModelCon
       _fail(path, f"{convert.VARIABLES_DIR}/ does not match {convert.CONFIG_FILE}: " + "; ".join(bad[:6]))
     values = ckptr.restore(target, args=ocp.args.PyTreeRestore(
         item=abstract, partial_restore=True, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+  convert.verify(Path(path), values)  # its checksums.json; NaN/inf refused
   return src, values
 
 
