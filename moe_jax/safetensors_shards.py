@@ -133,7 +133,6 @@ def _read_header(f: Path) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
   return out
 
 
-
 # --- boxes of tensors ------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class AxisMap:
@@ -243,8 +242,11 @@ class RangeReader:
 
   def block(self, entry, rows: np.ndarray, cols: np.ndarray, np_dtype) -> np.ndarray:
     """entry (path, offset, nbytes, dtype, shape) of a 2-D [R, C] or 1-D [R] tensor -> its
-    [rows][:, cols] ([rows] for 1-D) without reading anything else (up to max_gap)."""
+    [rows][:, cols] ([rows] for 1-D) without reading anything else (up to max_gap). rows and
+    cols are strictly increasing (AxisMap.hf_indices lists them so)."""
     path, base, _, _, shape = entry
+    if np.any(np.diff(rows) <= 0) or (len(shape) == 2 and np.any(np.diff(cols) <= 0)):
+      raise ValueError("RangeReader.block: rows and cols must be strictly increasing")
     isz = np.dtype(np_dtype).itemsize
     width = shape[1] if len(shape) == 2 else 1
     if len(shape) == 1:
