@@ -1,4 +1,4 @@
-"""Hugging Face DeepSeek-V2/V3 checkpoints <-> moe_jax variables, one tensor at a time.
+"""Hugging Face DeepSeek-V2/V3 checkpoints <-> moe_jax variables: the key map, load (per host) and save.
 
 torch Linear weights are [out, in]; ours are [in, out] with the heads split out
 (shape letters of moe_jax/layers/common.py; L = num_hidden_layers, p = model.layers.{i}.):
@@ -22,8 +22,9 @@ block keys -> mtp_{k}/{enorm, hnorm, eh_proj [2D, D], head_norm, block/...}; its
 shared_head.head are copies of the shared embedding and head (shape-checked on load, written on save).
 With scan_layers=True the same tensors fill slot i of dense_layers/... or moe_layers/... instead.
 FP8 checkpoints: an e4m3 `X.weight` with `X.weight_scale_inv` (one fp32 scale per 128x128 block)
-is dequantized on load (per box, as `dequantize_fp8` does), or with keep_fp8 kept as it is: e4m3 params plus their
-transposed block scales in the `fp8_scales` collection (layers/fp8.py's Fp8Weight).
+is dequantized on load (per box, as `dequantize_fp8` does), or with keep_fp8 kept as it is:
+e4m3 params plus their transposed block scales in the `fp8_scales` collection (Fp8Weight).
+Reading (only the boxes a process's devices hold) is safetensors_shards.py's.
 """
 
 from __future__ import annotations
