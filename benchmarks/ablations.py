@@ -275,9 +275,32 @@ def run_ablation(name: str, out_dir: str, seeds: Sequence[int], steps: int, eval
   return jsonl, plot(name, records, png)
 
 
+def markdown_table(jsonl: str) -> str:
+  """The summary of a finished ablation JSONL as a markdown table: per arm the final val loss (mean ±
+  sample std over seeds, each seed's value), its paired difference from the first arm (same seed:
+  same data and validation batches), MaxVio_global, parameters and KV-cache bytes per token."""
+  recs = [json.loads(line) for line in open(jsonl)]
+  finals = [r for r in recs if r["kind"] == "final"]
+  arms = list(dict.fromkeys(r["arm"] for r in finals))
+  first = {r["seed"]: r for r in finals if r["arm"] == arms[0]}
+  lines = ["| arm | val loss (mean ± std) | per seed | Δ vs " + arms[0] + " (paired, mean ± std) | "
+           "MaxVio_global (mean ± std) | per seed | params | KV bytes/token (bf16, all layers) |",
+           "|---|---|---|---|---|---|---|---|"]
+  for arm in arms:
+    rows = [r for r in finals if r["arm"] == arm]
+    loss, mv = np.array([r["val_loss"] for r in rows]), np.array([r["val_maxvio"] for r in rows])
+    delta = np.array([r["val_loss"] - first[r["seed"]]["val_loss"] for r in rows if r["seed"] in first])
+    std = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+    lines.append(f"| {arm} | {loss.mean():.4f} ± {std(loss):.4f} | {' / '.join(f'{x:.4f}' for x in loss)} | "
+                 f"{delta.mean():+.4f} ± {std(delta):.4f} | {mv.mean():.3f} ± {std(mv):.3f} | "
+                 f"{' / '.join(f'{x:.3f}' for x in mv)} | {rows[0]['params']:,} | {rows[0]['kv_bytes_per_token_bf16']:,} |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("ablations", nargs="+", help=f"from {list(ABLATIONS)}")
+  p.add_argument("ablations", nargs="*", help=f"from {list(ABLATIONS)}")
+  p.add_argument("--table", metavar="JSONL", help="print a finished ablation's summary as a markdown table")
   p.add_argument("--seeds", default="0", help="comma-separated")
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--eval_every", type=int, default=50)
@@ -287,7 +310,12 @@ def main(argv=None) -> int:
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override for every arm")
   p.add_argument("--out", default="ablations_out")
   args = p.parse_args(argv)
+  if args.table:
+    print(markdown_table(args.table))
+    return 0
   try:
+    if not args.ablations:
+      raise UserError(f"name one or more ablations: {', '.join(ABLATIONS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = parse_set(args.set)
     for name in args.ablations:

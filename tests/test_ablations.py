@@ -60,6 +60,8 @@ def test_smoke_run_writes_records_and_plot(tmp_path):
   finals = [r for r in recs if r["kind"] == "final" and r["arm"] == "neither"]
   assert finals[0]["val_loss"] != finals[1]["val_loss"]
   assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  table = ablations.markdown_table(jsonl).splitlines()
+  assert len(table) == 2 + 2 and table[2].startswith("| neither |") and "+0.0000 ± 0.0000" in table[2]
   with pytest.raises(UserError, match="exists"):  # a saved result is never overwritten
     ablations.run_ablation("balancing", out, seeds=[0], steps=1, eval_every=1, overrides=overrides, arms=["neither"])
   with pytest.raises(UserError, match="unknown arms"):
