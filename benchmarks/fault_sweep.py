@@ -553,23 +553,23 @@ def main(argv=None) -> int:
   ap.add_argument("--jobs", type=int, default=2)
   ap.add_argument("--fixtures", default=None, help="directory for the shared run/hf/tokens (kept between sweeps)")
   ap.add_argument("-k", default="", help="only cases whose name contains this")
+  ap.add_argument("--start", type=int, default=1, help="first case number to run (the others are not run)")
   args = ap.parse_args(argv)
-  selected = [c for c in cases() if args.k in c.name]
+  selected = [c for i, c in enumerate(cases(), 1) if args.k in c.name and i >= args.start]
   root = pathlib.Path(tempfile.mkdtemp(prefix="fault_sweep-"))
   fx = build_fixtures(pathlib.Path(args.fixtures) if args.fixtures else root / "fixtures")
   print(f"{len(selected)} cases, {args.jobs} at a time; fixtures in {fx['base']}", file=sys.stderr, flush=True)
-  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool, open(args.out, "w") as jsonl:
     futures = [pool.submit(run_case, c, fx, root) for c in selected]
     results = []
     for f, c in zip(futures, selected):
       results.append(f.result())
       r = results[-1]
+      jsonl.write(json.dumps(dataclasses.asdict(r)) + "\n")  # as they complete: a stopped sweep keeps its rows
+      jsonl.flush()
       print(f"[{len(results)}/{len(selected)}] {'pass' if r.ok else 'FAIL'} {r.name}: exit {r.exit}, {r.last_line[:120]}",
             file=sys.stderr, flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    for r in results:
-      f.write(json.dumps(dataclasses.asdict(r)) + "\n")
   md = table(results)
   with open(args.table or os.path.splitext(args.out)[0] + ".md", "w") as f:
     f.write(f"Fault sweep, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `python benchmarks/fault_sweep.py`\n\n"
