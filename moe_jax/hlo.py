@@ -523,3 +523,33 @@ def summarize(text: str, top: int = 12) -> Summary:
                       "op": name.group(1)[-120:] if name else ins.name})
   items.sort(key=lambda d: -d["bytes"] * d["times"])
   return Summary(flops + kernel_flops, kernel_flops, totals, items[:top], unknown, items)
+
+
+def main(argv=None) -> int:
+  """python -m moe_jax.hlo DUMP.txt: the summary of an optimized module's text (an XLA dump's
+  *.after_optimizations.txt) as one JSON line: FLOPs, collectives per kind (count, buffer and
+  wire GB per chip per step), unknown trip counts, the largest collectives."""
+  import json
+  import sys
+  args = sys.argv[1:] if argv is None else argv
+  if len(args) != 1:
+    print("usage: python -m moe_jax.hlo MODULE.txt", file=sys.stderr)
+    return 2
+  try:
+    text = open(args[0]).read()
+  except OSError as e:
+    print(f"error: {args[0]}: {e.strerror}", file=sys.stderr)
+    return 2
+  s = summarize(text)
+  gb = lambda b: round(b / 1e9, 3)  # noqa: E731
+  print(json.dumps({"flops": float(f"{s.flops:.4g}"), "kernel_flops": float(f"{s.kernel_flops:.4g}"),
+                    "collectives": {k: {"count": int(v["count"]), "gb": gb(v["bytes"]), "wire_gb": gb(v["wire"])}
+                                    for k, v in sorted(s.collectives.items())},
+                    "wire_gb": gb(s.wire_bytes), "unknown_trip_counts": len(s.unknown_trip_counts),
+                    "largest": [{"kind": i["kind"], "gb": gb(i["bytes"]), "times": i["times"], "group": i["group"],
+                                 "op": i["op"][-80:]} for i in s.largest[:8]]}))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

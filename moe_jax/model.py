@@ -151,18 +151,23 @@ class Transformer(nn.Module):
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     h = self.trunk(tokens_BS, positions_BS, segment_ids_BS, decode, absorb)
-    logits = self.logits(h)
     if not (return_mtp or self.is_initializing()):
-      return logits
-    mtp_logits = []
+      return self.logits(h)
+    normed = [h]
     for k, layer in enumerate(self.mtp, start=1):
       # Token i+k's embedding at position i; the last k positions see token 0 (masked in the loss).
       shifted = jnp.concatenate([tokens_BS[:, k:], jnp.zeros((b, k), tokens_BS.dtype)], axis=1)
       h, h_normed = layer(self.embed_tokens(shifted), h, positions_BS, segment_ids_BS, decode)
-      mtp_logits.append(self.logits(h_normed))
+      normed.append(h_normed)
+    # One head matmul for the main and the MTP depths (they share the head): its weight gradient
+    # is then one dot, summed over depths before the batch-axis reduction, so a step reduces the
+    # [D, V] head gradient once instead of once per depth (issue 21). Stacked on a new leading
+    # axis: the batch axis keeps its sharding.
+    w = self.embed.T if cfg.tie_word_embeddings else self.head
+    all_KBSV = project("kbsd,dv->kbsv", jnp.stack(normed), w, cfg, fp8=False).astype(jnp.float32)
     if not return_mtp:
-      return logits
-    return logits, jnp.stack(mtp_logits) if mtp_logits else jnp.zeros((0, b, s, cfg.vocab_size), jnp.float32)
+      return all_KBSV[0]
+    return all_KBSV[0], all_KBSV[1:]
 
   # --- speculative decoding (moe_jax/speculative.py) ---------------------------------------
   def verify(self, tokens_BS: jax.Array, positions_BS: jax.Array, absorb: bool = True):

@@ -177,3 +177,75 @@ def test_unreadable_loop_counts_once_and_is_reported():
           .replace("START", "1").replace("GROUPS", "{{0,1}}"))
   s = hlo.summarize(text)
   assert s.unknown_trip_counts == ["w"] and s.collectives["all-gather"]["count"] == 1
+
+
+def _head_reductions(text: str, d: int, v: int) -> int:
+  """Gradient reductions of the output head in an optimized module: operands of an all-reduce or
+  reduce-scatter (CPU combines them into one tuple all-reduce) of shape [D, V] (or [V, D]) made
+  by a matmul (the embedding's [V, D] gradient is a scatter-add)."""
+  comps, _ = hlo.parse(text)
+  found = 0
+  for comp in comps.values():
+    for ins in comp.instructions.values():
+      if ins.opcode.removesuffix("-start") in ("all-reduce", "reduce-scatter"):
+        for o in ins.operands:
+          shape = hlo._shape_of(comp, o)
+          found += (shape is not None and sorted(shape) == sorted((d, v))
+                    and "dot_general" in comp.instructions[o].attrs)
+  return found
+
+
+def test_head_and_mtp_head_reduce_one_summed_gradient():
+  """DeepSeek-V3's MTP depth shares the output head: the train step reduces its [D, V] gradient
+  once (one summed dot), not once per depth. Pure data parallelism over 8 CPU devices, where
+  the head is replicated and its gradient all-reduced: 1 reduction with the MTP depth on. A
+  control with two separate head matmuls compiles to 2, so the count can tell them apart."""
+  from moe_jax import train as train_lib
+  from moe_jax.config import tiny
+  cpu = jax.devices("cpu")
+  config = train_lib.base_config(tiny(num_nextn_predict_layers=1, vocab_size=384, num_hidden_layers=1), "tiny")
+  config.mesh.update(data=8, fsdp=1, expert=1, tensor=1)
+  config.batch_size = 8
+  trainer = train_lib.Trainer(config, devices=cpu)
+  d, v = trainer.mcfg.hidden_size, trainer.mcfg.vocab_size
+  assert _head_reductions(trainer.step_fn.as_text(), d, v) == 1
+  mesh = Mesh(np.array(cpu[:8]), ("data",))
+  h = jax.ShapeDtypeStruct((8, 16, d), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+  w = jax.ShapeDtypeStruct((d, v), jnp.float32, sharding=NamedSharding(mesh, P()))
+  two = jax.grad(lambda h, g, w: jnp.sum(jnp.tanh(h @ w)) + jnp.sum(jnp.tanh(g @ w)), argnums=2)
+  assert _head_reductions(jax.jit(two).lower(h, h, w).compile().as_text(), d, v) == 2
+
+
+_TUPLE = """HloModule m, num_partitions=4
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+ENTRY %main (a: f32[2,8], g: f32[8,8], n: f32[8], i: s32[]) -> (f32[8,8], f32[2,8], f32[8]) {
+  %a = f32[2,8] parameter(0)
+  %g = f32[8,8] parameter(1)
+  %n = f32[8] parameter(2)
+  %i = s32[] parameter(3)
+  %z = f32[8,8] broadcast(f32[] constant(0)), dimensions={}
+  %dus = f32[8,8] dynamic-update-slice(%z, %a, %i, %i)
+  %c = f32[8,8] copy(%dus)
+  %ar = (f32[8,8], f32[8,8], f32[8]) all-reduce(%c, %g, %n), replica_groups={{0,1,2,3}}, to_apply=%add
+  %gathered = f32[8,8] get-tuple-element(%ar), index=0
+  %reduced = f32[8,8] get-tuple-element(%ar), index=1
+  %mine = f32[2,8] dynamic-slice(%reduced, %i, %i), dynamic_slice_sizes={2,8}
+  %whole = f32[8] get-tuple-element(%ar), index=2
+  ROOT %out = (f32[8,8], f32[2,8], f32[8]) tuple(%gathered, %mine, %whole)
+}
+"""
+
+
+def test_a_combined_all_reduce_is_split_by_operand():
+  """XLA's combiner packs a gather in disguise, a reduce-scatter in disguise and a true
+  all-reduce into one tuple all-reduce: each operand is counted under its own kind."""
+  s = hlo.summarize(_TUPLE)
+  assert {k: (v["count"], v["bytes"]) for k, v in s.collectives.items()} == {
+      "all-gather-as-all-reduce": (1, 256), "reduce-scatter-as-all-reduce": (1, 256), "all-reduce": (1, 32)}
+  assert s.wire_bytes == pytest.approx(2 * 3 / 4 * (256 + 256 + 32))
