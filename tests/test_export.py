@@ -111,7 +111,9 @@ def test_train_run_exports_to_transformers_and_eval(tmp_path, capsys):
   # prepared directory, whose meta names the original tokenizer.json: same bytes, accepted).
   tasks = f"--tasks=lm:{tmp_path / 'val.txt'},lm:{tmp_path / 'data'}"
   eval_main([f"--workdir={workdir}", tasks, f"--output={tmp_path / 'w.json'}", "--no_progress"], capsys)
-  eval_main([f"--hf={out}", tasks, f"--output={tmp_path / 'h.json'}", "--no_progress"], capsys)
+  # the run is scored at its seq_len (32, tiny:test) by default; the export at the same window
+  eval_main([f"--hf={out}", tasks, f"--output={tmp_path / 'h.json'}", "--no_progress", "--max_len=32"], capsys)
+  assert json.loads((tmp_path / "w.json").read_text())["max_len_from"] == "the run's seq_len"
   w, h = scores(tmp_path / "w.json"), scores(tmp_path / "h.json")
   assert w.keys() == h.keys() and ("lm:val.txt", "bits_per_byte") in w
   for key in w:
