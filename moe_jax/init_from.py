@@ -96,7 +96,7 @@ def detect(path: str) -> Origin:
       cfg_path = os.path.join(workdir, "config.json")
       if not os.path.isfile(cfg_path):
         _fail(path, f"{cfg_path} is missing, so the run's model config is unknown")
-      saved = hf.read_json(cfg_path)
+      saved = hf.read_json(Path(cfg_path))
       return Origin(path, "workdir", checkpoint.model_config(ml_collections.ConfigDict(saved)))
     if os.path.isfile(os.path.join(p, convert.CONFIG_FILE)) or os.path.isdir(os.path.join(p, convert.VARIABLES_DIR)):
       if not os.path.isdir(os.path.join(p, convert.VARIABLES_DIR)):
