@@ -129,7 +129,8 @@ def main(argv):
       msg = errors.os_error_message(e)
     if msg is None:
       raise
-    _fail(f"{msg}; {_survived(workdir)}")
+    # exit_now: a failed orbax save leaves a background thread that a normal exit would wait on forever
+    interrupts.exit_now(2, f"error: {msg}; {_survived(workdir)}")
 
 
 def _release_claim(workdir: str):
