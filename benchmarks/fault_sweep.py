@@ -341,7 +341,8 @@ def cases() -> list[Case]:
   add(Case("eval hf dir without config.json", "bad file", lambda d, fx: [*EVAL, f"--hf={d}", f"--tasks=lm:{TASKS / 'lm.txt'}"]))
   add(Case("eval sample tasks on the run (context = seq_len)", "ok",
            lambda d, fx: [*EVAL, f"--workdir={fx['run']}", f"--tasks=lm:{TASKS / 'lm.txt'},mc:{TASKS / 'mc.jsonl'},"
-                          f"gen:{TASKS / 'gen.jsonl'}", f"--output={d / 'r.json'}"], expect="ok", check=_ctx_is_seq_len))
+                          f"gen:{TASKS / 'gen.jsonl'}", "--max_new_tokens=8", f"--output={d / 'r.json'}"], expect="ok",
+           check=_ctx_is_seq_len))
   add(Case("eval out of memory (batch 65536 x 1024)", "resource",
            lambda d, fx: [*EVAL, "--preset=tiny", f"--tasks=lm:{d / 'big.txt'}", "--batch_size=65536", "--max_len=1024"],
            setup=lambda d, fx: (d / "big.txt").write_text("x" * 200000), limit_memory=True))
@@ -446,7 +447,13 @@ def cases() -> list[Case]:
 
 
 # --- running --------------------------------------------------------------------------------
+def _as_from_a_shell():
+  """Children start with a shell's default Ctrl-C (a sweep run in the background inherits SIG_IGN)."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _limit_memory():
+  _as_from_a_shell()
   resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
 
 
@@ -473,7 +480,7 @@ def run_case(case: Case, fx: dict, root: pathlib.Path) -> Result:
     if bg:
       time.sleep(0.5)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_limit_memory if case.limit_memory else None)
+                            preexec_fn=_limit_memory if case.limit_memory else _as_from_a_shell)
     if case.signal_when:
       signum, when = case.signal_when
       t0 = time.monotonic()
