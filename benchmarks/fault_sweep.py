@@ -559,10 +559,10 @@ def main(argv=None) -> int:
   ap.add_argument("--table", default=None, help="markdown table path (default: --out with .md)")
   ap.add_argument("--jobs", type=int, default=2)
   ap.add_argument("--fixtures", default=None, help="directory for the shared run/hf/tokens (kept between sweeps)")
-  ap.add_argument("-k", default="", help="only cases whose name contains this")
+  ap.add_argument("-k", default="", help="only cases whose name contains this (A|B: either)")
   ap.add_argument("--start", type=int, default=1, help="first case number to run (the others are not run)")
   args = ap.parse_args(argv)
-  selected = [c for i, c in enumerate(cases(), 1) if args.k in c.name and i >= args.start]
+  selected = [c for i, c in enumerate(cases(), 1) if any(k in c.name for k in args.k.split("|")) and i >= args.start]
   root = pathlib.Path(tempfile.mkdtemp(prefix="fault_sweep-"))
   fx = build_fixtures(pathlib.Path(args.fixtures) if args.fixtures else root / "fixtures")
   print(f"{len(selected)} cases, {args.jobs} at a time; fixtures in {fx['base']}", file=sys.stderr, flush=True)
