@@ -260,6 +260,7 @@ def test_explicit_shape_flag_must_agree(ckpts):
   init_from.check_explicit(config, ["hidden_size"])  # agreeing is fine
 
 
+@pytest.mark.slow
 def test_convert_checkpoint_and_scan_layout_load_exactly(ckpts, tmp_path):
   """A `convert --hf --scan_layers` checkpoint into an unscanned run: the same variables as hf.load_pretrained."""
   src, _ = ckpts["v3_bf16"]
