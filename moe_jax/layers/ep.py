@@ -75,7 +75,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax import sharding
 from moe_jax.config import ModelConfig
 from moe_jax.layers import fp8 as fp8_lib
-from moe_jax.layers.moe import dispatch_ragged, expert_ffn_ragged, register_dispatch, sort_by_expert
+from moe_jax.layers.ragged import dispatch_ragged, expert_ffn_ragged, sort_by_expert
 
 
 def ep_capacity(tokens: int, ep: int, cfg: ModelConfig) -> int:
@@ -321,6 +321,3 @@ def dispatch_ep(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, cfg: ModelConfig
               dropless=cfg.capacity_factor <= 0)
   out, dropped, rounds = _exchange(s, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
   return out[:t], {"dropped_tokens": dropped, "ep_rounds": rounds}
-
-
-register_dispatch("ep", dispatch_ep)
