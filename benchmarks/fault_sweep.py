@@ -526,7 +526,7 @@ def run_case(case: Case, fx: dict, root: pathlib.Path) -> Result:
     problem = case.check(d, r) if case.check else ""
     if problem:
       r.note = (r.note + "; " if r.note else "") + problem
-    r.ok = ok and not tb and not lost and not problem
+    r.ok = ok and not tb and not lost and not problem and "timed out" not in r.note
     return r
   except Exception as e:  # noqa: BLE001 - a broken case is reported, not the end of the sweep
     return Result(case.name, case.kind, case.owner, "", -1, "", False, "", False, f"sweep error: {e!r}",
