@@ -37,10 +37,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from moe_jax import data, scoring, sharding
-from moe_jax import variables as model_variables
+from moe_jax import data, scoring
 from moe_jax.data import load_tokenizer
 from moe_jax.errors import UserError
+from moe_jax.loading import for_eval, load_model, make_mesh  # noqa: F401  (evaluate's public names)
+from moe_jax.scoring import split_context  # noqa: F401
 
 TASK_KINDS = ("lm", "mc", "gen")
 
@@ -86,19 +87,6 @@ def normalize_answer(text: str) -> str:
   text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
   text = re.sub(r"\b(a|an|the)\b", " ", text)
   return " ".join(text.split())
-
-
-def split_context(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-  """Token ids of context and continuation as lm-eval splits them: trailing spaces of the
-  context move to the continuation, and the continuation is what encoding both adds."""
-  n = len(context) - len(context.rstrip())
-  if n:
-    context, continuation = context[:-n], context[-n:] + continuation
-  whole = tok.encode(context + continuation)
-  ctx = tok.encode(context)
-  if whole[:len(ctx)] != ctx:  # a merge across the boundary: fall back to separate encodings
-    return ctx, tok.encode(continuation)
-  return ctx, whole[len(ctx):]
 
 
 def with_prefix(tok, ctx: list[int], where: str) -> list[int]:
@@ -306,106 +294,6 @@ def eval_gen(scorer: scoring.Scorer, tok, path: str, *, max_new_tokens: int = 32
     if samples is not None:
       samples.append({"where": where, "prompt": prompt, "output": text, "answer": answer, "correct": correct})
   return {"exact_match": hits / len(prompts)}, len(prompts)
-
-
-# --- models -----------------------------------------------------------------------
-def make_mesh(shape: Optional[Sequence[int]] = None, config=None):
-  """-> (mesh, rules): `shape` (data, fsdp, expert, tensor), else the training config's mesh
-  when it fits this machine's devices, else every device on 'data'."""
-  rules = sharding.DEFAULT_RULES
-  if config is not None and "mesh" in config:
-    rules = sharding.merge_rules([tuple(r) for r in config.mesh.get("rules", ())])
-    if shape is None:
-      m = config.mesh
-      try:
-        return sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor), rules
-      except ValueError:  # trained on another machine: fall back to data parallelism
-        pass
-  try:
-    return sharding.make_mesh(*(shape or (-1,))), rules
-  except ValueError as e:
-    raise UserError(f"--mesh={','.join(map(str, shape or ()))}: {e}") from None
-
-
-def _run_config(path: str):
-  """The run's WORKDIR/config.json (for its mesh and rules) from a workdir or step path, or None."""
-  import ml_collections
-  path = os.path.abspath(path)
-  for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-    if os.path.isfile(os.path.join(candidate, "config.json")) and os.path.isdir(os.path.join(candidate, "checkpoints")):
-      with open(os.path.join(candidate, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
-  return None
-
-
-def load_model(*, workdir: Optional[str] = None, checkpoint: Optional[str] = None, hf: Optional[str] = None,
-               preset: Optional[str] = None, vocab_size: Optional[int] = None, dtype: Optional[str] = None,
-               seed: int = 0, mesh_shape: Optional[Sequence[int]] = None):
-  """Exactly one source -> (model, variables {'params', 'router'}, info {name, step, mesh, rules}).
-
-  workdir: a train.py run (latest checkpoint); checkpoint: one step directory; hf: a
-  Hugging Face DeepSeek-V2/V3 directory; preset: a randomly initialized ModelConfig preset
-  (vocab_size overrides its vocabulary), for chance-level baselines. Variables are placed
-  on the mesh (make_mesh) with the training shardings.
-  """
-  given = {k: v for k, v in dict(workdir=workdir, checkpoint=checkpoint, hf=hf, preset=preset).items() if v}
-  if len(given) != 1:
-    raise UserError(f"give exactly one of --workdir, --checkpoint, --hf, --preset (got {sorted(given) or 'none'})")
-  if workdir or checkpoint:
-    path = workdir or checkpoint
-    if not os.path.exists(path):
-      raise UserError(f"no checkpoint at {path}: the path does not exist")
-    from moe_jax import checkpoint as ckpt_lib
-    mesh, rules = make_mesh(mesh_shape, _run_config(path))
-    config, model, variables, step = ckpt_lib.restore_for_eval(path, mesh=mesh, rules=rules)
-    tokenizer = config.get("data", {}).get("tokenizer", "byte") if config is not None else "byte"
-    # the context the run trained at: eval.py's default --max_len (a longer window scores positions it never saw)
-    seq_len = config.get("seq_len") if config is not None else None
-    return for_eval(model), variables, {"name": os.path.abspath(path), "step": step, "mesh": mesh, "rules": rules,
-                                        "tokenizer": tokenizer, "seq_len": seq_len}
-  mesh, rules = make_mesh(mesh_shape)
-  if hf:
-    if not os.path.isfile(os.path.join(hf, "config.json")):
-      raise UserError(f"--hf={hf}: not a Hugging Face model directory (no config.json)")
-    from moe_jax import hf as hf_lib
-    from moe_jax.model import Transformer
-    load_kw = {"dtype": dtype} if dtype else {}
-    try:  # placed as scoring.place would: each process reads only what its devices hold
-      abstract = model_variables.abstract_sharded(Transformer(hf_lib.pretrained_config(hf, **load_kw)),
-                                                  (sharding.data_parallel_size(mesh, rules), 1), mesh, rules)
-      model, variables = hf_lib.load_pretrained(hf, shardings=jax.tree.map(lambda a: a.sharding, abstract), **load_kw)
-    except ValueError as e:  # config/tensor mismatches, named by hf.py
-      raise UserError(f"--hf={hf}: {e}") from None
-    name, step = os.path.abspath(hf), None
-    tokenizer = data.tokenizer_of_dir(hf)  # an exported byte-level run's tokenizer.json is read as 'byte'
-  else:
-    from moe_jax.config import PRESETS
-    from moe_jax.model import Transformer
-    if preset not in PRESETS:
-      raise UserError(f"--preset={preset!r} is not one of {sorted(PRESETS)}")
-    overrides = {"vocab_size": vocab_size} if vocab_size else {}
-    if dtype:
-      overrides["dtype"] = dtype
-    try:
-      model = Transformer(PRESETS[preset](**overrides))
-    except (TypeError, ValueError) as e:  # --dtype, or a tokenizer vocabulary the preset cannot take
-      raise UserError(f"--preset={preset}: {e}") from None
-    variables, _ = model_variables.init_sharded(model, jax.random.key(seed), (sharding.data_parallel_size(mesh, rules), 1),
-                                           mesh, rules)
-    return for_eval(model), variables, {"name": f"{preset} (random init, seed {seed})", "step": 0, "mesh": mesh,
-                                        "rules": rules, "tokenizer": "byte"}
-  variables = scoring.place(model, {k: variables[k] for k in ("params", "router") if k in variables}, mesh, rules)
-  return for_eval(model), variables, {"name": name, "step": step, "mesh": mesh, "rules": rules,
-                                      "tokenizer": tokenizer}
-
-
-def for_eval(model):
-  """The same weights with a dropless MoE: a capacity would make a score depend on the other
-  rows of its batch (dropped tokens), so evaluation swaps 'capacity' for 'ragged' and runs 'ep'
-  without a capacity (config.dropless), whatever the training setting."""
-  from moe_jax.config import dropless
-  cfg = dropless(model.cfg)
-  return model if cfg == model.cfg else type(model)(cfg)
 
 
 # --- the run ------------------------------------------------------------------------

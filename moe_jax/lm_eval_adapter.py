@@ -24,7 +24,7 @@ except ImportError as e:  # the optional extra is missing: one clear line from e
   from moe_jax.errors import UserError
   raise UserError("--lm_eval_tasks needs lm-evaluation-harness: pip install -e '.[eval]'") from e
 
-from moe_jax import evaluate, scoring
+from moe_jax import loading, scoring
 from moe_jax.data import load_tokenizer
 
 
@@ -33,7 +33,7 @@ class MoeJaxLM(LM):
   """loglikelihood, loglikelihood_rolling and generate_until over a moe_jax model.
 
   Either pass a ready `scorer` and `tok` (eval.py does), or a source as in
-  evaluate.load_model (workdir=, checkpoint=, hf=, preset=) plus tokenizer, batch_size, max_length.
+  loading.load_model (workdir=, checkpoint=, hf=, preset=) plus tokenizer, batch_size, max_length.
   """
 
   def __init__(self, scorer: Optional[scoring.Scorer] = None, tok=None, *, workdir=None, checkpoint=None, hf=None,
@@ -42,7 +42,7 @@ class MoeJaxLM(LM):
     super().__init__()
     if scorer is None:
       tok = load_tokenizer(tokenizer)
-      model, variables, _ = evaluate.load_model(workdir=workdir, checkpoint=checkpoint, hf=hf, preset=preset,
+      model, variables, _ = loading.load_model(workdir=workdir, checkpoint=checkpoint, hf=hf, preset=preset,
                                                 vocab_size=tok.vocab_size if preset else None)
       # lm-eval passes its own --batch_size (possibly "auto") along: any non-number keeps the default.
       batch_size = int(batch_size) if str(batch_size).isdigit() else 8
@@ -66,7 +66,7 @@ class MoeJaxLM(LM):
     pairs = []
     for req in requests:
       context, continuation = req.args
-      ctx, cont = evaluate.split_context(self.tok, context, continuation)
+      ctx, cont = scoring.split_context(self.tok, context, continuation)
       pairs.append(self._fit(ctx or [self.prefix_token_id], cont))
     return self.scorer.loglikelihood(pairs, desc="lm-eval loglikelihood")
 

@@ -43,6 +43,19 @@ def _score(variables, inputs_BL, targets_BL, mask_BL, *, model):
           jnp.all(greedy | ~mask_BL, axis=-1), jnp.where(mask_BL, token_logp, 0.0))
 
 
+def split_context(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """Token ids of context and continuation as lm-eval splits them: trailing spaces of the
+  context move to the continuation, and the continuation is what encoding both adds."""
+  n = len(context) - len(context.rstrip())
+  if n:
+    context, continuation = context[:-n], context[-n:] + continuation
+  whole = tok.encode(context + continuation)
+  ctx = tok.encode(context)
+  if whole[:len(ctx)] != ctx:  # a merge across the boundary: fall back to separate encodings
+    return ctx, tok.encode(continuation)
+  return ctx, whole[len(ctx):]
+
+
 class Scorer:
   """Log-likelihoods and generations for a model; see the module docstring for batching."""
 
