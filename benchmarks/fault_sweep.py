@@ -136,6 +136,17 @@ def corrupt(path: pathlib.Path, n: int = 64):
     f.write(os.urandom(n))
 
 
+def corrupt_all(path: pathlib.Path, n: int = 64):
+  """n random bytes into every ocdbt data file under path. eval and convert read only the
+  parameters (verified by their checksums): a damaged optimizer-state file is, rightly, not
+  theirs to refuse, so their cases damage every data file to be sure the parameters are hit."""
+  for f in sorted(path.rglob("ocdbt.process_*/d/*")):
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+      fh.seek(max(0, size // 2 - n // 2))
+      fh.write(os.urandom(n))
+
+
 def newest_step(w: pathlib.Path) -> Optional[pathlib.Path]:
   steps = [p for p in (w / "checkpoints").glob("*") if p.name.isdigit()] if (w / "checkpoints").is_dir() else []
   return max(steps, key=lambda p: int(p.name)) if steps else None
@@ -354,7 +365,7 @@ def cases() -> list[Case]:
            signal_when=(signal.SIGTERM, _after(6))))
   add(Case("eval corrupt bytes in the checkpoint", "corrupt",
            lambda d, fx: [*EVAL, f"--workdir={d / 'w'}", f"--tasks=lm:{TASKS / 'lm.txt'}", f"--output={d / 'r.json'}"],
-           expect="any", setup=lambda d, fx: corrupt(copy_run(d, fx) / "checkpoints" / "8"), owner="integrity",
+           expect="any", setup=lambda d, fx: corrupt_all(copy_run(d, fx) / "checkpoints" / "8"), owner="integrity",
            check=lambda d, r: _report_is_finite(d, r) or ("" if r.exit or "damaged" in r.stderr
                                                          else "restored without naming the damage")))
   # --- convert ---
@@ -398,7 +409,7 @@ def cases() -> list[Case]:
            setup=_stale_staging("convert", "out")))
   add(Case("convert corrupt checkpoint bytes --to_hf", "corrupt",
            lambda d, fx: [*CONVERT, "--from_ckpt", str(d / "w" / "checkpoints" / "8"), "--to_hf", str(d / "out")],
-           setup=lambda d, fx: corrupt(copy_run(d, fx) / "checkpoints" / "8"), owner="integrity"))
+           setup=lambda d, fx: corrupt_all(copy_run(d, fx) / "checkpoints" / "8"), owner="integrity"))
   add(Case("convert --to_hf on a full disk (1 MiB tmpfs)", "disk",
            lambda d, fx: [*CONVERT, "--from_ckpt", str(fx["run"]), "--to_hf", str(d / "full" / "out")],
            setup=lambda d, fx: mount_tmpfs(d / "full", "1m")))
