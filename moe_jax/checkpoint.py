@@ -28,6 +28,7 @@ import json
 import logging as std_logging
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -181,6 +182,8 @@ class Checkpointer:
                        "config": _ConfigHandler("config.json"),
                        "checksums": ocp.JsonCheckpointHandler("checksums.json")})
     self.read_only = read_only
+    self._held = None  # an open descriptor of checkpoints/ (see _hold_directory)
+    self._hold_directory()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -201,6 +204,7 @@ class Checkpointer:
                       f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}); not saving them, so no good "
                       f"checkpoint is rotated out (newest kept: step {self.latest_step()})")
     self._settle(step)
+    self._hold_directory()
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=_ConfigSave({"step": step, "config": config, "checksums": checksum.FORMAT}),
@@ -216,20 +220,54 @@ class Checkpointer:
       if not self._removed_under_save(e):
         raise
       lost = f"; the save in flight failed: {damage_reason(e)}"
-    if os.path.isdir(self.directory) and not lost:
+    if not self._directory_replaced() and not lost:
       return
     logging.warning("%s was removed during the run (the checkpoints in it are gone%s); recreating it to save "
-                    "step %d", self.directory, lost, step)
+                    "step %d", self.directory, lost, step)  # (or emptied: orbax may have recreated parts of it)
     if jax.process_index() == 0:
       os.makedirs(self.directory, exist_ok=True)
+      for name in os.listdir(self.directory):  # what the failed save left (orbax recreates parts of its path)
+        if name.endswith(".orbax-checkpoint-tmp"):
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
     self.manager.reload()
 
+  def _hold_directory(self):
+    """Keeps checkpoints/ open: while we hold it its inode cannot be reused, so a directory removed
+    and recreated (by hand, or by tensorstore writing the rest of a save into its old path) is
+    told apart from the one the save in flight started in."""
+    if self._held is not None:
+      os.close(self._held)
+    try:
+      self._held = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+      self._held = None
+
+  def _directory_replaced(self) -> bool:
+    """Was checkpoints/ removed (and maybe recreated) since _hold_directory?"""
+    try:
+      now = os.stat(self.directory)
+    except FileNotFoundError:
+      return True
+    if self._held is None:
+      return False
+    held = os.fstat(self._held)
+    return held.st_nlink == 0 or (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino)
+
+  # How orbax and tensorstore say that files of the save in flight vanished under it.
+  _VANISHED = ("NOT_FOUND", "No ArrayMetadata found", "missing .zarray", "Metadata file does not exist")
+
   def _removed_under_save(self, e: BaseException) -> bool:
-    """Did a save fail because a file under checkpoints/ vanished (the directory removed under it)?"""
+    """Did a save fail because checkpoints/, or files of the save in it, were removed under it?
+    (`rm -rf checkpoints` racing the writer often leaves the directory with half a save in it.)
+    Anything else (a full disk, a permission) is re-raised: training must not go on unsaved."""
+    if self._directory_replaced():
+      return True
     seen = set()
     while e is not None and id(e) not in seen:
       seen.add(id(e))
       if isinstance(e, FileNotFoundError) and str(e.filename or "").startswith(self.directory):
+        return True
+      if self.directory in str(e) and any(sign in str(e) for sign in self._VANISHED):
         return True
       e = e.__cause__ or e.__context__
     return False
@@ -242,13 +280,16 @@ class Checkpointer:
 
   def verify(self, step: int, restored: dict):
     """Recomputes the digests of the arrays read back from `step` and compares them with the saved
-    ones; Damaged on a mismatch or NaN/inf parameters. Steps without checksums: one warning per process."""
+    ones; Damaged on a mismatch or NaN/inf parameters. The checksums speak first: damaged bytes
+    often decode to NaN, and "checksum mismatch" names the cause whatever values they decode to.
+    Steps without checksums: one warning per process."""
     global _warned_unverified
     sums, bad = checksum.summarize(restored)
     bad = [p for p in bad if p.startswith(MODEL_ITEMS)]
-    if bad:
-      raise Damaged(f"non-finite parameters (NaN or inf in {', '.join(bad[:4])})")
+    non_finite = f"non-finite parameters (NaN or inf in {', '.join(bad[:4])})"
     if not self._config_item(step).get("checksums"):  # written before checksums existed
+      if bad:
+        raise Damaged(non_finite)
       if not _warned_unverified:
         _warned_unverified = True
         logging.warning("checkpoint step %d in %s has no checksums (written before moe_jax verified checkpoints): "
@@ -258,6 +299,8 @@ class Checkpointer:
     wrong = list(checksum.mismatches(saved["arrays"], sums))
     if wrong:
       raise Damaged(f"checksum mismatch in {len(wrong)} array(s): {', '.join(wrong[:3])}")
+    if bad:  # saved that way (save refuses NaN parameters; a checkpoint from elsewhere may not)
+      raise Damaged(non_finite)
 
   def saved_tree(self, step: int):
     """The saved state's tree of array metadata; Damaged when its metadata cannot be read."""
@@ -346,6 +389,9 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+      if self._held is not None:
+        os.close(self._held)
+        self._held = None
 
 
 # --- workdir guard ------------------------------------------------------------------------

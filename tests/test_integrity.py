@@ -226,6 +226,26 @@ def test_nonfinite_parameters_are_refused_on_restore(steps_run, tmp_path, caplog
     checkpoint.restore_for_eval(os.path.join(workdir, "checkpoints", "2"))
 
 
+@pytest.mark.parametrize("sums_of", ["finite", "nan"])
+def test_checksums_speak_before_nan(steps_run, tmp_path, sums_of):
+  """Damaged bytes often decode to NaN: a step whose checksums do not match says "checksum mismatch"
+  (the cause), not "NaN"; NaN parameters that match their checksums are still refused."""
+  _, c, t, _, init = steps_run
+  workdir = str(tmp_path / "ck")
+  ck = checkpoint.Checkpointer(workdir)
+  nan = init.replace(step=jnp.int32(1), params=jax.tree.map(lambda x: x * jnp.nan, init.params)).to_dict()
+  sums, _ = checksum.summarize(nan if sums_of == "nan" else init.replace(step=jnp.int32(1)).to_dict())
+  ck.manager.save(1, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(nan),
+      config=checkpoint._ConfigSave({"step": 1, "config": c.to_dict(), "checksums": checksum.FORMAT}),
+      checksums=ocp.args.JsonSave({"format": checksum.FORMAT, "arrays": sums})))
+  ck.close()
+  expected = (r"damaged \(checksum mismatch in \d+ array\(s\): params/"
+              if sums_of == "finite" else r"damaged \(non-finite parameters \(NaN or inf in params/")
+  with pytest.raises(UserError, match=expected):
+    checkpoint.restore_for_eval(os.path.join(workdir, "checkpoints", "1"))
+
+
 @pytest.mark.parametrize("value", [0, -1, 1.5, "3"])
 def test_max_to_keep_below_one_is_refused(tmp_path, value):
   with pytest.raises(UserError, match=f"checkpoint.max_to_keep={value!r} must be >= 1"):
