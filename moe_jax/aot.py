@@ -100,12 +100,16 @@ class Topology:
 
 
 def default_shape(chips: int, dims: int) -> tuple[int, ...]:
-  """Cloud TPU's slice shape for a chip count: double the smallest axis, last first (v5p-512: 4x8x8)."""
+  """Cloud TPU's slice shape for a chip count: below a full 2x..x2 cube the first axes fill first
+  (v5p-8: 2x2x1, v4-8: 2x2x1); from there double the smallest axis, last first (v5p-512: 4x8x8)."""
   if chips < 1 or chips & (chips - 1):
     raise UserError(f"{chips} chips: slices of a power-of-two chip count only (or give libtpu's form, e.g. v5:4x4x6)")
   shape = [1] * dims
   while math.prod(shape) < chips:
-    i = max(range(dims), key=lambda k: (-shape[k], k))
+    if chips < 2 ** dims:
+      i = shape.index(1)
+    else:
+      i = max(range(dims), key=lambda k: (-shape[k], k))
     shape[i] *= 2
   return tuple(shape)
 

@@ -19,6 +19,8 @@ from moe_jax.errors import UserError  # noqa: E402
     ("v5p-16", "v5p", (2, 2, 2), 8), ("v5p-128", "v5p", (4, 4, 4), 64), ("v5p-512", "v5p", (4, 8, 8), 256),
     ("v5p-1024", "v5p", (8, 8, 8), 512), ("v5e-16", "v5e", (4, 4), 16), ("v6e-256", "v6e", (16, 16), 256),
     ("v6e-8", "v6e", (2, 4), 8), ("v4-64", "v4", (2, 4, 4), 32), ("v5:4x4x6", "v5p", (4, 4, 6), 96),
+    ("v5p-8", "v5p", (2, 2, 1), 4), ("v4-8", "v4", (2, 2, 1), 4), ("v5e-4", "v5e", (2, 2), 4),
+    ("v5e-8", "v5e", (2, 4), 8),
 ])
 def test_topology_names_as_cloud_tpu_spells_them(name, family, shape, chips):
   t = aot.parse_topology(name)
