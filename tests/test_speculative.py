@@ -2,6 +2,8 @@
 keeps the model's distribution (and a wrong acceptance rule is caught), stale cache slots of
 rejected drafts never reach an accepted token's logits, and a model without MTP is refused."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from scipy import stats as scistats
 from moe_jax import config as mcfg
 from moe_jax import speculative
 from moe_jax.errors import UserError
-from moe_jax.generate import filter_logits, generate, init_cache
+from moe_jax.generate import continuations, filter_logits, generate, init_cache
 from moe_jax.model import Transformer
 from test_generate import random_variables
 
@@ -20,15 +22,19 @@ from test_generate import random_variables
 VOCAB = 6
 
 
-def _setup(dtype):
-  model = Transformer(mcfg.tiny(vocab_size=VOCAB, initializer_range=0.2, max_position_embeddings=64, dtype=dtype))
+def _setup(dtype, depths=1):
+  model = Transformer(mcfg.tiny(vocab_size=VOCAB, initializer_range=0.2, max_position_embeddings=64, dtype=dtype,
+                                num_nextn_predict_layers=depths))
   return model, random_variables(model, 3)
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def greedy_case(request):
+  return _greedy_reference(*_setup(request.param))
+
+
+def _greedy_reference(model, variables):
   """Batch 4, ragged prompts, a stop token that cuts some rows: the plain greedy reference."""
-  model, variables = _setup(request.param)
   prompt = np.array(jax.random.randint(jax.random.key(5), (4, 6), 0, VOCAB))
   lengths = np.array([6, 2, 1, 4])
   for b, n in enumerate(lengths):
@@ -55,6 +61,93 @@ def test_generate_flag_matches(greedy_case):
   model, variables, prompt, lengths, stop, ref = greedy_case
   out = generate(model, variables, prompt, 14, prompt_lengths=lengths, stop_tokens=(stop,), speculative=2)
   np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+@pytest.fixture(scope="module")
+def two_depths():
+  """num_nextn_predict_layers=2, fp32. The plain greedy reference runs on the one-depth model with
+  the same trunk weights (plain decoding never reads MTP), so its compiled programs are shared."""
+  model, variables = _setup("float32", depths=2)
+  one = {k: {n: w for n, w in v.items() if n != "mtp_1"} for k, v in variables.items()}
+  return (model, variables) + _greedy_reference(_setup("float32")[0], one)[2:]
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_drafter(model, k):
+  """Teacher-forced drafts without a cache: seq [R, T] = committed tokens up to x_P at P [R], then the
+  drafts. Depth d (0-based) at position P-1 reads token P+d and predicts token P+d+1 (draft d+1);
+  with fewer depths D than k the last depth is reused: at P+r it reads its own output at P+r-1
+  and draft D+r, and predicts draft D+r+1. -> jitted (variables, seq, P) -> logits [R, k, V]."""
+  depths = min(model.cfg.num_nextn_predict_layers, k)
+
+  def run(m, seq, p):
+    r_, t = seq.shape
+    rows, pos = jnp.arange(r_), jnp.broadcast_to(jnp.arange(t), (r_, t))
+    ahead = lambda s: jnp.concatenate([seq[:, s:], jnp.zeros((r_, s), seq.dtype)], 1)  # noqa: E731 (token i+s at i)
+    h, out = m.trunk(seq, pos), []
+    for d in range(depths):
+      h_in = h
+      h, normed = m.mtp[d](m.embed_tokens(ahead(d + 1)), h_in, pos)
+      out.append(m.logits(normed[rows, p - 1][:, None])[:, 0])
+    chain = h[rows, p - 1]
+    for r in range(k - depths):  # the last depth on its own output at P..P+r
+      h_in = h_in.at[rows, p + r].set(chain)
+      h, normed = m.mtp[depths - 1](m.embed_tokens(ahead(depths)), h_in, pos)
+      chain = h[rows, p + r]
+      out.append(m.logits(normed[rows, p + r][:, None])[:, 0])
+    return jnp.stack(out, 1)
+  return jax.jit(lambda v, s, p: model.apply(v, s, p, method=run))
+
+
+K_MAX, ROWS = 3, 64
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_two_depths_greedy_and_drafts(two_depths, k, monkeypatch):
+  """2 MTP depths, K = 1, 2, 3: the tokens equal plain greedy's, and every verify step's drafts are
+  what the depths predict without a cache (depth d drafts token P+d+1; the last depth reused past 2)."""
+  model, variables, prompt, lengths, stop, ref = two_depths
+  verified = []  # (tokens [B, K+1] = x_P and its drafts, positions [B, K+1]) per verify call, in order
+  real = speculative._apply
+
+  def recording(model_, variables_, cache, method, *args, **kw):
+    if method == "verify":
+      jax.debug.callback(lambda t, p: verified.append((np.asarray(t), np.asarray(p))), args[0], args[1],
+                         ordered=True)
+    return real(model_, variables_, cache, method, *args, **kw)
+  monkeypatch.setattr(speculative, "_apply", recording)
+  speculative._generate.clear_cache()
+  try:
+    out, st = speculative.generate_speculative(model, variables, prompt, 14, k, prompt_lengths=lengths,
+                                               stop_tokens=(stop,))
+  finally:
+    speculative._generate.clear_cache()
+  np.testing.assert_array_equal(np.asarray(out), ref)
+  assert st["accept_rate"][0] > 0 and 1.0 < st["tokens_per_step"] <= k + 1
+
+  # The first verify at each (row, P) with x_P committed: later ones repeat a finished row.
+  last = [lengths[b] + len(c) - 1 for b, c in enumerate(continuations(ref, lengths, 14, (stop,)))]
+  seen, seqs, ps, drafts = set(), [], [], []
+  width = prompt.shape[1] + 14 + K_MAX + 1
+  for tokens, positions in verified:
+    for b in range(len(prompt)):
+      p = int(positions[b, 0])
+      if p > last[b] or (b, p) in seen:
+        continue
+      seen.add((b, p))
+      assert tokens[b, 0] == ref[b, p]
+      seqs.append(np.pad(np.concatenate([ref[b, :p + 1], tokens[b, 1:]]), (0, width - p - 1 - k)))
+      ps.append(p)
+      drafts.append(tokens[b, 1:])
+  assert 2 * len(prompt) < len(seqs) <= ROWS  # the prefill's drafts and the loop's
+  # One program for every K: the drafts of K < 3 are the first K of K = 3 (depth 0, depth 1, reuse),
+  # the rows padded to ROWS (copies of the first).
+  seqs, ps = np.stack(seqs + seqs[:1] * (ROWS - len(seqs))), np.array(ps + ps[:1] * (ROWS - len(ps)), np.int32)
+  logits = np.asarray(_reference_drafter(model, K_MAX)(variables, seqs, ps))[:len(drafts), :k]  # [R, K, V]
+  drafts = np.stack(drafts)
+  got = np.take_along_axis(logits, drafts[..., None], -1)[..., 0]
+  # Each draft is the reference's argmax (up to fp32 rounding between cached and uncached attention).
+  np.testing.assert_array_less(logits.max(-1) - got, 1e-4)
 
 
 def _exact_joint(model, variables, prompt, temperature, top_k):
