@@ -19,11 +19,14 @@ validation batches: val loss and MaxVio_global (expert counts summed over those 
 Writes OUT/<ablation>.jsonl (records: `run` per step with the batch's loss and MaxVio, `eval` per
 evaluation, `final` per arm and seed, `summary` per arm: mean and sample std over seeds) and
 OUT/<ablation>.png (val loss and val MaxVio over steps, one line per arm: the mean over seeds,
-the band min..max).
+the band min..max). An existing JSONL is never overwritten: --append adds seeds or arms to it
+(same steps, base overrides and eval cadence, checked; finished arm x seed pairs refused), then
+writes fresh summaries over every seed in the file and redraws the PNG.
 
   python benchmarks/ablations.py balancing --seeds 0,1,2 --steps 300 --out benchmarks/results/ablations
   python benchmarks/ablations.py attention experts mtp --steps 300
   python benchmarks/ablations.py balancing --set model.hidden_size=32 --steps 5   # a smoke run
+  python benchmarks/ablations.py balancing --seeds 3 --steps 300 --append --out benchmarks/results/ablations
 """
 
 from __future__ import annotations
@@ -206,9 +209,14 @@ def plot(name: str, records: list[dict], path: str) -> str:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  evals = [r for r in records if r["kind"] == "eval"]
+  finals = ordered_finals(name, records)
+  done = {(r["arm"], r["seed"]) for r in finals}
+  # a run killed before its final record (then rerun by --append) leaves evals: keep finished pairs, last eval
+  last = {(r["arm"], r["seed"], r["step"]): r for r in records
+          if r.get("kind") == "eval" and (r["arm"], r["seed"]) in done}
+  evals = list(last.values())
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  for arm in dict.fromkeys(r["arm"] for r in evals):
+  for arm in dict.fromkeys(r["arm"] for r in finals):
     steps = sorted({r["step"] for r in evals if r["arm"] == arm})
     for ax, key in zip(axes, ("val_loss", "val_maxvio")):
       vals = np.array([[r[key] for r in evals if r["arm"] == arm and r["step"] == s] for s in steps], dtype=object)
@@ -230,11 +238,62 @@ def plot(name: str, records: list[dict], path: str) -> str:
   return path
 
 
+def read_records(jsonl: str) -> list[dict]:
+  """The records of an ablation JSONL, in file order. A torn line (a killed writer) is dropped where
+  it ends the file or a new run (`machine` record) follows it; elsewhere it is a UserError."""
+  if not os.path.isfile(jsonl):
+    raise UserError(f"{jsonl}: no such file")
+  recs, torn = [], None
+  with open(jsonl) as f:
+    for n, line in enumerate(f, 1):
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        torn = n
+        continue
+      if torn is not None and rec.get("kind") != "machine":  # only a killed run's tail, then a new run
+        raise UserError(f"{jsonl}:{torn}: a damaged line inside a run; fix or move the file")
+      torn = None
+      recs.append(rec)
+  return recs
+
+
+def check_append(name: str, jsonl: str, recs: list[dict], settings: dict, arm_overrides: dict,
+                 seeds: Sequence[int]) -> None:
+  """Refuses to add runs to `jsonl` unless they are comparable with the runs already in it (same
+  ablation, steps, base overrides, batch, sequence length, evaluation cadence, arm definitions) and
+  none of the (arm, seed) pairs is already finished there. Raises UserError naming the mismatch."""
+  first = next((r for r in recs if r.get("kind") == "machine"), None)
+  if first is None or first.get("ablation") != name:
+    raise UserError(f"{jsonl} is not a {name!r} ablation file; pass another --out")
+  for key, want in settings.items():
+    have = first.get(key)
+    if key == "eval_every" and have is None:  # files written before eval_every was recorded
+      steps = [r["step"] for r in recs if r.get("kind") == "eval"]
+      have = min(steps) if steps else None
+      want = min(want, settings["steps"])
+    if have is not None and have != want:
+      raise UserError(f"--append to {jsonl}: {key} is {have!r} there, {want!r} here; use the file's settings or another --out")
+  for arm, o in arm_overrides.items():
+    for r in recs:
+      if r.get("kind") == "machine" and arm in r.get("arms", {}) and r["arms"][arm] != o:
+        raise UserError(f"--append to {jsonl}: arm {arm!r} was {r['arms'][arm]} there, {o} now; use another --out")
+  done = {(r["arm"], r["seed"]) for r in recs if r.get("kind") == "final"}
+  clash = sorted(f"{a} seed {s}" for a in arm_overrides for s in seeds if (a, s) in done)
+  if clash:
+    raise UserError(f"--append to {jsonl}: already finished there: {', '.join(clash)}; drop those seeds or --arms")
+
+
 def run_ablation(name: str, out_dir: str, seeds: Sequence[int], steps: int, eval_every: int, eval_batches: int = 4,
                  log_every: int = 10, overrides: Optional[dict] = None, arms: Optional[Sequence[str]] = None,
-                 printer=print) -> tuple[str, str]:
+                 printer=print, append: bool = False) -> tuple[str, str]:
   """Runs every arm (or `arms`) x seeds -> (jsonl path, png path). Seeds run in the outer loop, so a
-  cut-short run still has every arm at the first seeds."""
+  cut-short run still has every arm at the first seeds.
+
+  An existing JSONL is never overwritten: without `append` it is a UserError; with `append` the new
+  runs are added after its records (after a new `machine` record, settings checked by check_append),
+  then a `summary` per arm over every finished seed in the file (the last summary of an arm is the
+  current one), and the PNG is redrawn from the whole file."""
   configs = arm_configs(name, overrides or {}, steps, eval_every, eval_batches)
   if arms:
     unknown = sorted(set(arms) - set(configs))
@@ -243,21 +302,35 @@ def run_ablation(name: str, out_dir: str, seeds: Sequence[int], steps: int, eval
     configs = {a: c for a, c in configs.items() if a in arms}
   os.makedirs(out_dir, exist_ok=True)
   jsonl, png = os.path.join(out_dir, f"{name}.jsonl"), os.path.join(out_dir, f"{name}.png")
+  c0 = next(iter(configs.values()))
+  settings = {"steps": steps, "base": {**BASE, **(overrides or {})}, "batch_size": c0.batch_size,
+              "seq_len": c0.seq_len, "eval_every": eval_every, "eval_batches": eval_batches}
+  arm_overrides = {a: ABLATIONS[name][a] for a in configs}
+  old = []
   if os.path.exists(jsonl):  # never overwrite a saved result
-    raise UserError(f"{jsonl} exists; pass another --out or move it away")
-  records = []
-  with open(jsonl, "w") as f:
+    if not append:
+      raise UserError(f"{jsonl} exists; pass --append to add seeds or arms to it, or another --out")
+    old = read_records(jsonl)
+    # JSON round trip, so tuples/ints compare as the file has them
+    check_append(name, jsonl, old, json.loads(json.dumps(settings)), json.loads(json.dumps(arm_overrides)), seeds)
+  records = list(old)
+  torn_tail = False
+  if os.path.exists(jsonl) and os.path.getsize(jsonl) > 0:
+    with open(jsonl, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      torn_tail = f.read(1) != b"\n"
+  with open(jsonl, "a") as f:
+    if torn_tail:
+      f.write("\n")  # a killed writer's torn line stays on its own line (read_records drops it)
     def write(rec):
       records.append(rec)
       f.write(json.dumps(rec) + "\n")
       f.flush()
 
     from benchmarks import common
-    write({"kind": "machine", "ablation": name, **common.machine_info(),
-           "arms": {a: ABLATIONS[name][a] for a in configs}, "base": {**BASE, **(overrides or {})},
-           "steps": steps, "seeds": list(seeds), "batch_size": next(iter(configs.values())).batch_size,
-           "seq_len": next(iter(configs.values())).seq_len})
-    finals, trainers = [], {}
+    write({"kind": "machine", "ablation": name, **common.machine_info(), "append": bool(old),
+           "arms": arm_overrides, "seeds": list(seeds), "log_every": log_every, **settings})
+    trainers = {}
     for seed in seeds:
       for arm, c in configs.items():
         if arm not in trainers:
@@ -265,22 +338,33 @@ def run_ablation(name: str, out_dir: str, seeds: Sequence[int], steps: int, eval
         trainer = trainers[arm]
         rec = train_arm(trainer, arm, seed, log_every, write)
         write(rec)
-        finals.append(rec)
         printer(f"{name} | {arm} | seed {seed}: val_loss {rec['val_loss']:.4f} MaxVio_global {rec['val_maxvio']:.3f} "
                 f"({rec['params']} params, {rec['train_s']:.0f} s)")
-    for rec in summarize(finals):
+    for rec in summarize(ordered_finals(name, records)):
       write(rec)
       printer(f"{name} | {rec['arm']}: val_loss {rec['val_loss_mean']:.4f} ± {rec['val_loss_std']:.4f}, "
-              f"MaxVio_global {rec['val_maxvio_mean']:.3f} ± {rec['val_maxvio_std']:.3f}")
+              f"MaxVio_global {rec['val_maxvio_mean']:.3f} ± {rec['val_maxvio_std']:.3f} (seeds {rec['seeds']})")
   return jsonl, plot(name, records, png)
+
+
+def ordered_finals(name: Optional[str], records: list[dict]) -> list[dict]:
+  """The `final` records, arms in the ablation's order (the first is the reference for paired
+  differences), seeds ascending; an (arm, seed) finished twice keeps its last record."""
+  last = {(r["arm"], r["seed"]): r for r in records if r.get("kind") == "final"}
+  order = list(ABLATIONS.get(name, {}))
+  rank = lambda arm: order.index(arm) if arm in order else len(order)  # noqa: E731
+  return [last[k] for k in sorted(last, key=lambda k: (rank(k[0]), k[1]))]
 
 
 def markdown_table(jsonl: str) -> str:
   """The summary of a finished ablation JSONL as a markdown table: per arm the final val loss (mean ±
   sample std over seeds, each seed's value), its paired difference from the first arm (same seed:
   same data and validation batches), MaxVio_global, parameters and KV-cache bytes per token."""
-  recs = [json.loads(line) for line in open(jsonl)]
-  finals = [r for r in recs if r["kind"] == "final"]
+  recs = read_records(jsonl)
+  name = next((r.get("ablation") for r in recs if r.get("kind") == "machine"), None)
+  finals = ordered_finals(name, recs)
+  if not finals:
+    raise UserError(f"{jsonl}: no finished run (no `final` record)")
   arms = list(dict.fromkeys(r["arm"] for r in finals))
   first = {r["seed"]: r for r in finals if r["arm"] == arms[0]}
   lines = ["| arm | val loss (mean ± std) | per seed | Δ vs " + arms[0] + " (paired, mean ± std) | "
@@ -309,11 +393,13 @@ def main(argv=None) -> int:
   p.add_argument("--arms", default="", help="comma-separated arm names (default: all)")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override for every arm")
   p.add_argument("--out", default="ablations_out")
+  p.add_argument("--append", action="store_true",
+                 help="add seeds/arms to an existing OUT/<ablation>.jsonl run with the same settings (checked)")
   args = p.parse_args(argv)
-  if args.table:
-    print(markdown_table(args.table))
-    return 0
   try:
+    if args.table:
+      print(markdown_table(args.table))
+      return 0
     if not args.ablations:
       raise UserError(f"name one or more ablations: {', '.join(ABLATIONS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -326,7 +412,7 @@ def main(argv=None) -> int:
     for name in args.ablations:
       arms = [a for a in args.arms.split(",") if a] or None
       for path in run_ablation(name, args.out, seeds, args.steps, args.eval_every, args.eval_batches, args.log_every,
-                               overrides, arms):
+                               overrides, arms, append=args.append):
         print(path)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
