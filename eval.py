@@ -47,6 +47,9 @@ def parse_args(argv):
                  "otherwise min(max_position_embeddings, 4096)); the report says which it used")
   p.add_argument("--mesh", help="data,fsdp,expert,tensor (default: the run's mesh, else all devices on data)")
   p.add_argument("--dtype", help="compute dtype for --hf / --preset (float32, bfloat16)")
+  p.add_argument("--weights", default="auto", help="--hf only: fp8 keeps an FP8 checkpoint's e4m3 blocks and "
+                 "128x128 scales and computes in FP8 (half bf16's memory); dense dequantizes to --dtype "
+                 "(transformers' numbers); auto (default) keeps what the directory stores")
   p.add_argument("--max_new_tokens", type=int, default=32)
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   p.add_argument("--top_k", type=int, default=0)
@@ -66,6 +69,10 @@ def parse_args(argv):
   args = p.parse_args(argv)
   if not (args.tasks or args.lm_eval_tasks):
     p.error("nothing to evaluate: give --tasks=KIND:PATH,... and/or --lm_eval_tasks=NAME,...")
+  if args.weights not in ("auto", "fp8", "dense"):
+    p.error(f"--weights={args.weights!r} is not one of auto, fp8, dense")
+  if args.weights != "auto" and not args.hf:
+    p.error(f"--weights={args.weights} applies to --hf only (a run's checkpoint is evaluated in its own dtype)")
   if args.speculative_compare and not args.speculative:
     p.error("--speculative_compare needs --speculative=K (K >= 1 draft tokens)")
   for name, ok, want in (("batch_size", args.batch_size > 0, "> 0"), ("max_len", (args.max_len or 1) > 0, "> 0"),
@@ -122,7 +129,7 @@ def _evaluate(args, mesh, stop):
   model, variables, info = evaluate.load_model(workdir=args.workdir, checkpoint=args.checkpoint, hf=args.hf,
                                                preset=args.preset, vocab_size=tok.vocab_size if args.preset
                                                else None, dtype=args.dtype,
-                                               seed=args.seed, mesh_shape=mesh)
+                                               seed=args.seed, mesh_shape=mesh, weights=args.weights)
   max_len, max_len_from = args.max_len, None
   if not max_len and info.get("seq_len"):  # a train.py run: score at the context it trained at
     max_len, max_len_from = int(info["seq_len"]), "the run's seq_len"

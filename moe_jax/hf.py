@@ -308,6 +308,13 @@ def config_from_dir(path: str | os.PathLike, **config_overrides) -> ModelConfig:
   return _open(Path(path), **config_overrides)[0]
 
 
+def stores_fp8(path: str | os.PathLike) -> bool:
+  """Does config.json declare FP8 weights (quantization_config.quant_method 'fp8', as the released V3)?"""
+  with open(Path(path) / "config.json") as f:
+    quant = json.load(f).get("quantization_config") or {}
+  return quant.get("quant_method") == "fp8"
+
+
 def pretrained_config(path: str | os.PathLike, dtype: str = "float32", keep_fp8: bool = False,
                       **config_overrides) -> ModelConfig:
   """The ModelConfig load_pretrained(path, dtype, keep_fp8=keep_fp8, **config_overrides) builds,

@@ -11,9 +11,12 @@ from typing import Optional, Sequence
 
 import jax
 
-from moe_jax import data, scoring, sharding
+from moe_jax import data, sharding
 from moe_jax import variables as model_variables
 from moe_jax.errors import UserError
+
+
+WEIGHTS = ("auto", "fp8", "dense")  # eval.py --weights (for --hf)
 
 
 # --- sources -----------------------------------------------------------------------
@@ -48,14 +51,21 @@ def _run_config(path: str):
 
 def load_model(*, workdir: Optional[str] = None, checkpoint: Optional[str] = None, hf: Optional[str] = None,
                preset: Optional[str] = None, vocab_size: Optional[int] = None, dtype: Optional[str] = None,
-               seed: int = 0, mesh_shape: Optional[Sequence[int]] = None):
+               seed: int = 0, mesh_shape: Optional[Sequence[int]] = None, weights: str = "auto"):
   """Exactly one source -> (model, variables {'params', 'router'}, info {name, step, mesh, rules}).
 
   workdir: a train.py run (latest checkpoint); checkpoint: one step directory; hf: a
   Hugging Face DeepSeek-V2/V3 directory; preset: a randomly initialized ModelConfig preset
   (vocab_size overrides its vocabulary), for chance-level baselines. Variables are placed
   on the mesh (make_mesh) with the training shardings.
+  weights (hf only): 'fp8' keeps an FP8 checkpoint's e4m3 blocks and 128x128 scales and computes
+  in FP8 (half the memory of bf16: how a released V3 fits a serving slice), 'dense' dequantizes
+  them to `dtype` (transformers' numbers), 'auto' keeps what the directory stores.
   """
+  if weights not in WEIGHTS:
+    raise UserError(f"--weights={weights!r} is not one of {', '.join(WEIGHTS)}")
+  if weights != "auto" and not hf:
+    raise UserError(f"--weights={weights} applies to --hf only (a run's checkpoint is evaluated in its own dtype)")
   given = {k: v for k, v in dict(workdir=workdir, checkpoint=checkpoint, hf=hf, preset=preset).items() if v}
   if len(given) != 1:
     raise UserError(f"give exactly one of --workdir, --checkpoint, --hf, --preset (got {sorted(given) or 'none'})")
@@ -77,7 +87,12 @@ def load_model(*, workdir: Optional[str] = None, checkpoint: Optional[str] = Non
       raise UserError(f"--hf={hf}: not a Hugging Face model directory (no config.json)")
     from moe_jax import hf as hf_lib
     from moe_jax.model import Transformer
+    stores_fp8 = hf_lib.stores_fp8(hf)
+    if weights == "fp8" and not stores_fp8:
+      raise UserError(f"--weights=fp8: {hf} stores no FP8 weights (config.json has no FP8 quantization_config); "
+                      "use --weights=dense or auto")
     load_kw = {"dtype": dtype} if dtype else {}
+    load_kw["keep_fp8"] = weights == "fp8" or (weights == "auto" and stores_fp8)
     try:  # placed as scoring.place would: each process reads only what its devices hold
       abstract = model_variables.abstract_sharded(Transformer(hf_lib.pretrained_config(hf, **load_kw)),
                                                   (sharding.data_parallel_size(mesh, rules), 1), mesh, rules)
@@ -102,7 +117,6 @@ def load_model(*, workdir: Optional[str] = None, checkpoint: Optional[str] = Non
                                            mesh, rules)
     return for_eval(model), variables, {"name": f"{preset} (random init, seed {seed})", "step": 0, "mesh": mesh,
                                         "rules": rules, "tokenizer": "byte"}
-  variables = scoring.place(model, {k: variables[k] for k in ("params", "router") if k in variables}, mesh, rules)
   return for_eval(model), variables, {"name": name, "step": step, "mesh": mesh, "rules": rules,
                                       "tokenizer": tokenizer}
 

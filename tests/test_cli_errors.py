@@ -123,6 +123,8 @@ def test_eval_checks_paths_and_flags_before_loading(tmp_path, capsys):
       (["--mesh=1,1"], "--mesh=1,1: expected four integers"),
       (["--stop=\\x"], "--stop: truncated \\xXX escape"),
       (["--dtype=float7"], "'float7' is not a dtype name"),
+      (["--weights=int4"], "--weights='int4' is not one of auto, fp8, dense"),
+      (["--weights=fp8"], "--weights=fp8 applies to --hf only"),
   ]
   for argv, message in cases:
     try:

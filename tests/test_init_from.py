@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -194,6 +195,29 @@ def test_step0_loss_and_export_equal_transformers(ckpts, name, tmp_path):
   out = tmp_path / "exported"
   assert convert.main(["--from_ckpt", str(workdir), "--to_hf", str(out)]) == 0
   np.testing.assert_allclose(hf_logits(out, tokens), ref["logits"], atol=1e-4, rtol=0)
+
+
+def test_eval_weights_fp8_or_dense(ckpts):
+  """eval.py --hf --weights: dense gives transformers' logits; auto keeps a released FP8 directory in
+  FP8 (e4m3 + scales), whose logits are the FP8 recipe's on the dequantized weights (re-quantizing
+  a 128x128 block gives back its e4m3 values and scale); fp8 on a bf16 directory is refused."""
+  from moe_jax import loading
+  src, ref_dir = ckpts["v3_fp8"]
+  tokens = jnp.asarray(copy_tokens()[:, :-1])
+  dense_model, dense, _ = loading.load_model(hf=str(src), weights="dense", mesh_shape=(1, 2, 4, 1))
+  kept_model, kept, _ = loading.load_model(hf=str(src), mesh_shape=(1, 2, 4, 1))  # auto
+  assert not dense_model.cfg.fp8 and "fp8_scales" not in dense
+  assert kept_model.cfg.fp8 and "fp8_scales" in kept
+  np.testing.assert_allclose(jax.jit(dense_model.apply)(dense, tokens), reference(ref_dir, copy_tokens())["logits"],
+                             atol=1e-4, rtol=0)
+  recipe = type(dense_model)(dense_model.cfg.replace(fp8=True))
+  want = np.asarray(jax.jit(recipe.apply)(dense, tokens))
+  got = np.asarray(jax.jit(kept_model.apply)(kept, tokens))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  with pytest.raises(UserError, match="--weights=fp8: .* stores no FP8 weights"):
+    loading.load_model(hf=str(ckpts["v3_bf16"][0]), weights="fp8")
+  with pytest.raises(UserError, match="--weights=dense applies to --hf only"):
+    loading.load_model(preset="tiny", weights="dense")
 
 
 # --- training moves on from the loaded weights ---------------------------------------------------
