@@ -369,6 +369,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument("--step", default="train", choices=("train", "eval", "generate"),
                   help="train (default) | eval: the scoring step | generate: prefill + one decode step "
                        "(moe_jax/aot_steps.py; --batch defaults to one sequence per data shard)")
+  ap.add_argument("--speculative", type=int, default=0, metavar="K",
+                  help="with --step=generate: the speculative programs instead (prefill of the main and MTP "
+                       "caches, and one verify + accept + draft step for K draft tokens; needs MTP)")
   ap.add_argument("--weights", default="auto", choices=("auto", "fp8", "dense"),
                   help="eval/generate weights: fp8 = e4m3 + 128x128 scales, dense = the compute dtype; "
                        "auto = fp8 for DeepSeek-V3 (released in FP8), else dense")
@@ -377,11 +380,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     topology = parse_topology(args.topology, args.num_slices)
     config = build_config(args)
     try:
+      if args.speculative and args.step != "generate":
+        raise UserError(f"--speculative={args.speculative} compiles the speculative generate programs: use it "
+                        f"with --step=generate, not --step={args.step}")
       if args.step == "train":
         result = compile_step(config, topology)
       else:
         from moe_jax import aot_steps
-        result = aot_steps.compile_inference(config, topology, args.step, args.weights, batch=args.batch)
+        result = aot_steps.compile_inference(config, topology, args.step, args.weights, batch=args.batch,
+                                                 speculative=args.speculative)
     except UserError:
       raise
     except Exception as e:  # tracing or XLA refused this config: what and where, in one line

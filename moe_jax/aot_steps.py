@@ -5,6 +5,9 @@
   generate  the two programs moe_jax/generate.py runs: prefill (the prompt [B, S] into a fresh MLA
             latent cache with room for S + 1 tokens, expanded attention, first token) and ONE decode
             step (absorbed MLA against that cache, the cache donated), each compiled on its own.
+            --speculative=K: moe_jax/speculative.py's instead: prefill (main and MTP latent caches
+            with room for S + K + 2 tokens, first token, K drafts) and ONE loop step (verify K + 1
+            positions in one absorbed call, accept, draft K with the MTP depths; the loop state donated).
 
 B defaults to one sequence per data shard (data x fsdp x expert), S to the config's seq_len.
 The model is the config's, dropless (as eval and generation run it: model.dropless), with
@@ -132,8 +135,9 @@ def _not_fitting(oom: str) -> dict[str, Any]:
 
 
 def compile_inference(config, topology, step: str, weights: str = "auto", batch: int | None = None,
-                      seq: int | None = None) -> dict[str, Any]:
-  """Compiles the eval or generate programs for the topology's compile-only devices -> one JSON-able dict."""
+                      seq: int | None = None, speculative: int = 0) -> dict[str, Any]:
+  """Compiles the eval or generate programs for the topology's compile-only devices -> one JSON-able dict.
+  speculative=K (generate only): the speculative programs instead (module docstring)."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -142,8 +146,16 @@ def compile_inference(config, topology, step: str, weights: str = "auto", batch:
   from moe_jax.errors import UserError
   from moe_jax.model import Transformer
 
-  devices = topology.devices()
   mcfg, fp8 = inference_config(config, weights)
+  if speculative and step != "generate":
+    raise UserError(f"--speculative={speculative} compiles the speculative generate programs: use it with "
+                    f"--step=generate, not --step={step}")
+  if speculative < 0:
+    raise UserError(f"--speculative={speculative}: the number of draft tokens must be >= 1 (0: off)")
+  if speculative and mcfg.num_nextn_predict_layers < 1:
+    raise UserError(f"--speculative={speculative} drafts with the model's MTP module, and this config has "
+                    f"num_nextn_predict_layers=0: compile --step=generate without --speculative")
+  devices = topology.devices()
   m = config.mesh
   try:
     mesh = sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor, dcn_data=m.dcn_data, dcn_fsdp=m.dcn_fsdp,
@@ -154,7 +166,7 @@ def compile_inference(config, topology, step: str, weights: str = "auto", batch:
   except ValueError as e:
     raise UserError(str(e)) from None
   s = seq or config.seq_len
-  if s + (step == "generate") > mcfg.max_position_embeddings:
+  if s + (step == "generate") * (1 + speculative + bool(speculative)) > mcfg.max_position_embeddings:
     raise UserError(f"--seq={s} is longer than the model's max_position_embeddings={mcfg.max_position_embeddings}")
   model = Transformer(mcfg)
   hbm = aot.FAMILIES[topology.family].hbm_bytes
@@ -182,6 +194,8 @@ def compile_inference(config, topology, step: str, weights: str = "auto", batch:
       out.update(compiled_flops=float(f"{summary.flops:.4g}"), model_flops=float(f"{model_flops:.4g}"),
                  collectives={k: {"count": int(v["count"]), "gb": round(v["bytes"] / 1e9, 3)}
                               for k, v in sorted(summary.collectives.items())})
+    elif speculative:
+      out.update(_compile_speculative(model, variables, b, s, speculative, mesh, row, ids, hbm))
     else:
       cache_shapes = jax.eval_shape(lambda: generate.init_cache(model, b, s + 1))
       cache = jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=_cache_sharding(c, b, mesh, row)),
@@ -212,6 +226,49 @@ def compile_inference(config, topology, step: str, weights: str = "auto", batch:
       out["fits"] = out["prefill"]["fits"] and out["decode"]["fits"]
       out["decode_collectives"] = {k: {"count": int(v["count"]), "gb": round(v["bytes"] / 1e9, 3)}
                                    for k, v in sorted(hlo.summarize(dec.as_text()).collectives.items())}
+  return out
+
+
+def _compile_speculative(model, variables, b: int, s: int, k: int, mesh, row, ids, hbm: int) -> dict[str, Any]:
+  """moe_jax/speculative.py's two programs for one new token of room (max_new_tokens=1, so the cache
+  holds S + K + 2 slots: a verify writes up to P + K): prefill (prompt [B, S] into the main and MTP
+  latent caches, first token, its K drafts) and ONE loop step (verify K + 1 positions with the
+  absorbed MLA, accept, draft K with the MTP depths), the loop state (cache included) donated."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from moe_jax import hlo, speculative
+  kw = dict(max_new_tokens=1, k=k, temperature=0.0, top_k=0, top_p=1.0, pad_id=0, absorb=True)
+
+  def prefill(variables, prompt_BS, lengths_B):  # (constants made under the trace: the devices compile only)
+    return speculative.prefill(model, variables, prompt_BS, lengths_B, jax.random.key(0),
+                               stops=jnp.full((1,), -1, jnp.int32), **kw)
+
+  def one_step(variables, state):
+    return speculative.step(model, variables, state, jax.random.key(0), stops=jnp.full((1,), -1, jnp.int32), **kw)
+
+  state_shapes = jax.eval_shape(prefill, variables, ids(b, s), ids(b))
+  rows = NamedSharding(mesh, P(row.spec[0]))
+  state_sh = {name: (jax.tree.map(lambda c: _cache_sharding(c, b, mesh, row), v) if name == "cache" else
+                     jax.tree.map(lambda x: rows if x.ndim and x.shape[0] == b else NamedSharding(mesh, P()), v))
+              for name, v in state_shapes.items()}
+  state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state_shapes, state_sh)
+  gb = lambda tree: float(f"{sum(_per_chip_bytes(x) for x in jax.tree.leaves(tree)) / 1e9:.4g}")  # noqa: E731
+  out: dict[str, Any] = {"speculative": k, "mtp_depths_used": min(model.cfg.num_nextn_predict_layers, k),
+                         "cache_slots": s + k + 2, "cache_gb_per_chip": gb(state["cache"]),
+                         "state_gb_per_chip": gb(state)}
+  pre, out["prefill_compile_s"], oom = _lower_compile(jax.jit(prefill, out_shardings=state_sh), variables,
+                                                      ids(b, s), ids(b))
+  if pre is None:
+    return {**out, "prefill": _not_fitting(oom), **_not_fitting(oom)}
+  stp, out["spec_step_compile_s"], oom = _lower_compile(
+      jax.jit(one_step, donate_argnums=(1,), out_shardings=state_sh), variables, state)
+  if stp is None:
+    return {**out, "prefill": _memory(pre, hbm), "spec_step": _not_fitting(oom), **_not_fitting(oom)}
+  out["prefill"], out["spec_step"] = _memory(pre, hbm), _memory(stp, hbm)
+  out["fits"] = out["prefill"]["fits"] and out["spec_step"]["fits"]
+  out["spec_step_collectives"] = {k_: {"count": int(v["count"]), "gb": round(v["bytes"] / 1e9, 3)}
+                             for k_, v in sorted(hlo.summarize(stp.as_text()).collectives.items())}
   return out
 
 

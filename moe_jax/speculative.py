@@ -120,18 +120,16 @@ def _accept(logits_BJV, drafts_BK, q_BKV, rng, temperature, top_k, top_p):
   return n, committed
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "k", "temperature", "top_k", "top_p",
-                                             "stop_tokens", "pad_id", "absorb"))
-def _generate(variables, prompt_BS, lengths_B, rng, *, model, max_new_tokens, k, temperature, top_k, top_p,
-              stop_tokens, pad_id, absorb):
+def prefill(model, variables, prompt_BS, lengths_B, rng, *, max_new_tokens, k, temperature, top_k, top_p,
+            pad_id, absorb, stops):
+  """The prompts into a fresh latent cache (main model, then the MTP depths over the same chunk),
+  the first new token and its K drafts -> the loop state (step's carry). The cache has room for
+  S + max_new_tokens + K + 1 tokens: a verify writes up to position L + n - 1 + K."""
   batch, length = prompt_BS.shape
   depths = min(model.cfg.num_nextn_predict_layers, k)
   sampling = (temperature, top_k, top_p)
-  total = length + max_new_tokens + k + 1  # verify writes up to position L + n - 1 + K
+  total = length + max_new_tokens + k + 1
   rows = jnp.arange(batch)
-  stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
-
-  # Prefill: the main model over the padded prompts, then the MTP depths over the same chunk.
   cache = gen.init_cache(model, batch, total, mtp=True)
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   h, cache = _apply(model, variables, cache, "trunk", prompt_BS, positions, None, True, absorb)
@@ -144,56 +142,66 @@ def _generate(variables, prompt_BS, lengths_B, rng, *, model, max_new_tokens, k,
                             jax.random.fold_in(rng, 1), sampling)
   # Main hidden at positions P-depths+1..P-1 (clipped at 0) for the next MTP window.
   carry_h = h[rows[:, None], jnp.clip(lengths_B[:, None] - depths + 1 + jnp.arange(depths - 1), 0, length - 1)]
-  done = jnp.isin(tok, stops)
   count = jnp.ones((batch,), jnp.int32)
   stats = dict(accepted=jnp.zeros((k,), jnp.int32), steps=jnp.int32(0), tokens=jnp.int32(0))
+  return dict(i=jnp.int32(2), out=out, cache=cache, tok=tok, pos=lengths_B, drafts=drafts, q=q, carry_h=carry_h,
+              count=count, done=jnp.isin(tok, stops) | (count >= max_new_tokens), stats=stats)
 
-  def cond(carry):
-    return ~jnp.all(carry["done"])
 
-  def body(c):
-    step_rng = jax.random.fold_in(rng, c["i"])
-    pos = c["pos"]  # P [B]
-    j = jnp.arange(k + 1)
-    tokens = jnp.concatenate([c["tok"][:, None], c["drafts"]], axis=1)  # [B, K+1]
-    (logits, h_v), cache = _apply(model, variables, c["cache"], "verify", tokens, pos[:, None] + j, absorb)
-    n, committed = _accept(logits, c["drafts"], c["q"], jax.random.fold_in(step_rng, 0), *sampling)
+def step(model, variables, c, rng, *, max_new_tokens, k, temperature, top_k, top_p, pad_id, absorb, stops):
+  """One verify + accept + draft for every row (the while_loop's body): state -> state."""
+  batch = c["tok"].shape[0]
+  depths = min(model.cfg.num_nextn_predict_layers, k)
+  sampling = (temperature, top_k, top_p)
+  rows = jnp.arange(batch)
+  step_rng = jax.random.fold_in(rng, c["i"])
+  pos = c["pos"]  # P [B]
+  j = jnp.arange(k + 1)
+  tokens = jnp.concatenate([c["tok"][:, None], c["drafts"]], axis=1)  # [B, K+1]
+  (logits, h_v), cache = _apply(model, variables, c["cache"], "verify", tokens, pos[:, None] + j, absorb)
+  n, committed = _accept(logits, c["drafts"], c["q"], jax.random.fold_in(step_rng, 0), *sampling)
 
-    # Commit committed[:n+1] at P+1.., cut at max_new_tokens and after a stop token.
-    active = ~c["done"]
-    valid = (j[None] <= n[:, None]) & (c["count"][:, None] + j[None] < max_new_tokens) & active[:, None]
-    stop_hit = valid & jnp.isin(committed, stops)
-    first_stop = jnp.where(stop_hit.any(1), jnp.argmax(stop_hit, axis=1), k + 1)
-    valid = valid & (j[None] <= first_stop[:, None])
-    new = valid.sum(1)
-    out = c["out"].at[rows[:, None], pos[:, None] + 1 + j].set(jnp.where(valid, committed, pad_id), mode="drop")
-    count = c["count"] + new
-    done = c["done"] | stop_hit.any(1) | (count >= max_new_tokens)
+  # Commit committed[:n+1] at P+1.., cut at max_new_tokens and after a stop token.
+  active = ~c["done"]
+  valid = (j[None] <= n[:, None]) & (c["count"][:, None] + j[None] < max_new_tokens) & active[:, None]
+  stop_hit = valid & jnp.isin(committed, stops)
+  first_stop = jnp.where(stop_hit.any(1), jnp.argmax(stop_hit, axis=1), k + 1)
+  valid = valid & (j[None] <= first_stop[:, None])
+  new = valid.sum(1)
+  out = c["out"].at[rows[:, None], pos[:, None] + 1 + j].set(jnp.where(valid, committed, pad_id), mode="drop")
+  count = c["count"] + new
+  done = c["done"] | stop_hit.any(1) | (count >= max_new_tokens)
 
-    # Draft for the next step over the window P-depths+1..P+K (window index m <-> position P-depths+1+m).
-    w = k + depths
-    src = jnp.maximum(jnp.arange(w)[None], depths - 1 - pos[:, None])  # window entries before position 0
-    win_pos = pos[:, None] - depths + 1 + src  # repeat position 0's entry (same slot, same values)
-    h_win = jnp.concatenate([c["carry_h"], h_v], axis=1)[rows[:, None], src]
-    before = c["out"][rows[:, None], jnp.clip(pos[:, None] - depths + 1 + jnp.arange(depths), 0, None)]
-    ctx = jnp.concatenate([before, committed], axis=1)  # tokens at P-depths+1..P+K+1
-    seq = jnp.pad(ctx[rows[:, None], src + 1], ((0, 0), (0, k)), constant_values=pad_id)
-    query = depths - 1 + n
-    drafts, q, cache = _draft(model, variables, cache, h_win, seq, win_pos, query, k, depths, True,
-                              jax.random.fold_in(step_rng, 1), sampling)
-    carry_h = h_win[rows[:, None], jnp.clip(n[:, None] + 1 + jnp.arange(depths - 1), 0, w - 1)]
+  # Draft for the next step over the window P-depths+1..P+K (window index m <-> position P-depths+1+m).
+  w = k + depths
+  src = jnp.maximum(jnp.arange(w)[None], depths - 1 - pos[:, None])  # window entries before position 0
+  win_pos = pos[:, None] - depths + 1 + src  # repeat position 0's entry (same slot, same values)
+  h_win = jnp.concatenate([c["carry_h"], h_v], axis=1)[rows[:, None], src]
+  before = c["out"][rows[:, None], jnp.clip(pos[:, None] - depths + 1 + jnp.arange(depths), 0, None)]
+  ctx = jnp.concatenate([before, committed], axis=1)  # tokens at P-depths+1..P+K+1
+  seq = jnp.pad(ctx[rows[:, None], src + 1], ((0, 0), (0, k)), constant_values=pad_id)
+  query = depths - 1 + n
+  drafts, q, cache = _draft(model, variables, cache, h_win, seq, win_pos, query, k, depths, True,
+                            jax.random.fold_in(step_rng, 1), sampling)
+  carry_h = h_win[rows[:, None], jnp.clip(n[:, None] + 1 + jnp.arange(depths - 1), 0, w - 1)]
 
-    st = c["stats"]
-    stats = dict(accepted=st["accepted"] + jnp.sum((n[:, None] > jnp.arange(k)[None]) & active[:, None], axis=0),
-                 steps=st["steps"] + active.sum(), tokens=st["tokens"] + new.sum())
-    return dict(i=c["i"] + 1, out=out, cache=cache, tok=jnp.where(active, committed[rows, n], c["tok"]),
-                pos=jnp.where(active, pos + n + 1, pos), drafts=drafts, q=q, carry_h=carry_h, count=count,
-                done=done, stats=stats)
+  st = c["stats"]
+  stats = dict(accepted=st["accepted"] + jnp.sum((n[:, None] > jnp.arange(k)[None]) & active[:, None], axis=0),
+               steps=st["steps"] + active.sum(), tokens=st["tokens"] + new.sum())
+  return dict(i=c["i"] + 1, out=out, cache=cache, tok=jnp.where(active, committed[rows, n], c["tok"]),
+              pos=jnp.where(active, pos + n + 1, pos), drafts=drafts, q=q, carry_h=carry_h, count=count,
+              done=done, stats=stats)
 
-  init = dict(i=jnp.int32(2), out=out, cache=cache, tok=tok, pos=lengths_B, drafts=drafts, q=q, carry_h=carry_h,
-              count=count, done=done | (count >= max_new_tokens), stats=stats)
-  final = jax.lax.while_loop(cond, body, init)
-  return final["out"][:, :length + max_new_tokens], final["stats"]
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "k", "temperature", "top_k", "top_p",
+                                             "stop_tokens", "pad_id", "absorb"))
+def _generate(variables, prompt_BS, lengths_B, rng, *, model, max_new_tokens, k, temperature, top_k, top_p,
+              stop_tokens, pad_id, absorb):
+  kw = dict(max_new_tokens=max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p, pad_id=pad_id,
+            absorb=absorb, stops=jnp.asarray(stop_tokens or (-1,), jnp.int32))
+  init = prefill(model, variables, prompt_BS, lengths_B, rng, **kw)
+  final = jax.lax.while_loop(lambda c: ~jnp.all(c["done"]), lambda c: step(model, variables, c, rng, **kw), init)
+  return final["out"][:, :prompt_BS.shape[1] + max_new_tokens], final["stats"]
 
 
 def generate_speculative(model: nn.Module, variables, prompt_tokens, max_new_tokens: int, k: int, *,

@@ -169,6 +169,10 @@ def test_scanned_layers_count_every_trip(capsys):
     (["--topology=v5p-16", "--mesh=8,1"], "give 4 integers"),
     (["--topology=v5p-16", "--set=model.no_such_field=1"], "no field 'model.no_such_field'"),
     (["--topology=v5p-16", "--batch=3"], "not divisible by the data-parallel size 8"),
+    (["--topology=v5p-16", "--step=eval", "--speculative=1"], "use it with --step=generate, not --step=eval"),
+    (["--topology=v5p-16", "--speculative=2"], "use it with --step=generate, not --step=train"),
+    (["--topology=v5p-16", "--step=generate", "--speculative=1", "--set=model.num_nextn_predict_layers=0"],
+     "num_nextn_predict_layers=0"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, flags, message):
   code, out, err = _aot(capsys, *flags)
@@ -194,6 +198,21 @@ def test_tiny_inference_steps_compile_for_tpu(capsys, step):
     # The decode step donates the cache: its output cache aliases the argument.
     assert r["decode"]["alias_gb"] >= r["cache_gb_per_chip"] > 0
     assert r["decode_collectives"].get("all-to-all", {}).get("count", 0) > 0
+
+
+def test_tiny_speculative_generate_compiles_for_tpu(capsys):
+  """--step=generate --speculative=3 with 2 MTP depths (the last one reused once): prefill into the
+  main and MTP caches, and one verify + accept + draft step with the loop state donated."""
+  code, out, err = _aot(capsys, "--topology=v5p-16", "--mesh=2,1,4,1", "--step=generate", "--speculative=3",
+                        "--set=model.moe_impl='ep'", "--set=model.num_nextn_predict_layers=2")
+  assert code == 0, err[-2000:]
+  r = json.loads(out.strip().splitlines()[-1])
+  assert r["step"] == "generate" and r["speculative"] == 3 and r["mtp_depths_used"] == 2
+  assert r["batch"] == 8 and r["seq"] == 32 and r["cache_slots"] == 32 + 3 + 2
+  assert r["fits"] and r["prefill"]["fits"] and r["spec_step"]["fits"]
+  assert 0 < r["cache_gb_per_chip"] < r["state_gb_per_chip"]
+  assert r["spec_step"]["alias_gb"] >= r["state_gb_per_chip"]  # the whole loop state is donated
+  assert r["spec_step_collectives"].get("all-to-all", {}).get("count", 0) > 0  # EP dispatch in verify + draft
 
 
 def test_fp8_abstract_variables_are_the_released_layout():
