@@ -61,7 +61,8 @@ def parse_args(argv):
                  help="generation drafts K tokens per step with the model's MTP module and verifies them in one "
                  "call (greedy: the same tokens); the report gives the acceptance rate per draft position")
   p.add_argument("--speculative_compare", action="store_true",
-                 help="with --speculative: run the gen tasks again without drafts and report both tokens/s")
+                 help="with --speculative: run every generation (gen tasks, lm-eval generate_until) again "
+                 "without drafts and report both tokens/s")
   p.add_argument("--no_progress", action="store_true")
   p.add_argument("--show_samples", type=int, default=0, metavar="N",
                  help="print the first N generations of each gen task (prompt, output, answer); also in --output")

@@ -309,9 +309,10 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
   show_samples: print (and report under 'samples') the first N generations of each gen task.
   max_len_from: where max_len came from, for the report (default: "--max_len" when given, else
   min(max_position_embeddings, scoring.DEFAULT_MAX_LEN)).
-  speculative=K: generation drafts K tokens per step with the MTP module; the report's
-  'speculative' entry pools the draft counters and new tokens/s, and with speculative_compare
-  the gen tasks run again without drafts in the same process for the plain tokens/s."""
+  speculative=K: generation (gen tasks and lm-eval generate_until) drafts K tokens per step with
+  the MTP module; the report's 'speculative' entry pools the draft counters and new tokens/s (in
+  all and per source), and with speculative_compare every generation runs again without drafts in
+  the same process for the plain tokens/s."""
   task_list = parse_tasks(tasks)
   harness = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
   if not task_list and not harness:
@@ -346,9 +347,7 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
                                            max_new_tokens=max_new_tokens)
   spec_report = None
   if speculative:
-    spec_report = _speculative_report(scorer, task_list, tok, speculative_compare, printer,
-                                      dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                           top_p=top_p, stop=stop, seed=seed))
+    spec_report = _speculative_report(scorer, speculative_compare, printer)
   if max_len_from is None:
     max_len_from = "--max_len" if max_len else f"min(max_position_embeddings, {scoring.DEFAULT_MAX_LEN})"
   if max_len and scorer.max_len < max_len:
@@ -382,40 +381,55 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
   return report
 
 
-def _speculative_report(scorer, task_list, tok, compare: bool, printer, gen_kw) -> dict[str, Any]:
-  """Pooled draft counters and tokens/s of the generations so far (speculative.pool); with compare,
-  the gen tasks once more without drafts (same batches, same process): tokens/s of both over the
-  batches where neither compiled, and whether every output matched (greedy: it must)."""
+def _speculative_report(scorer, compare: bool, printer) -> dict[str, Any]:
+  """Pooled draft counters and tokens/s of every generation so far (speculative.pool), in all and per
+  source (each gen task, "lm-eval generate"); with compare, every generation call once more without
+  drafts (the same prompts and settings, so the same batches, in the same process): tokens/s of both
+  over the batches where neither compiled, and whether every output matched (greedy: it must)."""
   from moe_jax import speculative
-  spec_log = scorer.gen_log
+  spec_log, calls = scorer.gen_log, scorer.gen_calls
   if not spec_log:
     printer("speculative: no generation ran (no gen task, no lm-eval generation)")
     return {}
-  rep: dict[str, Any] = dict(drafts=speculative.pool(spec_log))
+  sources = list(dict.fromkeys(r["desc"] for r in spec_log))
+  rep: dict[str, Any] = dict(drafts=speculative.pool(spec_log),
+                             by_source={d: speculative.pool([r for r in spec_log if r["desc"] == d]) for d in sources})
   spec = rep["drafts"]
-  line = (f"speculative K={spec['k']}: accept rate per draft position "
-          f"{[round(a, 3) for a in spec['accept_rate']]}, {spec['tokens_per_step']:.2f} tokens per verify step, "
-          f"{spec['tokens_per_s']} new tokens/s")
+
+  def describe(p):
+    return (f"accept rate per draft position {[round(a, 3) for a in p['accept_rate']]}, "
+            f"{p['tokens_per_step']:.2f} tokens per verify step, {p['tokens_per_s']} new tokens/s")
+  lines = [f"speculative K={spec['k']}: {describe(spec)}"]
+  if len(sources) > 1:
+    lines += [f"  {d}: {describe(p)}" for d, p in rep["by_source"].items()]
   if compare:
-    scorer.speculative, scorer.gen_log = 0, []
+    scorer.speculative, scorer.gen_log, scorer.gen_calls = 0, [], []
     try:
-      for kind, path in task_list:
-        if kind == "gen":
-          eval_gen(scorer, tok, path, **gen_kw)
+      for prompts, max_new_tokens, kw in calls:
+        scorer.generate(prompts, max_new_tokens, **kw)
       plain_log = scorer.gen_log
     finally:
-      scorer.speculative, scorer.gen_log = spec["k"], spec_log
+      scorer.speculative, scorer.gen_log, scorer.gen_calls = spec["k"], spec_log, calls
     pairs = [(s, p) for s, p in zip(spec_log, plain_log) if not (s["compiled"] or p["compiled"])]
     rep["same_outputs"] = all(s["outputs"] == p["outputs"] for s, p in zip(spec_log, plain_log))
-    rep["compare"] = dict(batches=len(pairs), speculative_tokens_per_s=speculative.pool([s for s, _ in pairs])[
-        "tokens_per_s"], plain_tokens_per_s=speculative.pool([p for _, p in pairs])["tokens_per_s"])
+
+    def both(sp):
+      cmp = dict(batches=len(sp), speculative_tokens_per_s=speculative.pool([s for s, _ in sp])["tokens_per_s"],
+                 plain_tokens_per_s=speculative.pool([p for _, p in sp])["tokens_per_s"])
+      if cmp["plain_tokens_per_s"] and cmp["speculative_tokens_per_s"]:
+        cmp["speedup"] = round(cmp["speculative_tokens_per_s"] / cmp["plain_tokens_per_s"], 3)
+      return cmp
+    rep["compare"] = dict(both(pairs), by_source={d: both([(s, p) for s, p in pairs if s["desc"] == d])
+                                                  for d in sources})
     cmp = rep["compare"]
-    if cmp["plain_tokens_per_s"] and cmp["speculative_tokens_per_s"]:
-      cmp["speedup"] = round(cmp["speculative_tokens_per_s"] / cmp["plain_tokens_per_s"], 3)
-    line += (f"; same batches without drafts ({len(pairs)} not compiling): {cmp['speculative_tokens_per_s']} vs "
-             f"{cmp['plain_tokens_per_s']} new tokens/s, speed-up {cmp.get('speedup')}x, "
-             f"same outputs: {rep['same_outputs']}")
-  printer(line)
+    lines[0] += (f"; same batches without drafts ({len(pairs)} not compiling): {cmp['speculative_tokens_per_s']} vs "
+                 f"{cmp['plain_tokens_per_s']} new tokens/s, speed-up {cmp.get('speedup')}x, "
+                 f"same outputs: {rep['same_outputs']}")
+    if len(sources) > 1:
+      lines += [f"  {d} without drafts ({c['batches']} batches): {c['speculative_tokens_per_s']} vs "
+                f"{c['plain_tokens_per_s']} new tokens/s, speed-up {c.get('speedup')}x"
+                for d, c in cmp["by_source"].items()]
+  printer("\n".join(lines))
   return rep
 
 

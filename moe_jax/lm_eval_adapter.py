@@ -6,7 +6,10 @@ or from Python, after `import moe_jax.lm_eval_adapter` (which registers the name
   lm_eval.simple_evaluate(model="moe_jax", model_args="workdir=W,batch_size=16", tasks=[...])
 
 Requests go through moe_jax.scoring.Scorer (batched, bucketed, jitted; the training mesh
-when eval.py gives one). Tasks need their data locally: set HF_DATASETS_OFFLINE=1 and
+when eval.py gives one). generate_until decodes speculatively when the Scorer has speculative=K
+(eval.py --speculative=K, or model_args "...,speculative=K"): the MTP module drafts K tokens per
+step, the model verifies them (greedy: the same text), and the Scorer's gen_log keeps the
+acceptance per draft position (eval.py reports it). Tasks need their data locally: set HF_DATASETS_OFFLINE=1 and
 point `--lm_eval_include` at a directory of task YAMLs whose `dataset_path: json` reads
 local files (see tests/test_evaluate.py for one).
 """
@@ -33,12 +36,13 @@ class MoeJaxLM(LM):
   """loglikelihood, loglikelihood_rolling and generate_until over a moe_jax model.
 
   Either pass a ready `scorer` and `tok` (eval.py does), or a source as in
-  loading.load_model (workdir=, checkpoint=, hf=, preset=) plus tokenizer, batch_size, max_length.
+  loading.load_model (workdir=, checkpoint=, hf=, preset=) plus tokenizer, batch_size, max_length
+  and speculative (K draft tokens for generate_until; 0 = off).
   """
 
   def __init__(self, scorer: Optional[scoring.Scorer] = None, tok=None, *, workdir=None, checkpoint=None, hf=None,
                preset=None, tokenizer: str = "byte", batch_size: int = 8, max_length: Optional[int] = None,
-               max_gen_toks: int = 256, seed: int = 0, **_ignored):
+               max_gen_toks: int = 256, seed: int = 0, speculative: int = 0, **_ignored):
     super().__init__()
     if scorer is None:
       tok = load_tokenizer(tokenizer)
@@ -46,7 +50,8 @@ class MoeJaxLM(LM):
                                                 vocab_size=tok.vocab_size if preset else None)
       # lm-eval passes its own --batch_size (possibly "auto") along: any non-number keeps the default.
       batch_size = int(batch_size) if str(batch_size).isdigit() else 8
-      scorer = scoring.Scorer(model, variables, batch_size=batch_size, max_len=int(max_length) if max_length else None)
+      scorer = scoring.Scorer(model, variables, batch_size=batch_size, max_len=int(max_length) if max_length else None,
+                              speculative=int(speculative))
     self.scorer, self.tok = scorer, tok or load_tokenizer("byte")
     self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
 

@@ -63,8 +63,10 @@ class Scorer:
                mesh=None, rules=None, pad_id: int = 0, progress: bool = True, speculative: int = 0):
     self.model, self.pad_id, self.progress = model, pad_id, progress
     # generate(): speculative=K drafts with the MTP module (moe_jax/speculative.py); gen_log gets
-    # one record per batch (new tokens, seconds, whether it compiled, draft counters).
-    self.speculative, self.gen_log = speculative, []
+    # one record per batch (new tokens, seconds, whether it compiled, draft counters, the caller's
+    # desc), gen_calls one (prompts, max_new_tokens, settings) per call, so that a report can run
+    # every generation again without drafts (evaluate's --speculative_compare).
+    self.speculative, self.gen_log, self.gen_calls = speculative, [], []
     self.max_len = min(max_len or DEFAULT_MAX_LEN, model.cfg.max_position_embeddings)
     self.mesh, self.rules = mesh, rules or sharding.DEFAULT_RULES
     dp = sharding.data_parallel_size(mesh, self.rules) if mesh is not None else 1
@@ -141,6 +143,9 @@ class Scorer:
       if not 1 <= len(p) <= room:
         raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} the context "
                          f"of {self.max_len} leaves room for 1..{room}")
+    self.gen_calls.append((list(map(list, prompts)), max_new_tokens, dict(temperature=temperature, top_k=top_k,
+                                                                          top_p=top_p, stop_tokens=list(stop_tokens),
+                                                                          seed=seed, desc=desc)))
     results: list = [None] * len(prompts)
     rng = jax.random.key(seed)
     for b, idx in enumerate(self._batches([len(p) for p in prompts], desc)):
@@ -166,7 +171,7 @@ class Scorer:
       for row, i in enumerate(idx):
         results[i] = new[row]
       self.gen_log.append(dict(record, new_tokens=sum(len(new[row]) for row in range(len(idx))),
-                               outputs=new[:len(idx)]))
+                               outputs=new[:len(idx)], desc=desc))
     return results
 
 

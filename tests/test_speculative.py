@@ -286,6 +286,60 @@ def test_eval_report_gives_acceptance_and_both_speeds(tmp_path):
   assert any(line.startswith("speculative K=2: accept rate per draft position") for line in lines)
 
 
+LOCAL_GEN_TASK = """task: moe_jax_local_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_lm_eval_generation_is_speculative(tmp_path, monkeypatch):
+  """--lm_eval_tasks with --speculative=2 --speculative_compare: a local generate_until task (no
+  network) decodes through generate_speculative; the report gives its acceptance per draft position,
+  tokens per verify step and both tokens/s, and the outputs match plain greedy's."""
+  pytest.importorskip("lm_eval", reason="the eval extra: pip install -e '.[eval]'")
+  import json
+
+  from moe_jax import evaluate
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  model = Transformer(mcfg.tiny(vocab_size=257, initializer_range=0.2, max_position_embeddings=64))
+  variables = random_variables(model, 5)
+  data = tmp_path / "gen.jsonl"
+  data.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in ("ab", "cd", "ef", "gh")))
+  (tmp_path / "tasks").mkdir()
+  (tmp_path / "tasks" / "gen.yaml").write_text(LOCAL_GEN_TASK.format(data=data))
+  calls = []
+  real = speculative.generate_speculative
+  monkeypatch.setattr(speculative, "generate_speculative", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
+  lines = []
+  report = evaluate.run(model, variables, model_name="tiny", lm_eval_tasks="moe_jax_local_gen",
+                        lm_eval_include=str(tmp_path / "tasks"), batch_size=2, max_len=32, progress=False,
+                        printer=lines.append, speculative=2, speculative_compare=True)
+  assert calls == [2, 2]  # both batches of the lm-eval requests drafted 2 tokens
+  spec = report["speculative"]
+  lm = spec["by_source"]["lm-eval generate"]
+  assert list(spec["by_source"]) == ["lm-eval generate"] and lm["k"] == 2 and len(lm["accept_rate"]) == 2
+  assert lm["verify_steps"] > 0 and 1.0 <= lm["tokens_per_step"] <= 3.0 and lm["new_tokens"] > 0
+  assert spec["same_outputs"] is True  # the plain rerun of the same requests gave the same tokens
+  cmp = spec["compare"]["by_source"]["lm-eval generate"]
+  assert cmp["batches"] >= 1 and cmp["speculative_tokens_per_s"] > 0  # 2 if an earlier test compiled them and cmp["plain_tokens_per_s"] > 0
+  assert any(line.startswith("speculative K=2: accept rate per draft position") for line in lines)
+  assert any(r["task"] == "lm_eval:moe_jax_local_gen" and r["metric"] == "exact_match" for r in report["results"])
+
+
 def test_eval_cli_needs_k_for_compare(capsys):
   import eval as eval_cli
   with pytest.raises(SystemExit) as e:
