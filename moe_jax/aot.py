@@ -338,18 +338,21 @@ def build_config(args):
   elif args.num_slices > 1 and math.prod(config.mesh[k] for k in ("dcn_data", "dcn_fsdp", "dcn_expert",
                                                                     "dcn_tensor")) == 1:
     config.mesh.dcn_data = args.num_slices  # slices as data-parallel replicas unless told otherwise
-  if args.layers is not None:
-    if args.layers < 1:
-      raise UserError(f"--layers={args.layers} must be >= 1")
-    m = config.model
-    m.num_hidden_layers = args.layers
-    m.first_k_dense_replace = min(m.first_k_dense_replace, args.layers)
   if args.seq is not None:
     config.seq_len = args.seq
   if args.batch is not None:
     config.batch_size = args.batch
     config.batch_ramp = ()  # a ramp ends at the config's batch; compile the one batch asked for
   apply_overrides(config, args.set or [])
+  if config.get("init_from"):  # the model train.py would build: the checkpoint's shape (headers only)
+    from moe_jax import init_from
+    config, _ = init_from.resolve(config)
+  if args.layers is not None:  # a proxy of the (resolved) model: its first N layers
+    if args.layers < 1:
+      raise UserError(f"--layers={args.layers} must be >= 1")
+    m = config.model
+    m.num_hidden_layers = args.layers
+    m.first_k_dense_replace = min(m.first_k_dense_replace, args.layers)
   return config
 
 

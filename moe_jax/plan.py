@@ -316,6 +316,9 @@ def main(argv: Optional[list[str]] = None):
     config = load_config(args.config) if args.config else None
   except UserError as e:
     raise UserError(f"--config={args.config}: {e}") from None
+  if config is not None and config.get("init_from"):  # the checkpoint's shape, as train.py builds it
+    from moe_jax import init_from
+    config, _ = init_from.resolve(config)
   try:
     cfg = model_config_from(config) if config is not None else PRESETS[args.preset]()
     over = {k: v for k, v in (("param_dtype", args.param_dtype), ("dtype", args.dtype)) if v}

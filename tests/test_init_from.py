@@ -11,6 +11,7 @@ MTP loss) within 1e-4. The FP8 reference is transformers on the dequantized weig
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -218,6 +219,31 @@ def test_eval_weights_fp8_or_dense(ckpts):
     loading.load_model(hf=str(ckpts["v3_bf16"][0]), weights="fp8")
   with pytest.raises(UserError, match="--weights=dense applies to --hf only"):
     loading.load_model(preset="tiny", weights="dense")
+
+
+def test_plan_and_aot_build_the_checkpoint_shape(ckpts, tmp_path, capsys):
+  """plan and aot size the model train.py would build from init_from (the checkpoint's shape
+  fields, from headers only), not the preset's; aot's --layers cuts that model."""
+  import argparse
+  from flax import linen as nn
+  from moe_jax import aot, plan
+  from moe_jax.variables import abstract as abstract_variables
+  src, _ = ckpts["v2_bf16"]
+  want = hf.config_from_dir(src)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg_file = tmp_path / "from_v2.py"
+  cfg_file.write_text(f"import sys\nsys.path.insert(0, {root!r})\nfrom configs.tiny import get_config as tiny\n\n"
+                      f"def get_config(arg='test'):\n  c = tiny(arg)\n  c.init_from = {str(src)!r}\n  return c\n")
+  assert plan.main([f"--config={cfg_file}", "--mesh=1,1,1,1", "--batch=1", "--seq=16"]) in (None, 0)
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract_variables(want))))
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["total_params"] == params
+  args = argparse.Namespace(config="configs/tiny.py:test", mesh=None, dcn=None, num_slices=1, layers=None, seq=None,
+                            batch=None, set=[f"init_from={src}"])
+  built = aot.build_config(args)
+  assert {f: built.model.to_dict()[f] for f in init_from.CHECKPOINT_FIELDS} == {
+      f: want.to_dict()[f] for f in init_from.CHECKPOINT_FIELDS}
+  proxy = aot.build_config(argparse.Namespace(**{**vars(args), "layers": 1}))
+  assert proxy.model.num_hidden_layers == 1 and proxy.model.hidden_size == want.hidden_size
 
 
 # --- training moves on from the loaded weights ---------------------------------------------------
