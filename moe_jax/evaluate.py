@@ -353,7 +353,8 @@ def run(model, variables, *, model_name: str, step: Optional[int] = None, tasks:
   if max_len and scorer.max_len < max_len:
     max_len_from += f", capped at max_position_embeddings={model.cfg.max_position_embeddings}"
   report = dict(model=model_name, checkpoint_step=step, tokenizer=tokenizer, max_len=scorer.max_len,
-                max_len_from=max_len_from, weights="fp8 (e4m3, 128x128 scales)" if model.cfg.fp8 else model.cfg.param_dtype,
+                max_len_from=max_len_from, weights=("fp8 (e4m3, 128x128 scales)" if getattr(model.cfg, "fp8", False)
+                                                else getattr(model.cfg, "param_dtype", None)),
                 batch_size=scorer.batch_size, devices=jax.device_count(), jax_version=jax.__version__,
                 results=rows)
   if samples:

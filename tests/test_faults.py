@@ -177,6 +177,7 @@ def test_eval_scores_a_run_at_its_seq_len_and_says_so(tmp_path, monkeypatch, cap
   assert eval_cli.main([f"--workdir={tmp_path}", f"--tasks=lm:{text}", f"--output={out}", "--no_progress"]) == 0
   report = json.loads(out.read_text())
   assert (report["max_len"], report["max_len_from"]) == (32, "the run's seq_len")
+  assert report["weights"] == "float32"  # the parameters' dtype (an FP8 --hf load says fp8)
   assert "context: 32 tokens (the run's seq_len)" in capsys.readouterr().out
 
 
