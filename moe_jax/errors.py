@@ -17,6 +17,7 @@ import functools
 import os
 import sys
 import tempfile
+import warnings
 from typing import Callable
 
 
@@ -32,6 +33,9 @@ def one_line(e: BaseException) -> str:
 
 def report(msg: str, code: int = 2) -> int:
   print(f"error: {msg}", file=sys.stderr)
+  # A failed restore abandons orbax's async reads; Python would name each unawaited coroutine at
+  # exit, below this line. The error line stays the last thing the user reads.
+  warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
   return code
 
 
