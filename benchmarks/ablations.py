@@ -4,7 +4,7 @@ Every arm of an ablation trains configs/tiny.py (byte-level embedded corpus) wit
 steps and seeds (a seed sets both the data order and the initialization); arms differ only by the
 config fields listed in ABLATIONS. Each run evaluates every --eval_every steps on the same fixed
 validation batches: val loss and MaxVio_global (expert counts summed over those batches, then
-(max - mean) / mean per MoE layer, averaged over layers; moe_jax.train.maxvio).
+(max - mean) / mean per MoE layer, averaged over layers; moe_jax.run_log.maxvio).
 
   balancing  loss-free bias u=1e-3 (default); sequence-wise aux loss alpha 1e-3 / 1e-4, no bias;
              both (V3); neither; u=1e-4 and u=1e-2 (Wang et al. 2024, arXiv 2408.15664)

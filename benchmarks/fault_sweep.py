@@ -226,7 +226,7 @@ def _metrics_once(d: pathlib.Path, r: Result) -> str:
   p = d / "w" / "metrics.jsonl"
   steps = [json.loads(line).get("step") for line in open(p) if line.strip()] if p.is_file() else []
   steps = [s for s in steps if s is not None]
-  return f"metrics.jsonl has repeated steps" if len(steps) != len(set(steps)) else ""
+  return "metrics.jsonl has repeated steps" if len(steps) != len(set(steps)) else ""
 
 
 def _bad_hf_config(mutate: Callable[[dict], None]):

@@ -132,9 +132,9 @@ def _routes(variables, inputs_BL, *, model):
 
 
 def expert_loads(scorer: scoring.Scorer, windows: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
-  """{layer (train.layer_loads names): tokens routed to each expert [E]} over the input tokens of
+  """{layer (run_log.layer_loads names): tokens routed to each expert [E]} over the input tokens of
   `windows` (each window's last token is only a target), padding excluded; {} for a dense model."""
-  from moe_jax.train import layer_loads
+  from moe_jax.run_log import layer_loads
   cfg = scorer.model.cfg
   if getattr(cfg, "num_moe_layers", 0) == 0:  # dense (MTP blocks do not run in scoring)
     return {}
@@ -162,7 +162,7 @@ def eval_lm(scorer: scoring.Scorer, tok, path: str, loads: Optional[dict] = None
   """-> ({loss, perplexity, bits_per_byte[, maxvio, maxvio/<layer>]}, number of predicted tokens).
 
   A MoE model's expert loads over the text (expert_loads) go into `loads` when given; MaxVio_global
-  is train.maxvio of them."""
+  is run_log.maxvio of them."""
   # An instruction set (prepare --format=chat|prompt_completion) scores only the tokens its loss mask
   # marks, as training counts them; the windows still run over the whole stream (prompts are context).
   tokens, mask = read_lm_tokens(tok, path, with_mask=True)
@@ -189,7 +189,7 @@ def eval_lm(scorer: scoring.Scorer, tok, path: str, loads: Optional[dict] = None
   out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": -total / math.log(2) / max(n_bytes, 1)}
   counts = expert_loads(scorer, windows)
   if counts:
-    from moe_jax.train import maxvio
+    from moe_jax.run_log import maxvio
     per_layer, mean = maxvio(counts)
     out["maxvio"] = mean
     out.update({f"maxvio/{k}": v for k, v in per_layer.items()})

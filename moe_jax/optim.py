@@ -204,6 +204,6 @@ def bias_update(bias_E, counts_E, gamma):
 
 def maxvio(counts_E):
   """MaxVio = (max count - mean count) / mean count per MoE layer: 0 is perfect balance. [..., E] -> [...].
-  (The host-side report over named layers is moe_jax.train.maxvio.)"""
+  (The host-side report over named layers is moe_jax.run_log.maxvio.)"""
   mean = counts_E.mean(-1)
   return (counts_E.max(-1) - mean) / jnp.maximum(mean, 1e-9)

@@ -100,7 +100,7 @@ def plot(workdir: str, out: Optional[str] = None) -> list[str]:
 def load_heatmap(loads: dict, path: str, title: str = "") -> str:
   """One checkpoint's expert load as a heat map: MoE layers x experts, each cell the expert's share of
   its layer's routed tokens, the layer's MaxVio beside its row. loads: {layer: counts [E]} -> path."""
-  from moe_jax.train import maxvio
+  from moe_jax.run_log import maxvio
   plt = _pyplot()
   names = list(loads)
   share = np.array([np.asarray(loads[k], np.float64) / max(float(np.sum(loads[k])), 1.0) for k in names])  # [L, E]

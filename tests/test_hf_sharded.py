@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
 from moe_jax import hf, sharding
