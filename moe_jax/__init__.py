@@ -23,10 +23,12 @@ def _exit_at_once(signum, frame):
 
 # `python -m moe_jax.X` (argv[0] is "-m" while the package loads): Ctrl-C / SIGTERM during the imports
 # below (jax: seconds) exit at once, 130 / 143; Python's default would print a KeyboardInterrupt
-# traceback from inside an import. Commands install their own handlers for the work itself.
+# traceback from inside an import. Commands install their own handlers for the work itself, so a
+# SIGINT inherited as ignored (a parent that ignores it, e.g. a test runner's worker) is replaced
+# here too: otherwise a Ctrl-C in the first seconds would be lost and one a second later obeyed.
 if _sys.argv[:1] == ["-m"] and _threading.current_thread() is _threading.main_thread():
   for _s in (_signal.SIGINT, _signal.SIGTERM):
-    if _signal.getsignal(_s) in (_signal.default_int_handler, _signal.SIG_DFL):
+    if _signal.getsignal(_s) in (_signal.default_int_handler, _signal.SIG_DFL, _signal.SIG_IGN):
       _signal.signal(_s, _exit_at_once)
 
 from moe_jax.config import ModelConfig, RopeScaling  # noqa: E402

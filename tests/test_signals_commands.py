@@ -107,16 +107,21 @@ interrupts.run_command(work)
   assert "Traceback" not in r.stderr and os.listdir(tmp_path) == []
 
 
-def test_convert_sigint_while_loading(tmp_path):
-  """Ctrl-C in `convert --hf` (issue 23: tracebacks after 'error: interrupted')."""
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_convert_sigint_while_loading(tmp_path, inherited):
+  """Ctrl-C in `convert --hf` (issue 23: tracebacks after 'error: interrupted'), also when the parent
+  started it with SIGINT ignored (a test runner's worker did: the Ctrl-C during the imports was lost)."""
   import numpy as np
   from safetensors.numpy import save_file
   hf = tmp_path / "hf"
   hf.mkdir()
   (hf / "config.json").write_text('{"model_type": "deepseek_v3"}')  # the full-size default: a long load
   save_file({"model.embed_tokens.weight": np.ones((4, 4), np.float32)}, str(hf / "model.safetensors"))
-  proc = subprocess.Popen([sys.executable, "-m", "moe_jax.convert", "--hf", str(hf), "--out", str(tmp_path / "o")],
-                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  argv = [sys.executable, "-m", "moe_jax.convert", "--hf", str(hf), "--out", str(tmp_path / "o")]
+  if inherited == "ignored":  # exec keeps an ignored signal ignored
+    argv = [sys.executable, "-c", f"import os, signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            f"os.execv({sys.executable!r}, {argv!r})"]
+  proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   start = time.monotonic()
   code, err = _stop(proc, signal.SIGINT, lambda: time.monotonic() - start > 1.0)
   assert code == 130 and err.strip().splitlines()[-1].startswith("error: interrupted"), err
