@@ -130,6 +130,24 @@ def _lower_compile(fn, *args):
   return compiled, round(time.perf_counter() - t0, 1), oom
 
 
+def _collectives(summary) -> dict[str, dict]:
+  """hlo.summarize(...).collectives -> {kind: {count, gb}} for the report."""
+  return {k: {"count": int(v["count"]), "gb": round(v["bytes"] / 1e9, 3)} for k, v in sorted(summary.collectives.items())}
+
+
+def _then(out: dict, first, name: str, compile_second, hbm: int) -> dict[str, Any]:
+  """A prefill `first` (compiled, or None when it did not fit) and, when it fits, the program
+  compile_second() -> (compiled or None, seconds, oom message) compiles: memory, fits, collectives."""
+  compiled, out[f"{name}_compile_s"], oom = compile_second()
+  if compiled is None:
+    return {**out, "prefill": _memory(first, hbm), name: _not_fitting(oom), **_not_fitting(oom)}
+  out["prefill"], out[name] = _memory(first, hbm), _memory(compiled, hbm)
+  out["fits"] = out["prefill"]["fits"] and out[name]["fits"]
+  from moe_jax import hlo
+  out[f"{name}_collectives"] = _collectives(hlo.summarize(compiled.as_text()))
+  return out
+
+
 def _not_fitting(oom: str) -> dict[str, Any]:
   return {"compiled": False, "fits": False, "oom": oom}
 
@@ -192,8 +210,7 @@ def compile_inference(config, topology, step: str, weights: str = "auto", batch:
       summary = hlo.summarize(compiled.as_text())
       model_flops = flops.forward_flops_per_token(mcfg, s, with_mtp=False) * b * s / len(devices)
       out.update(compiled_flops=float(f"{summary.flops:.4g}"), model_flops=float(f"{model_flops:.4g}"),
-                 collectives={k: {"count": int(v["count"]), "gb": round(v["bytes"] / 1e9, 3)}
-                              for k, v in sorted(summary.collectives.items())})
+                 collectives=_collectives(summary))
     elif speculative:
       out.update(_compile_speculative(model, variables, b, s, speculative, mesh, row, ids, hbm))
     else:
@@ -217,15 +234,9 @@ def compile_inference(config, topology, step: str, weights: str = "auto", batch:
           variables, ids(b, s), ids(b))
       if pre is None:
         return {**out, "prefill": _not_fitting(oom), **_not_fitting(oom)}
-      dec, out["decode_compile_s"], oom = _lower_compile(
+      return _then(out, pre, "decode", lambda: _lower_compile(
           jax.jit(decode, donate_argnums=(1,), out_shardings=(NamedSharding(mesh, P(*row.spec[:1])), cache_sh)),
-          variables, cache, ids(b), ids(b))
-      if dec is None:
-        return {**out, "prefill": _memory(pre, hbm), "decode": _not_fitting(oom), **_not_fitting(oom)}
-      out["prefill"], out["decode"] = _memory(pre, hbm), _memory(dec, hbm)
-      out["fits"] = out["prefill"]["fits"] and out["decode"]["fits"]
-      out["decode_collectives"] = {k: {"count": int(v["count"]), "gb": round(v["bytes"] / 1e9, 3)}
-                                   for k, v in sorted(hlo.summarize(dec.as_text()).collectives.items())}
+          variables, cache, ids(b), ids(b)), hbm)
   return out
 
 
@@ -237,7 +248,7 @@ def _compile_speculative(model, variables, b: int, s: int, k: int, mesh, row, id
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from moe_jax import hlo, speculative
+  from moe_jax import speculative
   kw = dict(max_new_tokens=1, k=k, temperature=0.0, top_k=0, top_p=1.0, pad_id=0, absorb=True)
 
   def prefill(variables, prompt_BS, lengths_B):  # (constants made under the trace: the devices compile only)
@@ -261,15 +272,8 @@ def _compile_speculative(model, variables, b: int, s: int, k: int, mesh, row, id
                                                       ids(b, s), ids(b))
   if pre is None:
     return {**out, "prefill": _not_fitting(oom), **_not_fitting(oom)}
-  stp, out["spec_step_compile_s"], oom = _lower_compile(
-      jax.jit(one_step, donate_argnums=(1,), out_shardings=state_sh), variables, state)
-  if stp is None:
-    return {**out, "prefill": _memory(pre, hbm), "spec_step": _not_fitting(oom), **_not_fitting(oom)}
-  out["prefill"], out["spec_step"] = _memory(pre, hbm), _memory(stp, hbm)
-  out["fits"] = out["prefill"]["fits"] and out["spec_step"]["fits"]
-  out["spec_step_collectives"] = {k_: {"count": int(v["count"]), "gb": round(v["bytes"] / 1e9, 3)}
-                             for k_, v in sorted(hlo.summarize(stp.as_text()).collectives.items())}
-  return out
+  return _then(out, pre, "spec_step", lambda: _lower_compile(
+      jax.jit(one_step, donate_argnums=(1,), out_shardings=state_sh), variables, state), hbm)
 
 
 def _per_chip_bytes(x) -> int:
