@@ -103,17 +103,6 @@ _STAGING: set[str] = set()  # staging directories of this process, removed when 
 _STAGING_SEP = ".pid"
 
 
-def exit_at_once_on_signals():
-  """SIGINT / SIGTERM exit at once (130 / 143): for a command's start (imports, flags), before it
-  has written anything. Python's default would raise KeyboardInterrupt, which a jax import or GC
-  callback can swallow (Ctrl-C ignored in eval.py's first second)."""
-  def handler(signum, frame):
-    del frame
-    exit_now(COMMAND_EXIT_CODES[signum], "error: interrupted" if signum == signal.SIGINT else "error: terminated")
-  for s in COMMAND_EXIT_CODES:
-    signal.signal(s, handler)
-
-
 def run_command(fn: Callable[..., Any], *args, **kwargs) -> Any:
   """fn(*args, **kwargs) in a helper thread while the main thread waits for SIGINT / SIGTERM.
 
