@@ -38,20 +38,48 @@ def data_files(workdir, step):
                 key=os.path.getsize)
 
 
-def corrupt(workdir, step, how="flip"):
-  """Changes 64 bytes in the middle of the step's largest data file, in place (same size):
-  flip: every byte XOR 0x01; ones: 0xFF bytes (the issue's case: 64 random bytes). The files are
-  zstd-compressed: a changed byte mostly decodes to other values without any error from orbax."""
-  return corrupt_file(data_files(workdir, step)[-1], how)
-
-
-def corrupt_file(path, how="flip"):
+def corrupt(workdir, step, abstract, how="flip"):
+  """Changes 64 bytes of the step's largest data file in place (same size) so that orbax reads the
+  step without complaint and only the checksums see it: flip: every byte XOR 0x01; ones: 0xFF bytes
+  (the issue's case: 64 random bytes). The files hold zstd blocks: bytes changed inside a block's
+  payload decode silently to other values, bytes changed in a block's header fail the read. Which
+  one the middle of the file holds depends on the layout the writer chose (it differs between
+  machines), so the offsets are tried from the middle outwards until a read is silent and only the
+  checksums of a parameter array disagree."""
+  path = data_files(workdir, step)[-1]
   size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    original = f.read()
+  for k in (8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13):
+    corrupt_file(path, how, offset=size * k // 16)
+    if _only_checksums_see_it(workdir, step, abstract):
+      return path
+    with open(path, "wb") as f:
+      f.write(original)
+  pytest.fail(f"no offset in {path} decodes silently into a parameter array")
+
+
+def _only_checksums_see_it(workdir, step, abstract):
+  ck = checkpoint.Checkpointer(workdir, read_only=True)
+  try:
+    ck.restore(step, abstract)
+    return False  # the bytes held nothing that is read back
+  except checkpoint.Damaged as e:
+    return str(e).startswith("checksum mismatch in 1 array(s): params/")
+  except Exception:  # noqa: BLE001  a read error: the bytes hit a block header
+    return False
+  finally:
+    ck.close()
+
+
+def corrupt_file(path, how="flip", offset=None):
+  size = os.path.getsize(path)
+  offset = size // 2 if offset is None else offset
   with open(path, "r+b") as f:
-    f.seek(size // 2)
+    f.seek(offset)
     old = f.read(64)
-    f.seek(size // 2)
-    f.write(bytes(b ^ 1 for b in old) if how == "flip" else b"\xff" * 64)
+    f.seek(offset)
+    f.write(bytes(b ^ 1 for b in old) if how == "flip" else b"\xff" * len(old))
   assert os.path.getsize(path) == size
   return path
 
@@ -118,7 +146,7 @@ def test_checksum_is_the_same_on_any_sharding_and_sees_one_bit():
 @pytest.mark.parametrize("how", ["flip", "ones"])
 def test_corrupted_bytes_fall_back_to_the_newest_intact_step(steps_run, copy, how, caplog):
   _, _, t, saved, _ = steps_run
-  corrupt(copy, 3, how)
+  corrupt(copy, 3, t.abstract_state.to_dict(), how)
   with caplog.at_level(logging.WARNING):
     step, state = restore_intact(copy, t)
   assert step == 2
@@ -131,7 +159,7 @@ def test_corrupted_bytes_fall_back_to_the_newest_intact_step(steps_run, copy, ho
 
 
 def test_eval_restore_names_the_step_it_used(steps_run, copy, caplog):
-  corrupt(copy, 3)
+  corrupt(copy, 3, steps_run[2].abstract_state.to_dict())
   with caplog.at_level(logging.WARNING):
     _, _, variables, step = checkpoint.restore_for_eval(copy)
   assert step == 2
@@ -145,7 +173,7 @@ def test_eval_restore_names_the_step_it_used(steps_run, copy, caplog):
 
 def test_convert_from_ckpt_falls_back_or_refuses(steps_run, copy, tmp_path, capfd):
   from moe_jax import convert
-  corrupt(copy, 3)
+  corrupt(copy, 3, steps_run[2].abstract_state.to_dict())
   out = convert.ckpt_to_hf(copy, tmp_path / "hf")
   assert "restored step 2 of" in capfd.readouterr().err and (out / "config.json").is_file()
   with pytest.raises(UserError, match="checksum mismatch"):
