@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark runs behind BENCHMARKS.md's H100 section, in stages that each fit in one
-# 10-minute device call. Usage: benchmarks/gpu_run.sh STAGE OUTDIR   (STAGE: gmm | train | layers)
+# 10-minute device call. Usage: benchmarks/gpu_run.sh STAGE OUTDIR   (STAGE: check | gmm | train | layers)
+# `check` first on a new machine or jax: the GPU defaults that CPU tests only interpret (Pallas flash
+# attention for packed documents, the fused FP8 kernel) run for real, checked, then in a training step.
 # Expects a CUDA jax (the device image's python3); wheels for missing packages may sit in .whl/.
 set -u -o pipefail
 stage=$1; out=$2; mkdir -p "$out"
@@ -15,6 +17,19 @@ run() {  # run NAME SECONDS ARGS...: one benchmark, its JSON lines to $out/NAME.
   return $rc
 }
 case $stage in
+  check)  # ~7 min: each kernel against its reference, then bench1b training steps that use them
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    "$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+    run flash_gpu 100 benchmarks/flash_gpu.py --seqs 2048,8192 --iters 5
+    run fp8_gemm 100 benchmarks/fp8_gemm.py --tokens 2048 --iters 3 --warmup 1
+    # packed documents; bench1b pins dot_product (cuDNN), auto sends packed rows to pallas_gpu
+    train=(benchmarks/train_step.py --config bench1b --seq 2048 --peak_size 8192)
+    run train_bench1b_packed_auto 120 "${train[@]}" --batch 8 --steps 5 --set attention_impl=auto
+    # bf16, FP8 in the XLA form (the default fp8_kernel), FP8 in the fused kernel: batch 4 each
+    run train_bench1b_bf16 90 "${train[@]}" --batch 4 --steps 3
+    run train_bench1b_fp8_xla 90 "${train[@]}" --batch 4 --steps 3 --set fp8=True
+    run train_bench1b_fp8_fused 90 "${train[@]}" --batch 4 --steps 3 --set fp8=True --set fp8_kernel=pallas
+    ;;
   gmm)  # kernel checks + timings (add --sweep for the block-size grid: ~4 min)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$py" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"

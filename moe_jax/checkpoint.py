@@ -48,7 +48,9 @@ from moe_jax.model import Transformer
 # Config fields that may change when a run resumes (cadence, layout, hooks); the rest must match.
 RESUMABLE = ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "mesh", "checkpoint",
              "nan_policy", "peak_flops", "debug", "data.path", "model.moe_impl", "model.remat_policy",
-             "model.capacity_factor", "model.ep_round_factor")
+             "model.capacity_factor", "model.ep_round_factor",
+             # how the same products are computed (kernels), not what is computed
+             "model.moe_gmm", "model.attention_impl", "model.fp8_kernel")
 # Test hook: MOE_JAX_TEST_PAUSE_SAVE="STEP:MARKER" makes the save of STEP touch MARKER and then
 # hang inside the commit (before the rename), so a test can kill -9 a process mid-save.
 PAUSE_ENV = "MOE_JAX_TEST_PAUSE_SAVE"
@@ -407,11 +409,23 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old: dict, new: dict, ignore=RESUMABLE) -> list[str]:
-  """'field: workdir X != this run Y' for fields that differ and may not change on resume."""
+  """'field: workdir X != this run Y' for fields that differ and may not change on resume.
+
+  A field the workdir's config lacks (written before moe_jax had it) counts as its default:
+  new fields arrive with the default that keeps the old behavior, so such runs resume.
+  """
   a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
+  defaults = _default_config()
+  a = {**{k: defaults[k] for k in b if k not in a and k in defaults}, **a}
   skip = lambda k: any(k == p or k.startswith(p + ".") for p in ignore)  # noqa: E731
   return [f"{k}: workdir {a.get(k, '<absent>')!r} != this run {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _default_config() -> dict:
+  """Every training and model field with its default, flattened ('model.fp8_kernel': 'auto')."""
+  from moe_jax.train import base_config  # train imports this module
+  return _flat(json.loads(json.dumps(base_config(ModelConfig(), "").to_dict())))
 
 
 def foreign_entries(workdir: str) -> list[str]:

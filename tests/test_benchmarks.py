@@ -26,6 +26,7 @@ EXPECTED = {  # script: (figure kind, keys every figure of that kind has, number
                                                "logits_max_abs_diff"}, 6),
     "fp8_gemm.py": ("fp8_gemm", {"shape", "what", "fp8_ms", "fp8_quant_ms", "fp8_xla_ms", "bf16_ms", "fp8_tflops",
                                  "bf16_tflops", "fp8_vs_bf16", "rel_err", "rel_diff_xla"}, 6),
+    "flash_gpu.py": ("flash_check", {"tensor", "pallas_gpu_rel_err", "einsum_bf16_rel_err", "ok"}, 6),
 }
 
 
@@ -50,7 +51,7 @@ def finite_numbers(rec: dict) -> bool:
   return all(math.isfinite(v) for v in rec.values() if isinstance(v, float))
 
 
-EXTRA_KINDS = {"vs_transformers.py": {"matmul_peaks", "precision_loss"}}  # records besides the figures
+EXTRA_KINDS = {"vs_transformers.py": {"matmul_peaks", "precision_loss"}, "flash_gpu.py": {"flash_time"}}  # records besides the figures
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
@@ -76,6 +77,10 @@ def test_smoke_prints_json_figures(script):
     assert {(r["shape"], r["what"]) for r in figures} == {
         (s, w) for s in ("dense", "grouped") for w in ("forward", "dgrad", "wgrad")}
     assert all(r["rel_diff_xla"] < 1e-5 and 0 < r["rel_err"] < 0.06 for r in figures), figures
+  if script == "flash_gpu.py":  # the interpreted kernel within bf16's own error, every path timed
+    assert all(r["ok"] for r in figures), figures
+    assert {r["path"] for r in records if r["kind"] == "flash_time"} == {
+        "pallas_gpu_packed", "einsum_packed", "cudnn_packed", "cudnn_causal"}
   if script == "vs_transformers.py":
     assert {(r["what"], r["precision"]) for r in figures} == {
         (w, p) for w in ("forward", "train", "user") for p in ("default", "float32")}

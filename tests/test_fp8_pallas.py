@@ -124,7 +124,8 @@ def test_kernel_choice(monkeypatch):
 
 
 def test_model_fp8_kernel_switch_both_positions():
-  """ModelConfig.fp8_kernel: 'pallas' (interpreted here) gives the 'xla' model's loss and gradients."""
+  """ModelConfig.fp8_kernel: 'pallas' (interpreted here) gives the 'xla' model's loss and gradients;
+  'auto' (the default) is the XLA form on this CPU (which kernel it picks on a GPU: the test above)."""
   import optax
 
   from moe_jax import config as mcfg
@@ -133,7 +134,8 @@ def test_model_fp8_kernel_switch_both_positions():
     mcfg.tiny(fp8=True, fp8_kernel="cublas")
   tokens = jax.random.randint(jax.random.key(7), (2, 9), 0, 256)
   grads = {}
-  for kernel in ("xla", "pallas"):
+  assert mcfg.tiny(fp8=True).fp8_kernel == "auto"
+  for kernel in ("xla", "pallas", "auto"):
     cfg = mcfg.tiny(fp8=True, fp8_kernel=kernel, num_nextn_predict_layers=0, num_hidden_layers=1)  # dense layer:
     # the projections and the MLP through fp8.einsum; the grouped kernels are held to XLA above
     model = Transformer(cfg)
@@ -144,7 +146,9 @@ def test_model_fp8_kernel_switch_both_positions():
       return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
     grads[kernel] = jax.value_and_grad(loss)(variables["params"])
-  (lx, gx), (lp, gp) = grads["xla"], grads["pallas"]
+  (lx, gx), (lp, gp), (la, ga) = grads["xla"], grads["pallas"], grads["auto"]
   np.testing.assert_allclose(lp, lx, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gx)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert la == lx  # the same program: 'auto' is 'xla' on a CPU
+  jax.tree.map(np.testing.assert_array_equal, ga, gx)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +199,25 @@ def test_workdir_guard(saved_run, tmp_path):
   with pytest.raises(UserError, match="not empty .*notes.txt"):
     checkpoint.check_workdir(str(tmp_path), c.to_dict(), t.abstract_state.to_dict())
   assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_workdir_of_an_older_version_resumes(saved_run, tmp_path):
+  """A config.json written before a field existed (absent: its default) or before a kernel default
+  changed (fp8_kernel 'xla', attention_impl, moe_gmm: how, not what, is computed) resumes; a field
+  that is absent but set away from its default in this run is still a difference."""
+  workdir, c, _ = saved_run
+  old = json.loads(open(os.path.join(workdir, "config.json")).read())
+  del old["model"]["attention_type"], old["model"]["num_key_value_heads"]
+  old["model"].update(fp8_kernel="xla", attention_impl="einsum", moe_gmm="tiled")
+  older = tmp_path / "older"
+  shutil.copytree(workdir, older)
+  (older / "config.json").write_text(json.dumps(old))
+  t = train.Trainer(c)
+  checkpoint.check_workdir(str(older), c.to_dict(), t.abstract_state.to_dict())
+  gqa = ml_collections.ConfigDict(c.to_dict())
+  gqa.model.attention_type, gqa.model.num_key_value_heads = "gqa", 2
+  with pytest.raises(UserError, match="model.attention_type: workdir 'mla' != this run 'gqa'"):
+    checkpoint.check_workdir(str(older), gqa.to_dict(), t.abstract_state.to_dict())
 
 
 # --- it learns -----------------------------------------------------------------------------
