@@ -78,16 +78,17 @@ def _aot(capsys, *flags):
   return code, out, err
 
 
-@pytest.mark.parametrize("topology,mesh,impl", [
-    ("v5p-16", "-1,1,1,1", "ragged"),
-    ("v5p-16", "2,1,4,1", "ep"),
-    ("v5p-128", "-1,1,1,1", "ragged"),
-    ("v5p-128", "8,1,8,1", "ep"),
+@pytest.mark.parametrize("topology,mesh,impl,fp8", [
+    ("v5p-16", "-1,1,1,1", "ragged", False),
+    ("v5p-16", "2,1,4,1", "ep", False),
+    ("v5p-128", "-1,1,1,1", "ragged", False),
+    ("v5p-128", "8,1,8,1", "ep", False),
+    ("v5p-16", "2,1,4,1", "ep", True),  # FP8 training: the grouped XLA form inside shard_map
 ])
-def test_tiny_train_step_compiles_for_tpu(capsys, topology, mesh, impl):
+def test_tiny_train_step_compiles_for_tpu(capsys, topology, mesh, impl, fp8):
   chips = aot.parse_topology(topology).chips
   code, out, err = _aot(capsys, f"--topology={topology}", f"--mesh={mesh}", f"--batch={chips}",
-                        f"--set=model.moe_impl={impl!r}")
+                        f"--set=model.moe_impl={impl!r}", f"--set=model.fp8={fp8}")
   assert code == 0, err[-2000:]
   r = json.loads(out.strip().splitlines()[-1])
   assert r["compiled"] and r["fits"] and r["chips"] == chips and r["hosts"] == chips // 4

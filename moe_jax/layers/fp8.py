@@ -329,14 +329,16 @@ def _ragged_blocked_dot(a, sa, b, sb, sizes, impl: str):
   # invalid dot (jax 0.11.2 on an H200: "A dimension number is not unique in Dot").
   w_rows = jnp.moveaxis(sb, 1, 0)[:, jnp.minimum(_group_ids(sizes, m), g - 1)]  # [Cb, M, Nb] per row's group
 
-  def add_block(y, kb):
+  def block(kb):  # the scaled fp32 product of K block kb -> [M, Np]
     a_k = jax.lax.dynamic_slice_in_dim(a, kb * BLOCK, BLOCK, axis=1)  # [M, 128]
     b_k = jax.lax.dynamic_slice_in_dim(b, kb * BLOCK, BLOCK, axis=1)  # [G, 128, Np]
     p = jax.lax.ragged_dot(a_k, b_k, sizes, preferred_element_type=F32).reshape(m, nb, BLOCK)
     scale = sa[:, kb][:, None] * w_rows[kb]  # [M, Nb]
-    return y + (p * scale[..., None]).reshape(m, nb * BLOCK), None
+    return (p * scale[..., None]).reshape(m, nb * BLOCK)
 
-  y, _ = jax.lax.scan(add_block, jnp.zeros((m, nb * BLOCK), F32), jnp.arange(cb))
+  # The first block starts the sum (not zeros): inside shard_map (expert parallelism) the carry
+  # must vary over the mesh axes as the products do.
+  y, _ = jax.lax.scan(lambda y, kb: (y + block(kb), None), block(0), jnp.arange(1, cb))
   return y[:, :n]
 
 
