@@ -23,7 +23,8 @@ dim: one GEMM on e4m3 inputs with fp32 output gives the partials [K/128, M, N], 
 multiplied by the outer product of the scales and summed in fp32: DeepSeek's promotion to
 fp32 every 128 products (section 3.3.2), written so that XLA can pick an FP8 GEMM on H100
 and TPU. Cost: an fp32 intermediate K/128 times the output, which a fused kernel (DeepGEMM)
-keeps in registers. On CPU the FP8 dot is emulated (XLA converts to fp32, where e4m3
+keeps in registers. (Grouped matmuls loop over the K blocks instead: _ragged_blocked_dot.)
+On CPU the FP8 dot is emulated (XLA converts to fp32, where e4m3
 products are exact), so there only the numerics count.
 
 Dims that are not multiples of 128 are zero-padded to the next multiple: zeros change no
@@ -412,8 +413,8 @@ def ragged_dot(x_MK, w_GKN, sizes_G, dtype, impl: str = "auto", kernel: str = "a
   """FP8 grouped matmul, rows sorted by group (as jax.lax.ragged_dot) -> [M, N] in dtype.
 
   w_GKN: float [G, K, N] (quantized per expert in 128x128 blocks) or Fp8Weight (scale
-  [G, Kb, Nb]; frozen). impl as gmm.py: 'ragged_dot' (GPU/TPU: jax.lax.ragged_dot_general
-  on e4m3 inputs, block index as a batch dim), 'tiled' (CPU emulation), 'auto'; 'pallas'
+  [G, Kb, Nb]; frozen). impl as gmm.py: 'ragged_dot' (GPU/TPU: one jax.lax.ragged_dot on e4m3
+  inputs per 128-wide K block, scaled and summed in a scan), 'tiled' (CPU emulation), 'auto'; 'pallas'
   takes the ragged_dot form (the Pallas kernels of gmm_pallas.py are bf16). kernel: 'auto' |
   'xla' | 'pallas' (module docstring); the fused kernel, when it runs, replaces impl's form.
   """
