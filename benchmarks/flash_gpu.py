@@ -100,7 +100,6 @@ def time_paths(batch: int, length: int, heads: int, iters: int) -> None:
          "einsum_packed": (forward_backward("einsum", seg), args),
          "cudnn_packed": (forward_backward("dot_product", seg), args),  # an explicit [B, 1, S, S] mask
          "cudnn_causal": (forward_backward("dot_product", None), args)}
-  times = {}
   for name, (fn, a) in list(fns.items()):
     try:
       common.block(fn(*a))  # compile; a path that cannot run at this size says why and is left out

@@ -115,13 +115,13 @@ def grouped_bf16(sizes):
   return "ragged_dot", reference_grouped(sizes)
 
 
-def reference_grouped(sizes, precision=None):
+def reference_grouped(sizes):
   dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0],
                                          rhs_group_dimensions=[])
   return {
-      "forward": lambda x, w, dy: jax.lax.ragged_dot(x, w, sizes, precision=precision),
-      "dgrad": lambda x, w, dy: jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), sizes, precision=precision),
-      "wgrad": lambda x, w, dy: jax.lax.ragged_dot_general(x, dy, sizes, dn, precision=precision),
+      "forward": lambda x, w, dy: jax.lax.ragged_dot(x, w, sizes),
+      "dgrad": lambda x, w, dy: jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), sizes),
+      "wgrad": lambda x, w, dy: jax.lax.ragged_dot_general(x, dy, sizes, dn),
   }
 
 

@@ -126,7 +126,8 @@ def run(args) -> None:
   common.emit(
       "train_step", config=args.config, overrides=list(args.set), batch=args.batch, seq=args.seq,
       dtype=mcfg.dtype, moe_impl=mcfg.moe_impl, moe_gmm=gmm.choose(mcfg.moe_gmm, *gmm_operands(mcfg)),
-      attention_impl=mla.attention_impl(mcfg, packed=not args.no_document_mask), remat_policy=mcfg.remat_policy, scan_layers=mcfg.scan_layers,
+      attention_impl=mla.attention_impl(mcfg, packed=not args.no_document_mask),
+      remat_policy=mcfg.remat_policy, scan_layers=mcfg.scan_layers,
       params=trainer.num_params, activated_params=flops.activated_params(mcfg), steps=args.steps,
       step_s=step_s, step_s_min=min(step_times), tokens_per_s=tokens / step_s,
       model_flops_per_step=model_flops, model_tflops=model_flops / step_s / 1e12,

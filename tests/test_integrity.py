@@ -38,25 +38,34 @@ def data_files(workdir, step):
                 key=os.path.getsize)
 
 
-def corrupt(workdir, step, abstract, how="flip"):
-  """Changes 64 bytes of the step's largest data file in place (same size) so that orbax reads the
-  step without complaint and only the checksums see it: flip: every byte XOR 0x01; ones: 0xFF bytes
-  (the issue's case: 64 random bytes). The files hold zstd blocks: bytes changed inside a block's
-  payload decode silently to other values, bytes changed in a block's header fail the read. Which
-  one the middle of the file holds depends on the layout the writer chose (it differs between
-  machines), so the offsets are tried from the middle outwards until a read is silent and only the
-  checksums of a parameter array disagree."""
-  path = data_files(workdir, step)[-1]
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    original = f.read()
+def corrupt_until(files, wanted, how="flip"):
+  """Changes 64 bytes at the same relative offset of each file (in place, same size), trying offsets
+  from the middle outwards until wanted() holds; each miss is undone. Which bytes hold what depends
+  on the layout the writer chose, which differs between machines: the files hold zstd blocks (bytes
+  changed in a block's payload decode silently to other values, in its header they fail the read),
+  and parameters and optimizer state share them."""
+  originals = {}
+  for path in files:
+    with open(path, "rb") as f:
+      originals[path] = f.read()
   for k in (8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13):
-    corrupt_file(path, how, offset=size * k // 16)
-    if _only_checksums_see_it(workdir, step, abstract):
-      return path
-    with open(path, "wb") as f:
-      f.write(original)
-  pytest.fail(f"no offset in {path} decodes silently into a parameter array")
+    for path in files:
+      corrupt_file(path, how, offset=len(originals[path]) * k // 16)
+    if wanted():
+      return
+    for path, data in originals.items():
+      with open(path, "wb") as f:
+        f.write(data)
+  pytest.fail(f"no offset in {files} gives the damage the test needs")
+
+
+def corrupt(workdir, step, abstract, how="flip"):
+  """Damages the step's largest data file so that orbax reads the step without complaint and only
+  the checksum of one parameter array disagrees. flip: every byte XOR 0x01; ones: 0xFF bytes
+  (the issue's case: 64 random bytes)."""
+  path = data_files(workdir, step)[-1]
+  corrupt_until([path], lambda: _only_checksums_see_it(workdir, step, abstract), how)
+  return path
 
 
 def _only_checksums_see_it(workdir, step, abstract):
@@ -73,27 +82,15 @@ def _only_checksums_see_it(workdir, step, abstract):
 
 
 def damage_what_eval_reads(workdir, step):
-  """Changes 64 bytes at the same relative offset of every data file of the step, trying offsets
-  from the middle outwards until reading the parameters alone (what eval reads) finds damage
-  (a checksum mismatch or a read error). Which bytes hold parameters rather than optimizer state
-  depends on the layout the writer chose, which differs between machines."""
-  files = data_files(workdir, step)
-  originals = {}
-  for path in files:
-    with open(path, "rb") as f:
-      originals[path] = f.read()
-  for k in (8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13):
-    for path in files:
-      corrupt_file(path, offset=len(originals[path]) * k // 16)
+  """Damages every data file of the step so that reading the parameters alone (what eval reads)
+  finds it: a checksum mismatch or a read error."""
+  def eval_sees_it():
     try:
       checkpoint.restore_for_eval(os.path.join(workdir, "checkpoints", str(step)))
     except UserError as e:
-      if "is damaged (" in str(e):
-        return
-    for path, data in originals.items():
-      with open(path, "wb") as f:
-        f.write(data)
-  pytest.fail(f"no offset in the data files of step {step} damages its parameters")
+      return "is damaged (" in str(e)
+    return False
+  corrupt_until(data_files(workdir, step), eval_sees_it)
 
 
 def corrupt_file(path, how="flip", offset=None):
