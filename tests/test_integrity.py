@@ -452,16 +452,21 @@ def test_max_to_keep_below_one_deletes_nothing(env, reference, tmp_path):
   assert losses(workdir) == reference[1]
 
 
+# A run that outlasts the test (which stops it): at 400 steps a quiet machine finished the run before
+# the test's next look, so a removal mid-run was never seen by a save.
+LIVE_RUN = "--config.steps=100000"
+
+
 @pytest.mark.slow
 def test_second_writer_refused_kill9_frees_the_workdir_and_a_torn_metrics_line_is_repaired(env, tmp_path):
   workdir = str(tmp_path / "run")
-  first = subprocess.Popen(command(workdir, "--config.steps=400"), cwd=ROOT, env=env,
+  first = subprocess.Popen(command(workdir, LIVE_RUN), cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
     wait_for(lambda: checkpoint.latest_step(workdir) is not None
              and os.path.exists(os.path.join(workdir, "metrics.jsonl")), first, timeout=SLOW)
     started = time.time()
-    second = run(env, workdir, "--config.steps=400", timeout=SLOW)
+    second = run(env, workdir, LIVE_RUN, timeout=SLOW)
     assert second.returncode == 2 and time.time() - started < 120  # at once: no compile, no data
     line = error_line(second)
     assert f"is in use by process {first.pid} on host {socket.gethostname()}" in line
@@ -485,7 +490,7 @@ def test_checkpoints_dir_removed_mid_run(env, tmp_path):
   workdir = str(tmp_path / "run")
   err_path = str(tmp_path / "stderr")
   with open(err_path, "w") as err:
-    proc = subprocess.Popen(command(workdir, "--config.steps=400"), cwd=ROOT, env=env,
+    proc = subprocess.Popen(command(workdir, LIVE_RUN), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=err)
   try:
     wait_for(lambda: checkpoint.latest_step(workdir) is not None, proc, timeout=SLOW)

@@ -56,7 +56,8 @@ def wait_for(predicate, proc, timeout=240):
     if predicate():
       return
     if proc.poll() is not None:
-      raise AssertionError(f"train.py exited ({proc.returncode}) early:\n{proc.stderr.read()[-3000:]}")
+      err = proc.stderr.read()[-3000:] if proc.stderr else "(stderr went to a file)"
+      raise AssertionError(f"train.py exited ({proc.returncode}) early:\n{err}")
     time.sleep(0.1)
   raise AssertionError("timed out waiting for the run")
 
