@@ -185,6 +185,7 @@ class Checkpointer:
                        "checksums": ocp.JsonCheckpointHandler("checksums.json")})
     self.read_only = read_only
     self._held = None  # an open descriptor of checkpoints/ (see _hold_directory)
+    self._warned_removal = None  # the step whose save last warned that checkpoints/ was removed
     self._hold_directory()
 
   def latest_step(self) -> Optional[int]:
@@ -205,16 +206,28 @@ class Checkpointer:
       raise NonFinite(f"the parameters at step {step} hold NaN or inf ({', '.join(bad[:4])}"
                       f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}); not saving them, so no good "
                       f"checkpoint is rotated out (newest kept: step {self.latest_step()})")
-    self._settle(step)
-    self._hold_directory()
-    self.manager.save(step, args=ocp.args.Composite(
+    args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=_ConfigSave({"step": step, "config": config, "checksums": checksum.FORMAT}),
-        checksums=ocp.args.JsonSave({"format": checksum.FORMAT, "arrays": sums})), force=True)
+        checksums=ocp.args.JsonSave({"format": checksum.FORMAT, "arrays": sums}))
+    failed = None
+    for attempt in range(self._SAVE_ATTEMPTS):
+      self._settle(step, failed)
+      self._hold_directory()
+      try:
+        self.manager.save(step, args=args, force=True)
+        return
+      except Exception as e:  # noqa: BLE001  (a removal racing the save's own first writes: start it again)
+        if attempt + 1 == self._SAVE_ATTEMPTS or not self._removed_under_save(e):
+          raise
+        failed = e
 
-  def _settle(self, step: int):
+  _SAVE_ATTEMPTS = 3
+
+  def _settle(self, step: int, failed: Optional[BaseException] = None):
     """Waits for the save in flight. When someone removed checkpoints/ during the run (before or
-    during that save), says so in one warning and recreates it rather than fail inside orbax."""
+    during that save, or during the start of this one: `failed`), says so in one warning and
+    recreates it rather than fail inside orbax."""
     lost = ""
     try:
       self.manager.wait_until_finished()
@@ -222,16 +235,32 @@ class Checkpointer:
       if not self._removed_under_save(e):
         raise
       lost = f"; the save in flight failed: {damage_reason(e)}"
+    if failed is not None:
+      lost = lost or f"; starting the save of step {step} failed: {damage_reason(failed)}"
     if not self._directory_replaced() and not lost:
       return
-    logging.warning("%s was removed during the run (the checkpoints in it are gone%s); recreating it to save "
-                    "step %d", self.directory, lost, step)  # (or emptied: orbax may have recreated parts of it)
-    if jax.process_index() == 0:
-      os.makedirs(self.directory, exist_ok=True)
-      for name in os.listdir(self.directory):  # what the failed save left (orbax recreates parts of its path)
-        if name.endswith(".orbax-checkpoint-tmp"):
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-    self.manager.reload()
+    if self._warned_removal != step:  # one warning per removal, however many tries its save takes
+      self._warned_removal = step
+      logging.warning("%s was removed during the run (the checkpoints in it are gone%s); recreating it to save "
+                      "step %d", self.directory, lost, step)  # (or emptied: orbax may have recreated parts of it)
+    self._recreate()
+
+  def _recreate(self):
+    """Recreates checkpoints/ and rereads which steps it holds. A removal can still be under way
+    (`rm -rf` of many GB takes a while), so a step that vanishes while it is read is read again."""
+    for attempt in range(40):
+      try:
+        if jax.process_index() == 0:
+          os.makedirs(self.directory, exist_ok=True)
+          for name in os.listdir(self.directory):  # what the failed save left (orbax recreates parts of its path)
+            if ".orbax-checkpoint-tmp" in name:
+              shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self.manager.reload()
+        return
+      except FileNotFoundError:
+        if attempt == 39:
+          raise
+        time.sleep(0.25)
 
   def _hold_directory(self):
     """Keeps checkpoints/ open: while we hold it its inode cannot be reused, so a directory removed
@@ -267,8 +296,8 @@ class Checkpointer:
     seen = set()
     while e is not None and id(e) not in seen:
       seen.add(id(e))
-      if isinstance(e, FileNotFoundError) and str(e.filename or "").startswith(self.directory):
-        return True
+      if isinstance(e, FileNotFoundError):  # the save writes only under checkpoints/ (and a removal racing
+        return True                        # orbax's own rmtree of an old step names a bare file name)
       if self.directory in str(e) and any(sign in str(e) for sign in self._VANISHED):
         return True
       e = e.__cause__ or e.__context__

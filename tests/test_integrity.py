@@ -322,6 +322,58 @@ def test_checkpoints_dir_removed_mid_run_is_recreated(steps_run, tmp_path, caplo
   assert step == 3
 
 
+def test_removal_racing_the_start_of_a_save_and_the_reread(steps_run, tmp_path, caplog, monkeypatch):
+  """`rm -rf checkpoints` still under way while a save starts: orbax's first writes fail (a bare file
+  name, from its own rmtree of an old step), and rereading the steps meets a step that vanishes."""
+  _, c, t, _, init = steps_run
+  workdir = str(tmp_path / "run")
+  ck = checkpoint.Checkpointer(workdir)
+  ck.save(1, init.to_dict(), c.to_dict())
+  ck.wait()
+  save, reload = ck.manager.save, ck.manager.reload
+  calls = {"save": 0, "reload": 0}
+
+  def racing_save(*args, **kwargs):
+    calls["save"] += 1
+    if calls["save"] == 1:
+      shutil.rmtree(os.path.join(workdir, "checkpoints"))
+      raise FileNotFoundError(2, "No such file or directory", "dda1f23579b4baaf224f40c2d013beec")
+    return save(*args, **kwargs)
+
+  def racing_reload():
+    calls["reload"] += 1
+    if calls["reload"] == 1:
+      raise FileNotFoundError(2, "No such file or directory", os.path.join(workdir, "checkpoints", "1"))
+    return reload()
+
+  monkeypatch.setattr(ck.manager, "save", racing_save)
+  monkeypatch.setattr(ck.manager, "reload", racing_reload)
+  with caplog.at_level(logging.WARNING):
+    ck.save(2, init.replace(step=jnp.int32(2)).to_dict(), c.to_dict())
+  ck.close()
+  assert calls == {"save": 2, "reload": 2}
+  removed = [r.getMessage() for r in caplog.records if "was removed during the run" in r.getMessage()]
+  assert len(removed) == 1 and "starting the save of step 2 failed" in removed[0], removed
+  assert checkpoint.latest_step(workdir) == 2
+  assert restore_intact(workdir, t)[0] == 2
+
+
+def test_a_save_failing_for_another_cause_is_not_retried(steps_run, tmp_path, monkeypatch):
+  _, c, _, _, init = steps_run
+  ck = checkpoint.Checkpointer(str(tmp_path / "run"))
+  calls = []
+
+  def full_disk(*args, **kwargs):
+    calls.append(1)
+    raise OSError(28, "No space left on device", ck.directory)
+
+  monkeypatch.setattr(ck.manager, "save", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    ck.save(1, init.to_dict(), c.to_dict())
+  assert len(calls) == 1
+  ck.close()
+
+
 def test_damaged_metrics_lines_are_moved_aside(tmp_path, caplog):
   path = str(tmp_path / "metrics.jsonl")
   good = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
@@ -493,10 +545,10 @@ def test_checkpoints_dir_removed_mid_run(env, tmp_path):
     proc = subprocess.Popen(command(workdir, LIVE_RUN), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=err)
   try:
-    wait_for(lambda: checkpoint.latest_step(workdir) is not None, proc, timeout=SLOW)
+    wait_for(lambda: checkpoint.latest_step(workdir) is not None, proc, timeout=SLOW, err_path=err_path)
     shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
     wait_for(lambda: "was removed during the run" in open(err_path).read()
-             and checkpoint.latest_step(workdir) is not None, proc, timeout=SLOW)
+             and checkpoint.latest_step(workdir) is not None, proc, timeout=SLOW, err_path=err_path)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=SLOW)
   finally:

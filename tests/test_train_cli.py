@@ -50,13 +50,15 @@ def losses(workdir):
   return {r["step"]: r["loss"] for r in metrics(workdir) if "loss" in r}
 
 
-def wait_for(predicate, proc, timeout=240):
+def wait_for(predicate, proc, timeout=240, err_path=None):
+  """Polls `predicate` until it holds; fails naming the run's stderr (`err_path` when it goes to a file)."""
   deadline = time.time() + timeout
   while time.time() < deadline:
     if predicate():
       return
     if proc.poll() is not None:
-      err = proc.stderr.read()[-3000:] if proc.stderr else "(stderr went to a file)"
+      err = proc.stderr.read() if proc.stderr else open(err_path).read() if err_path else "(stderr not captured)"
+      err = err[-3000:]
       raise AssertionError(f"train.py exited ({proc.returncode}) early:\n{err}")
     time.sleep(0.1)
   raise AssertionError("timed out waiting for the run")
