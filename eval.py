@@ -105,16 +105,14 @@ def main(argv=None) -> int:
   try:  # in a helper thread: Ctrl-C / SIGTERM exit 130 / 143 at once, during a compile too
     interrupts.run_command(_evaluate, args, mesh, stop)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return errors.report(str(e))
   except Exception as e:  # noqa: BLE001 - a file named, or a resource that ran out: one line; else a bug
     msg = errors.resource_error(e, errors.EVAL_MEMORY_HINT)
     if msg is None and isinstance(e, OSError) and e.filename is not None:
       msg = errors.os_error_message(e)
     if msg is None:
       raise
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
+    return errors.report(msg)
   return 0
 
 

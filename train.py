@@ -43,8 +43,10 @@ _COORDINATOR_TIMEOUT = flags.DEFINE_integer("coordinator_timeout", None, "second
 
 
 def _fail(msg: str, code: int = 2):
-  print(f"error: {msg}", file=sys.stderr)
-  sys.exit(code)
+  """One `error:` line, the last one: errors.report also silences the notes Python prints at exit
+  about orbax reads that a failed restore abandoned ("coroutine ... was never awaited")."""
+  from moe_jax.errors import report  # stdlib only: no jax
+  sys.exit(report(msg, code))
 
 
 def _one_line(e: Exception) -> str:
