@@ -203,6 +203,16 @@ def moe_axes(rules=None) -> tuple[tuple[str, ...], tuple[str, ...]]:
   return spec_axes(exp), spec_axes(mlp)
 
 
+def lookup_axes(rules=None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(token axes, table axes) of the embedding lookup (model.Transformer.embed_tokens): the table
+  [vocab, embed] shards embed over `table axes`; the lookup keeps the token ids sharded only over
+  the batch axes that do not shard the table (default rules: (data,), (fsdp, expert))."""
+  rules = DEFAULT_RULES if rules is None else rules
+  vocab, embed = nn.logical_to_mesh_axes(("vocab", "embed"), rules)
+  table = spec_axes(vocab) + spec_axes(embed)
+  return tuple(a for a in batch_axes(rules) if a not in table), spec_axes(embed)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=None) -> NamedSharding:
   """Sharding of a [B, S, ...] input batch: B over data x fsdp x expert (or the rules' batch axes)."""
   return NamedSharding(mesh, P(batch_axes(rules) or None, *([None] * (ndim - 1))))

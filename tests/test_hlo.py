@@ -216,6 +216,25 @@ def test_head_and_mtp_head_reduce_one_summed_gradient():
   assert _head_reductions(jax.jit(two).lower(h, h, w).compile().as_text(), d, v) == 2
 
 
+def test_embedding_lookup_stays_inside_the_groups_that_shard_its_table():
+  """The table [vocab, embed] with embed cut over `expert` (4) and copied over `fsdp` (2), tokens on
+  fsdp x expert (8 CPU devices): the lookup's collectives are the all-to-all of its rows inside
+  `expert` and the all-reduce of the gradient's shard over `fsdp`; none spans all 8 devices (a
+  lookup in the tokens' layout gathers its fp32 cotangent over all 8 to scatter-add a whole table)."""
+  from moe_jax import train as train_lib
+  from moe_jax.config import tiny
+  config = train_lib.base_config(tiny(num_nextn_predict_layers=1, vocab_size=8192, num_hidden_layers=1), "tiny")
+  config.mesh.update(data=1, fsdp=2, expert=4, tensor=1)
+  config.mesh.rules = [("embed", "expert"), ("embed", "fsdp"), ("q_lora", "expert"), ("q_lora", "fsdp"),
+                       ("kv_lora", "expert"), ("kv_lora", "fsdp")]
+  config.batch_size = 8
+  trainer = train_lib.Trainer(config, devices=jax.devices("cpu"))
+  s = hlo.summarize(trainer.step_fn.as_text())
+  lookup = [(i["kind"], i["group"]) for i in s.items if "embed_tokens" in i["op"]]
+  assert ("all-to-all", 4) in lookup and ("all-reduce", 2) in lookup, lookup
+  assert all(group < 8 for _, group in lookup), lookup
+
+
 _TUPLE = """HloModule m, num_partitions=4
 
 %add (x: f32[], y: f32[]) -> f32[] {
