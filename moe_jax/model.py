@@ -121,9 +121,9 @@ class Transformer(nn.Module):
     axes) looks up the tokens of all the chips that split it (their ids gathered: 4 bytes a token),
     and one all-to-all of the compute-dtype rows hands every chip its own tokens' full rows.
     Backward: the all-to-all back, then a scatter-add into the local shard, so the table's
-    gradient is never reduced over the axes that shard it (a lookup in the tokens' layout
-    scatter-adds into a whole fp32 [V, D] table per chip and reduces it over all of them:
-    3.7 GB at V3 sizes, issue 21)."""
+    gradient is never reduced over the axes that shard it. (A lookup in the tokens' layout made
+    whole fp32 copies of the [V, D] gradient, 3.7 GB each at V3 sizes, wherever the table is
+    copied: across slices, or over `fsdp` under ZeRO over `expert`; BENCHMARKS.md.)"""
     mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
     if mesh.empty or not rules:
       x = jnp.take(self.embed, tokens_BS, axis=0).astype(self.cfg.compute_dtype)
