@@ -95,13 +95,11 @@ def main(argv=None) -> int:
   except ValueError:
     mesh = []
   if mesh is not None and len(mesh) != 4:
-    print(f"error: --mesh={args.mesh}: expected four integers data,fsdp,expert,tensor", file=sys.stderr)
-    return 2
+    return errors.report(f"--mesh={args.mesh}: expected four integers data,fsdp,expert,tensor")
   try:
     stop = [codecs.decode(s, "unicode_escape") for s in args.stop] if args.stop else ("\n",)
   except UnicodeDecodeError as e:
-    print(f"error: --stop: {e.reason} in {e.object!r}; escapes like \\n and \\t are allowed", file=sys.stderr)
-    return 2
+    return errors.report(f"--stop: {e.reason} in {e.object!r}; escapes like \\n and \\t are allowed")
   try:  # in a helper thread: Ctrl-C / SIGTERM exit 130 / 143 at once, during a compile too
     interrupts.run_command(_evaluate, args, mesh, stop)
   except UserError as e:

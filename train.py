@@ -29,6 +29,8 @@ if __name__ == "__main__":  # before the imports below: loading the config impor
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moe_jax.errors import fail as _fail, one_line as _one_line  # stdlib only: no jax yet
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
 # No default here: config_flags would load it (and apply --config.* overrides) at import time,
 # outside _parse's error handling; _parse supplies it instead.
@@ -40,19 +42,6 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.ini
 _COORDINATOR_TIMEOUT = flags.DEFINE_integer("coordinator_timeout", None, "seconds to wait for the distributed "
                                             "coordinator before failing (default $MOE_JAX_COORDINATOR_TIMEOUT, "
                                             "else 300)", lower_bound=1)
-
-
-def _fail(msg: str, code: int = 2):
-  """One `error:` line, the last one: errors.report also silences the notes Python prints at exit
-  about orbax reads that a failed restore abandoned ("coroutine ... was never awaited")."""
-  from moe_jax.errors import report  # stdlib only: no jax
-  sys.exit(report(msg, code))
-
-
-def _one_line(e: Exception) -> str:
-  """config_flags' messages run over several lines, the cause on the last one."""
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-  return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
 
 
 def _parse(argv):

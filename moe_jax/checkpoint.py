@@ -170,6 +170,10 @@ class Checkpointer:
   """The workdir's CheckpointManager: async saves, max_to_keep, restore into sharded abstract trees,
   and the newest *intact* step for resume and eval (restore_intact)."""
 
+  # A checkpoints/ removal still under way: how often a save restarts, and the steps are reread.
+  _SAVE_ATTEMPTS = 3
+  _REREADS, _REREAD_WAIT_S = 40, 0.25
+
   def __init__(self, workdir: str, max_to_keep: Optional[int] = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -222,8 +226,6 @@ class Checkpointer:
           raise
         failed = e
 
-  _SAVE_ATTEMPTS = 3
-
   def _settle(self, step: int, failed: Optional[BaseException] = None):
     """Waits for the save in flight. When someone removed checkpoints/ during the run (before or
     during that save, or during the start of this one: `failed`), says so in one warning and
@@ -248,7 +250,7 @@ class Checkpointer:
   def _recreate(self):
     """Recreates checkpoints/ and rereads which steps it holds. A removal can still be under way
     (`rm -rf` of many GB takes a while), so a step that vanishes while it is read is read again."""
-    for attempt in range(40):
+    for attempt in range(self._REREADS):
       try:
         if jax.process_index() == 0:
           os.makedirs(self.directory, exist_ok=True)
@@ -258,9 +260,9 @@ class Checkpointer:
         self.manager.reload()
         return
       except FileNotFoundError:
-        if attempt == 39:
+        if attempt + 1 == self._REREADS:
           raise
-        time.sleep(0.25)
+        time.sleep(self._REREAD_WAIT_S)
 
   def _hold_directory(self):
     """Keeps checkpoints/ open: while we hold it its inode cannot be reused, so a directory removed
