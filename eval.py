@@ -24,6 +24,8 @@ def _stopped_early(signum, frame):
 if __name__ == "__main__":  # before the imports below
   for _s in (signal.SIGINT, signal.SIGTERM):
     signal.signal(_s, _stopped_early)
+  from moe_jax import tpu_flags  # stdlib only; before jax starts the TPU backend
+  tpu_flags.apply()  # weight gathers overlap compute (no effect off TPU)
 
 from moe_jax import errors, interrupts  # noqa: E402
 from moe_jax.errors import UserError  # noqa: E402

@@ -25,6 +25,8 @@ def _interrupted_early(signum, frame):
 
 if __name__ == "__main__":  # before the imports below: loading the config imports jax
   signal.signal(signal.SIGINT, _interrupted_early)  # moe_jax.train.run installs its own
+  from moe_jax import tpu_flags  # stdlib only; before jax starts the TPU backend
+  tpu_flags.apply()  # weight gathers overlap compute (no effect off TPU)
 
 from absl import app, flags, logging
 from ml_collections import config_flags

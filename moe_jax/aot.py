@@ -271,7 +271,7 @@ def whole_slice_all_reduces(summary, slice_chips: int, min_bytes: float = 2 ** 2
 # --- compile ---------------------------------------------------------------------------------
 def compile_step(config, topology: Topology) -> dict[str, Any]:
   """Builds the Trainer on the topology's compile-only devices and compiles its train step."""
-  from moe_jax import flops, hlo
+  from moe_jax import flops, hlo, sharding
   from moe_jax.train import Trainer
 
   devices = topology.devices()
@@ -284,7 +284,8 @@ def compile_step(config, topology: Topology) -> dict[str, Any]:
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  summary = hlo.summarize(compiled.as_text())
+  text = compiled.as_text()
+  summary = hlo.summarize(text)
   chips = len(devices)
   hbm = FAMILIES[topology.family].hbm_bytes
   # What the runtime allocates: the live arguments, the outputs not aliased to a donated argument,
@@ -297,8 +298,8 @@ def compile_step(config, topology: Topology) -> dict[str, Any]:
   return {
       "topology": topology.name, "libtpu": topology.libtpu_name, "num_slices": topology.num_slices,
       "chips": chips, "device_kind": devices[0].device_kind, "hosts": layout["hosts"],
-      "mesh": dict(mesh.shape), "layers": mcfg.num_hidden_layers, "seq": config.seq_len,
-      "batch": config.batch_size, "grad_accum": config.optim.grad_accum, "moe_impl": mcfg.moe_impl,
+      "mesh": dict(mesh.shape), "non_expert_weights_over": list(sharding.lookup_axes(trainer.rules)[1]),
+      "layers": mcfg.num_hidden_layers, "seq": config.seq_len, "batch": config.batch_size, "grad_accum": config.optim.grad_accum, "moe_impl": mcfg.moe_impl,
       "compiled": True, "compile_s": round(compile_s, 1),
       "argument_gb": gb(mem.argument_size_in_bytes), "output_gb": gb(mem.output_size_in_bytes),
       "alias_gb": gb(mem.alias_size_in_bytes), "temp_gb": gb(mem.temp_size_in_bytes), "peak_gb": gb(peak),
@@ -317,6 +318,7 @@ def compile_step(config, topology: Topology) -> dict[str, Any]:
       "ideal_wire_gb": {k[len("wire_"):]: gb(v) for k, v in ideal.items() if k.startswith("wire_")},
       "wire_ratio": round(summary.wire_bytes / ideal["wire_total"], 3) if ideal["wire_total"] else None,
       "whole_slice_all_reduces": whole_slice_all_reduces(summary, math.prod(topology.shape)),
+      "async_collectives": hlo.async_collectives(text),
       "largest_collectives": [dict(d, bytes=int(d["bytes"]), wire=int(d["wire"])) for d in summary.largest[:6]],
       "unknown_trip_counts": len(summary.unknown_trip_counts),
       "data": layout,
@@ -379,6 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   help="eval/generate weights: fp8 = e4m3 + 128x128 scales, dense = the compute dtype; "
                        "auto = fp8 for DeepSeek-V3 (released in FP8), else dense")
   args = ap.parse_args(argv)
+  from moe_jax import tpu_flags
+  tpu_flags.apply()  # what train.py compiles with (read when libtpu first loads in this process)
   try:
     topology = parse_topology(args.topology, args.num_slices)
     config = build_config(args)

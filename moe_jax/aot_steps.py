@@ -178,7 +178,7 @@ def compile_inference(config, topology, step: str, weights: str = "auto", batch:
   try:
     mesh = sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor, dcn_data=m.dcn_data, dcn_fsdp=m.dcn_fsdp,
                               dcn_expert=m.dcn_expert, dcn_tensor=m.dcn_tensor, devices=devices)
-    rules = sharding.merge_rules([tuple(r) for r in m.rules])
+    rules = sharding.mesh_rules(mesh, m.rules)
     b = batch or sharding.data_parallel_size(mesh, rules)
     sharding.validate(mcfg, b, mesh, rules, model_variables.abstract(mcfg))
   except ValueError as e:

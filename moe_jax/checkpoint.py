@@ -558,7 +558,7 @@ def restore_for_eval(path: str, mesh=None, rules=None):
   def load(step: int):
     config = ml_collections.ConfigDict(ckpt.config(step))
     model = Transformer(model_config(config))
-    r = rules if rules is not None else sharding.merge_rules([tuple(x) for x in config.mesh.rules])
+    r = rules if rules is not None else sharding.mesh_rules(mesh, config.mesh.rules)
     abstract = model_variables.abstract_sharded(model, (sharding.data_parallel_size(mesh, r), 8), mesh, r)
     return config, model, ckpt.restore(step, abstract, partial=True)
 

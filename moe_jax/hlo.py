@@ -469,11 +469,17 @@ def summarize(text: str, top: int = 12) -> Summary:
   flops = kernel_flops = 0.0
   totals: dict[str, dict[str, float]] = {}
   items = []
+  # libtpu's async collective fusion (LIBTPU_INIT_ARGS, moe_jax/tpu_flags.py) clones one collective
+  # into the fused computations of its start, continuations and done, under one channel id: a
+  # collective inside a fusion body counts once per channel id.
+  fused, seen_channels = set(), set()
   inner = set()  # the computations of all-reduce-scatter fusions: counted at the fusion
   for comp in comps.values():
     for ins in comp.instructions.values():
-      if ins.opcode == "fusion" and _all_reduce_scatter_body(comps, ins) is not None:
-        inner.add(_fused(comps, ins).name)
+      if ins.opcode == "fusion" and _fused(comps, ins) is not None:
+        fused.add(_fused(comps, ins).name)
+        if _all_reduce_scatter_body(comps, ins) is not None:
+          inner.add(_fused(comps, ins).name)
   for comp in comps.values():
     times = mult.get(comp.name, 0.0)
     if not times or comp.name in inner:
@@ -508,6 +514,11 @@ def summarize(text: str, top: int = 12) -> Summary:
         operand = sum(type_bytes(comp.instructions[o].type_text) for o in ins.operands
                       if o in comp.instructions and comp.instructions[o].opcode != "after-all")
         pieces = [(kind, max(result, operand))]
+      channel = re.search(r"channel_id=(\d+)", attrs) if comp.name in fused else None
+      if channel:
+        if channel.group(1) in seen_channels:
+          continue
+        seen_channels.add(channel.group(1))
       group = group_size(attrs, devices)
       name = re.search(r'op_name="([^"]*)"', ins.attrs)
       merged: dict[str, float] = {}
@@ -523,6 +534,44 @@ def summarize(text: str, top: int = 12) -> Summary:
                       "op": name.group(1)[-120:] if name else ins.name})
   items.sort(key=lambda d: -d["bytes"] * d["times"])
   return Summary(flops + kernel_flops, kernel_flops, totals, items[:top], unknown, items)
+
+
+_ASYNC_START = re.compile(r"^(async-collective-start|all-gather-start|all-reduce-start|reduce-scatter-start|"
+                          r"collective-permute-start)")
+_COMPUTE = ("fusion", "convolution", "dot", "custom-call")
+
+
+def async_collectives(text: str) -> dict[str, float]:
+  """How the schedule overlaps collectives with compute, per step (loop trips counted).
+
+  'async': collective starts (libtpu's async collective fusions, `*-start` ops); 'overlapped':
+  those with compute (a fusion, matmul or kernel) scheduled before the next collective done in
+  the same computation (an optimized module is scheduled: its instruction order is the order they
+  run); 'sync_gathers': all-gathers outside any async collective, which wait for the wire.
+  """
+  comps, entry = parse(text)
+  mult, _ = multipliers(comps, entry)
+  fused = {_fused(comps, i).name for c in comps.values() for i in c.instructions.values() if _fused(comps, i)}
+  out = {"async": 0.0, "overlapped": 0.0, "sync_gathers": 0.0}
+  for comp in comps.values():
+    times = mult.get(comp.name, 0.0)
+    if not times:
+      continue
+    order = list(comp.instructions.values())
+    for i, ins in enumerate(order):
+      if ins.opcode == "all-gather" and comp.name not in fused:
+        out["sync_gathers"] += times
+      if not _ASYNC_START.match(ins.name) and not (ins.opcode.endswith("-start") and _ASYNC_START.match(ins.opcode)):
+        continue
+      out["async"] += times
+      for later in order[i + 1:]:
+        if later.name.startswith(("async-collective-done", "all-gather-done", "all-reduce-done")) or \
+            later.opcode.endswith("-done"):
+          break
+        if later.opcode in _COMPUTE and not later.name.startswith("async-collective"):
+          out["overlapped"] += times
+          break
+  return out
 
 
 def main(argv=None) -> int:

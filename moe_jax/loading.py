@@ -23,17 +23,19 @@ WEIGHTS = ("auto", "fp8", "dense")  # eval.py --weights (for --hf)
 def make_mesh(shape: Optional[Sequence[int]] = None, config=None):
   """-> (mesh, rules): `shape` (data, fsdp, expert, tensor), else the training config's mesh
   when it fits this machine's devices, else every device on 'data'."""
-  rules = sharding.DEFAULT_RULES
+  overrides = ()
   if config is not None and "mesh" in config:
-    rules = sharding.merge_rules([tuple(r) for r in config.mesh.get("rules", ())])
+    overrides = [tuple(r) for r in config.mesh.get("rules", ())]
     if shape is None:
       m = config.mesh
       try:
-        return sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor), rules
+        mesh = sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor)
+        return mesh, sharding.mesh_rules(mesh, overrides)
       except ValueError:  # trained on another machine: fall back to data parallelism
         pass
   try:
-    return sharding.make_mesh(*(shape or (-1,))), rules
+    mesh = sharding.make_mesh(*(shape or (-1,)))
+    return mesh, sharding.mesh_rules(mesh, overrides)
   except ValueError as e:
     raise UserError(f"--mesh={','.join(map(str, shape or ()))}: {e}") from None
 

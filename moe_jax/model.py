@@ -14,6 +14,8 @@ and `losses` (balance_loss).
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import jax
@@ -88,6 +90,67 @@ class MTPLayer(nn.Module):
     h = Block(cfg, moe=cfg.is_moe_layer(cfg.num_hidden_layers), name="block")(h, positions_BS, segment_ids_BS,
                                                                              decode, True, append)
     return h, RMSNorm(cfg, name="head_norm")(h)
+
+
+# libtpu 0.0.42 (V3 proxy, v5p-1024) kept the head gradient's 1.85 GB reduce-scatter over 64 chips as
+# an all-reduce plus a slice, and kept it true in pieces of <= ~0.5 GB (as it does the layers' ones).
+SCATTER_PIECE_BYTES = 512 * 2 ** 20
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_rows(w_dV: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """all_gather of w's rows over `axes` (inside shard_map); its transpose, a reduce-scatter, runs in
+  column pieces of at most SCATTER_PIECE_BYTES (whole 128-column tiles)."""
+  return jax.lax.all_gather(w_dV, axes, axis=0, tiled=True)
+
+
+def _gather_rows_fwd(w_dV, axes):
+  return _gather_rows(w_dV, axes), None
+
+
+def _gather_rows_bwd(axes, _, g_DV):
+  d, v = g_DV.shape
+  tiles = -(-v // 128)
+  n = min(tiles, max(1, -(-d * v * g_DV.dtype.itemsize // SCATTER_PIECE_BYTES)))
+  cuts = [128 * (tiles * i // n) for i in range(1, n)]
+  pieces = [jax.lax.psum_scatter(p, axes, scatter_dimension=0, tiled=True) for p in jnp.split(g_DV, cuts, axis=1)]
+  return (pieces[0] if n == 1 else jnp.concatenate(pieces, axis=1),)
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def head_matmul(x_KBSD: jax.Array, w_DV, cfg: ModelConfig) -> jax.Array:
+  """x [K, B, S, D] @ head [D, V] -> [K, B, S, V] in the compute dtype (K: main + MTP depths).
+
+  On a mesh whose rules cut the head's D over batch axes, the product runs in shard_map: each
+  chip gathers the head's D explicitly (compute dtype) and multiplies its own tokens, so the
+  weight gradient is the transpose of that gather, a reduce-scatter over the D-cutting axes, then
+  an all-reduce of the 1/n shard over the other batch axes. Left to GSPMD, the [D, V] gradient was
+  all-reduced whole over the D-cutting group and then sliced (libtpu 0.0.42, V3 proxy: 1.85 GB
+  more on the wire per chip and step; BENCHMARKS.md "Pod communication").
+  """
+  mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+  if mesh.empty or not rules or not isinstance(w_DV, jax.Array):
+    return project("kbsd,dv->kbsv", x_KBSD, w_DV, cfg, fp8=False)  # head stays bf16/fp32
+  cut = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)  # noqa: E731
+  batch = cut(sharding.batch_axes(rules))
+  d_axes, v_axes = (cut(sharding.spec_axes(a)) for a in nn.logical_to_mesh_axes(("embed", "vocab"), rules))
+  others = tuple(a for a in batch if a not in d_axes)
+  if (not d_axes or not set(d_axes) <= set(batch) or set(v_axes) & set(batch)
+      or x_KBSD.shape[1] % math.prod(mesh.shape[a] for a in batch)):  # GSPMD: a replicated head's
+    return project("kbsd,dv->kbsv", x_KBSD, w_DV, cfg, fp8=False)   # gradient is one all-reduce
+  dtype = cfg.compute_dtype
+
+  def local(x_KbSD, w_dV):
+    w = w_dV.astype(dtype)
+    if others:  # marked varying on the shard, so the backward all-reduces the shard, not [D, V]
+      w = jax.lax.pcast(w, others, to="varying")
+    return project("kbsd,dv->kbsv", x_KbSD, _gather_rows(w, d_axes), cfg, fp8=False)
+
+  v = v_axes or None
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(None, batch or None, None, None), P(d_axes, v)),
+                       out_specs=P(None, batch or None, None, v))(x_KBSD, w_DV)
 
 
 class Transformer(nn.Module):
@@ -180,7 +243,7 @@ class Transformer(nn.Module):
     # [D, V] head gradient once instead of once per depth (issue 21). Stacked on a new leading
     # axis: the batch axis keeps its sharding.
     w = self.embed.T if cfg.tie_word_embeddings else self.head
-    all_KBSV = project("kbsd,dv->kbsv", jnp.stack(normed), w, cfg, fp8=False).astype(jnp.float32)
+    all_KBSV = head_matmul(jnp.stack(normed), w, cfg).astype(jnp.float32)
     if not return_mtp:
       return all_KBSV[0]
     return all_KBSV[0], all_KBSV[1:]

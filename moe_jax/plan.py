@@ -104,7 +104,7 @@ def working_set(cfg: ModelConfig, axis_sizes: dict[str, int], b_local: int, seq:
 
   Returns {'layer': one layer's backward, 'head': the head's backward, 'peak': the larger}.
   """
-  rules = sharding.DEFAULT_RULES if rules is None else rules
+  rules = sharding.layout_rules(axis_sizes, platform) if rules is None else rules
   act, f32 = jnp.dtype(cfg.compute_dtype).itemsize, 4
   size = lambda name: math.prod(axis_sizes[a] for a in sharding.spec_axes(  # noqa: E731
       nn.logical_to_mesh_axes((name,), rules)[0]))
@@ -141,8 +141,9 @@ def working_set(cfg: ModelConfig, axis_sizes: dict[str, int], b_local: int, seq:
 
 def plan(cfg: ModelConfig, axis_sizes: dict[str, int], batch: int, seq: int, device_memory_gb: float,
          rules=None, abstract=None, platform: str = "tpu") -> Plan:
-  """Per-device bytes of cfg on a mesh with these axis sizes (validated first)."""
-  rules = sharding.check_rules(sharding.DEFAULT_RULES if rules is None else rules)
+  """Per-device bytes of cfg on a mesh with these axis sizes (validated first); rules default to
+  the mesh's layout on this platform (sharding.layout_rules)."""
+  rules = sharding.check_rules(sharding.layout_rules(axis_sizes, platform) if rules is None else rules)
   mesh = AbstractMesh(tuple(axis_sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES,
                       axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
   abstract = variables.abstract(cfg) if abstract is None else abstract
@@ -337,7 +338,7 @@ def main(argv: Optional[list[str]] = None):
   try:
     ici_t, dcn_t = sharding.hybrid_mesh_shape(tuple(ici.values()), tuple(dcn.values()), devices)
     axis_sizes = {a: i * d for a, i, d in zip(sharding.MESH_AXES, ici_t, dcn_t)}
-    rules = sharding.merge_rules(overrides)
+    rules = sharding.rules_for(axis_sizes, args.platform, overrides)
     accum = (get("optim") or {}).get("grad_accum", 1)  # one step's activations are a micro-batch's
     batch = args.batch or (get("batch_size") or 0) // accum or sharding.data_parallel_size(
         AbstractMesh(tuple(axis_sizes.values()), sharding.MESH_AXES), rules)

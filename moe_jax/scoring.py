@@ -68,7 +68,8 @@ class Scorer:
     # every generation again without drafts (evaluate's --speculative_compare).
     self.speculative, self.gen_log, self.gen_calls = speculative, [], []
     self.max_len = min(max_len or DEFAULT_MAX_LEN, model.cfg.max_position_embeddings)
-    self.mesh, self.rules = mesh, rules or sharding.DEFAULT_RULES
+    self.mesh = mesh
+    self.rules = rules or (sharding.mesh_rules(mesh) if mesh is not None else sharding.DEFAULT_RULES)
     dp = sharding.data_parallel_size(mesh, self.rules) if mesh is not None else 1
     self.batch_size = -(-batch_size // dp) * dp
     self.variables = {k: v for k, v in variables.items() if k in ("params", "router")}

@@ -257,7 +257,7 @@ class Trainer:
     try:
       self.mesh = sharding.make_mesh(m.data, m.fsdp, m.expert, m.tensor, dcn_data=m.dcn_data, dcn_fsdp=m.dcn_fsdp,
                                      dcn_expert=m.dcn_expert, dcn_tensor=m.dcn_tensor, devices=devices)
-      self.rules = sharding.merge_rules([tuple(r) for r in m.rules])
+      self.rules = sharding.mesh_rules(self.mesh, m.rules)
       sharding.validate(mcfg, b // accum, self.mesh, self.rules, variables.abstract(mcfg))
       self.rows = sharding.process_rows(self.mesh, b, self.rules)  # the batch rows this process feeds
     except ValueError as e:

@@ -95,11 +95,12 @@ def sharded_step(cfg: ModelConfig, mesh, rules=sharding.DEFAULT_RULES):
 
 
 @functools.lru_cache(maxsize=None)
-def run_on_mesh(cfg: ModelConfig, shape: tuple[int, int, int, int]):
+def run_on_mesh(cfg: ModelConfig, shape: tuple[int, int, int, int], layout: str = "cpu"):
   """(numpy outputs, compiled HLO text) of the step on a (data, fsdp, expert, tensor) mesh; cached,
-  so each mesh compiles once per test process whichever test asks first."""
+  so each mesh compiles once per test process whichever test asks first. layout: the platform whose
+  default rules to use (sharding.layout_rules; 'tpu' cuts non-expert weights over one axis only)."""
   mesh = sharding.make_mesh(*shape)
-  compiled, variables, toks = sharded_step(cfg, mesh)
+  compiled, variables, toks = sharded_step(cfg, mesh, sharding.layout_rules(dict(mesh.shape), layout))
   return jax.tree.map(np.asarray, compiled(variables, toks)), compiled.as_text()
 
 

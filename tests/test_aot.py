@@ -109,6 +109,27 @@ def test_tiny_train_step_compiles_for_tpu(capsys, topology, mesh, impl, fp8):
   assert r["wire_gb"] == pytest.approx(sum(v["wire_gb"] for v in kinds), abs=0.001 * len(kinds))
 
 
+def test_tpu_layout_keeps_weight_collectives_off_the_whole_slice(capsys):
+  """fsdp 2 x expert 4 = all 8 chips of a v5p-16: the TPU layout (sharding.layout_rules) cuts non-expert
+  weights over `expert` only, so no weight or gradient is all-reduced over the whole slice; ZeRO-3
+  over both axes (DEFAULT_RULES, given as overrides) has libtpu turn its reduce-scatters into
+  whole-slice all-reduces, and sends more on the wire. Weights of >= 1 MiB: hidden 512, vocab 1024."""
+  from moe_jax import sharding
+  wide = ["--topology=v5p-16", "--mesh=1,2,4,1", "--batch=8", "--set=model.moe_impl='ep'",
+          "--set=model.hidden_size=512", "--set=model.vocab_size=1024"]
+  restore = [r for r in sharding.DEFAULT_RULES if r[0] in sharding.ZERO_NAMES]
+  runs = {}
+  for name, extra in (("tpu", []), ("zero3", [f"--set=mesh.rules={restore!r}"])):
+    code, out, err = _aot(capsys, *wide, *extra)
+    assert code == 0, err[-2000:]
+    runs[name] = json.loads(out.strip().splitlines()[-1])
+  assert runs["tpu"]["non_expert_weights_over"] == ["expert"]
+  assert runs["zero3"]["non_expert_weights_over"] == ["fsdp", "expert"]
+  assert runs["tpu"]["whole_slice_all_reduces"]["count"] == 0, runs["tpu"]["whole_slice_all_reduces"]
+  assert runs["zero3"]["whole_slice_all_reduces"]["count"] > 0
+  assert runs["tpu"]["wire_gb"] < runs["zero3"]["wire_gb"]
+
+
 def test_ideal_collectives_of_an_fsdp_layout():
   """Pure FSDP over 8 host devices: every cut weight is gathered and reduce-scattered once at full
   size; what stays whole (norm scales, the router) is all-reduced; no all-to-all."""
@@ -260,3 +281,35 @@ def test_inference_step_that_does_not_fit_is_a_result(capsys):
   r = json.loads(out.strip().splitlines()[-1])
   assert r["fits"] is False and r["compiled"] is False and "RESOURCE_EXHAUSTED" in r["oom"]
   assert r["weights_gb_per_chip"] > r["hbm_gb"]
+
+
+def test_tpu_flags_keep_what_the_user_set():
+  from moe_jax import tpu_flags
+  env = {}
+  assert tpu_flags.apply(env).split() == list(tpu_flags.OVERLAP_FLAGS)
+  assert tpu_flags.apply(env) == env["LIBTPU_INIT_ARGS"] == " ".join(tpu_flags.OVERLAP_FLAGS)  # idempotent
+  env = {"LIBTPU_INIT_ARGS": "--xla_tpu_enable_async_collective_fusion=false --xla_foo=1"}
+  flags = tpu_flags.apply(env).split()
+  assert flags[:2] == ["--xla_tpu_enable_async_collective_fusion=false", "--xla_foo=1"]
+  assert "--xla_tpu_enable_async_collective_fusion=true" not in flags and len(flags) == 1 + len(tpu_flags.OVERLAP_FLAGS)
+
+
+def test_weight_gathers_compile_async_with_the_tpu_flags():
+  """A fresh process (libtpu reads its flags once): the FSDP weight gathers of the tiny step become
+  async collective fusions with compute scheduled under them; with the fusion turned off by the
+  user's own LIBTPU_INIT_ARGS, every gather is a plain synchronous all-gather."""
+  import os
+  import subprocess
+  import sys
+  runs = {}
+  for name, user in (("default", ""), ("off", "--xla_tpu_enable_async_collective_fusion=false")):
+    env = dict(os.environ, LIBTPU_INIT_ARGS=user, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    out = subprocess.run([sys.executable, "-m", "moe_jax.aot", "--config=configs/tiny.py:test", "--topology=v5p-16",
+                          "--mesh=1,8,1,1", "--batch=8", "--set=model.hidden_size=256"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+  on, off = runs["default"]["async_collectives"], runs["off"]["async_collectives"]
+  gathers = {k: r["collectives"]["all-gather"]["count"] for k, r in runs.items()}
+  assert off["sync_gathers"] == gathers["off"] > 0
+  assert on["sync_gathers"] < gathers["default"] / 2 and on["overlapped"] > 0

@@ -29,11 +29,16 @@ def _mesh_id(shape):
   return "x".join(map(str, shape))
 
 
-@pytest.mark.parametrize("impl", ["ragged", "ep"])
-@pytest.mark.parametrize("shape", MESHES, ids=_mesh_id)
-def test_matches_single_device(shape, impl):
+# The TPU layout (sharding.layout_rules): non-expert weights cut over the larger of fsdp / expert only.
+TPU_LAYOUT = [((2, 2, 2, 1), "ep"), ((1, 2, 4, 1), "ep"), ((1, 2, 4, 1), "ragged")]
+
+
+@pytest.mark.parametrize("shape,impl,layout", [(s, i, "cpu") for s in MESHES for i in ("ragged", "ep")]
+                         + [(s, i, "tpu") for s, i in TPU_LAYOUT],
+                         ids=lambda v: _mesh_id(v) if isinstance(v, tuple) else v)
+def test_matches_single_device(shape, impl, layout):
   """Logits, loss and every gradient leaf within 1e-5 of the single-device result (relative to scale)."""
-  out, _ = su.run_on_mesh(CFG.replace(moe_impl=impl), shape)
+  out, _ = su.run_on_mesh(CFG.replace(moe_impl=impl), shape, layout)
   ref = su.reference(CFG)
   assert su.max_rel_diff(out["loss"], ref["loss"]) <= TOL
   assert su.max_rel_diff(out["logits"], ref["logits"]) <= TOL

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 import shard_util as su
 from moe_jax import sharding, variables as model_variables
@@ -34,14 +35,14 @@ def biased(cfg, experts, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(cfg, shape):
+def compiled_step(cfg, shape, layout="cpu"):
   mesh = sharding.make_mesh(*shape)
-  compiled, variables, toks = su.sharded_step(cfg, mesh)
+  compiled, variables, toks = su.sharded_step(cfg, mesh, sharding.layout_rules(dict(mesh.shape), layout))
   return compiled, jax.tree.map(lambda a: a.sharding, variables), toks
 
 
-def run_mesh(cfg, shape, variables):
-  compiled, shardings, toks = compiled_step(cfg, shape)
+def run_mesh(cfg, shape, variables, layout="cpu"):
+  compiled, shardings, toks = compiled_step(cfg, shape, layout)
   return jax.tree.map(np.asarray, compiled(jax.device_put(variables, shardings), toks))
 
 
@@ -74,6 +75,8 @@ CASES = {
     "one_expert": ((2, 1, 4, 1), [0]),  # every token's first choice is expert 0
     "one_shard": ((2, 1, 4, 1), [0, 1]),  # both choices on shard 0 (E/P = 2): P times the balanced load
     "one_group": ((1, 1, 8, 1), [2, 3]),  # group 1 (experts 2, 3) on shards 2 and 3 of 8
+    # TPU layout (sharding.layout_rules): non-expert weights over `expert` only, copied over `fsdp`
+    "one_shard_tpu_layout": ((1, 2, 4, 1), [0, 1]),
 }
 
 
@@ -83,13 +86,16 @@ def test_adversarial_routing_matches_one_device(case):
   v = biased(CFG, experts)
   e_local = CFG.n_routed_experts // shape[2]
   reached = routed_shards(v, CFG, e_local)
-  if case == "one_shard":
+  if case.startswith("one_shard"):
     assert all(s == {(0,)} for s in reached)
   elif case == "one_group":
     assert all(s == {(2, 3)} for s in reached)
   else:
     assert all(all(0 in t for t in s) for s in reached)
-  out = run_mesh(CFG, shape, v)
+  layout = "tpu" if case.endswith("tpu_layout") else "cpu"
+  if layout == "tpu":
+    assert compiled_step(CFG, shape, layout)[1]["params"]["embed"].spec == P("tensor", "expert")
+  out = run_mesh(CFG, shape, v, layout)
   assert out["dropped"] == 0
   assert_equal(out, run_reference(CFG, v))
 

@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from moe_jax import aot, hlo  # noqa: E402
+from moe_jax import aot, hlo, sharding  # noqa: E402
 
 BF16 = 2
 
@@ -225,14 +225,96 @@ def test_embedding_lookup_stays_inside_the_groups_that_shard_its_table():
   from moe_jax.config import tiny
   config = train_lib.base_config(tiny(num_nextn_predict_layers=1, vocab_size=8192, num_hidden_layers=1), "tiny")
   config.mesh.update(data=1, fsdp=2, expert=4, tensor=1)
-  config.mesh.rules = [("embed", "expert"), ("embed", "fsdp"), ("q_lora", "expert"), ("q_lora", "fsdp"),
-                       ("kv_lora", "expert"), ("kv_lora", "fsdp")]
+  # the TPU layout (sharding.layout_rules) on these CPU devices
+  config.mesh.rules = [r for r in sharding.layout_rules(dict(config.mesh), "tpu") if r[0] in sharding.ZERO_NAMES]
+  assert config.mesh.rules[0] == ("embed", "expert")
   config.batch_size = 8
   trainer = train_lib.Trainer(config, devices=jax.devices("cpu"))
   s = hlo.summarize(trainer.step_fn.as_text())
   lookup = [(i["kind"], i["group"]) for i in s.items if "embed_tokens" in i["op"]]
   assert ("all-to-all", 4) in lookup and ("all-reduce", 2) in lookup, lookup
   assert all(group < 8 for _, group in lookup), lookup
+
+
+def test_head_gradient_is_a_reduce_scatter_then_an_all_reduce_of_the_shard():
+  """The head [D, V] with D cut over `expert` (4) and copied over `fsdp` (2) (the TPU layout), tokens
+  on fsdp x expert: its gradient is reduce-scattered over the 4 and only the 1/4 shard is all-reduced
+  over the 2 (model.head_matmul). GSPMD alone all-reduced the whole [D, V] over the 4, then sliced."""
+  from moe_jax import train as train_lib
+  from moe_jax.config import tiny
+  config = train_lib.base_config(tiny(num_nextn_predict_layers=1, vocab_size=384, num_hidden_layers=1), "tiny")
+  config.mesh.update(data=1, fsdp=2, expert=4, tensor=1)
+  config.mesh.rules = [r for r in sharding.layout_rules(dict(config.mesh), "tpu") if r[0] in sharding.ZERO_NAMES]
+  config.batch_size = 8
+  trainer = train_lib.Trainer(config, devices=jax.devices("cpu"))
+  d, v = trainer.mcfg.hidden_size, trainer.mcfg.vocab_size
+  s = hlo.summarize(trainer.step_fn.as_text())
+  head = [(i["kind"], i["group"], i["bytes"]) for i in s.items if "kbsd,dv->kbsv" in i["op"] or "reduce_scatter" in i["op"]
+          and i["bytes"] == d * v * 4]
+  assert ("reduce-scatter", 4, d * v * 4) in head, head  # fp32 (tiny computes in fp32)
+  assert not [h for h in head if "all-reduce" in h[0] and h[2] >= d * v * 4], head
+  shard = [i for i in s.items if i["kind"] == "all-reduce" and i["group"] == 2 and i["bytes"] >= d * v * 4 // 4]
+  assert shard, [(i["kind"], i["group"], i["bytes"], i["op"][-60:]) for i in s.items]
+
+
+def test_head_gradient_in_pieces_equals_the_one_device_gradient(monkeypatch):
+  """model.head_matmul on fsdp 2 x expert 4 (TPU layout) with the reduce-scatter cut into 3 column
+  pieces (SCATTER_PIECE_BYTES lowered) gives the one-device gradients within 1e-5, in 3 reduce-scatters."""
+  from moe_jax import model
+  from moe_jax.config import tiny
+  cfg = tiny(vocab_size=384)  # fp32; 3 tiles of 128 columns
+  mesh = sharding.make_mesh(1, 2, 4, 1)
+  rules = sharding.layout_rules(dict(mesh.shape), "tpu")
+  x = jax.random.normal(jax.random.key(0), (2, 8, 4, cfg.hidden_size))
+  w = jax.random.normal(jax.random.key(1), (cfg.hidden_size, cfg.vocab_size)) * 0.1
+  loss = lambda x, w: jnp.sum(jnp.tanh(model.head_matmul(x, w, cfg)) ** 2)  # noqa: E731
+  ref = jax.grad(loss, argnums=(0, 1))(x, w)
+  monkeypatch.setattr(model, "SCATTER_PIECE_BYTES", 4096)
+  with sharding.activation_rules(mesh, rules):
+    x_s = jax.device_put(x, NamedSharding(mesh, P(None, ("data", "fsdp", "expert"))))
+    w_s = jax.device_put(w, NamedSharding(mesh, P("expert", None)))
+    step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x_s, w_s).compile()
+    got = step(x_s, w_s)
+  for a, b in zip(got, ref):  # within 1e-5 of the largest entry (fp32, another summation order)
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(b)).max()
+  scatters = [i for i in hlo.summarize(step.as_text()).items if i["kind"] == "reduce-scatter" and i["group"] == 4]
+  assert len(scatters) == 3, scatters
+
+
+# libtpu's async collective fusion (moe_jax/tpu_flags.py): one all-gather (channel 7) cloned into the
+# start's and the done's fused computations; a matmul scheduled between them; one plain all-gather.
+_ASYNC = """HloModule m, num_partitions=4
+
+%gather_start (x: f32[2,8]) -> f32[8,8] {
+  %x = f32[2,8] parameter(0)
+  ROOT %ag = f32[8,8] all-gather(%x), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+%gather_done (y: f32[2,8]) -> f32[8,8] {
+  %y = f32[2,8] parameter(0)
+  ROOT %ag2 = f32[8,8] all-gather(%y), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+ENTRY %main (a: f32[2,8], b: f32[8,8]) -> (f32[8,8], f32[8,8], f32[8,8]) {
+  %a = f32[2,8] parameter(0)
+  %b = f32[8,8] parameter(1)
+  %async-collective-start.1 = f32[8,8] fusion(%a), kind=kCustom, calls=%gather_start
+  %mm = f32[8,8] dot(%b, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %async-collective-done = f32[8,8] fusion(%a), kind=kCustom, calls=%gather_done
+  %plain = f32[8,8] all-gather(%a), channel_id=8, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %out = (f32[8,8], f32[8,8], f32[8,8]) tuple(%async-collective-done, %mm, %plain)
+}
+"""
+
+
+def test_async_collective_fusion_counts_each_gather_once_and_reports_overlap():
+  s = hlo.summarize(_ASYNC)
+  assert s.collectives["all-gather"]["count"] == 2  # the cloned one once, the plain one once
+  assert s.collectives["all-gather"]["bytes"] == 2 * 8 * 8 * 4
+  assert hlo.async_collectives(_ASYNC) == {"async": 1, "overlapped": 1, "sync_gathers": 1}
+  no_compute = _ASYNC.replace("%mm = f32[8,8] dot(%b, %b)", "%mm = f32[8,8] copy(%b)").replace(
+      ", lhs_contracting_dims={1}, rhs_contracting_dims={0}", "")
+  assert hlo.async_collectives(no_compute) == {"async": 1, "overlapped": 0, "sync_gathers": 1}
 
 
 _TUPLE = """HloModule m, num_partitions=4

@@ -41,10 +41,15 @@ def spec_table(abstract, rules=sharding.DEFAULT_RULES) -> str:
                  for (path, lspec), mspec, leaf in zip(logical, mesh, shapes))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "deepseek_v3"])
-def test_partition_specs_match_golden(preset):
-  table = spec_table(_abstract(preset))
-  path = GOLDEN / f"partition_specs_{preset}.txt"
+V3_POD = dict(data=1, fsdp=8, expert=64, tensor=1)  # v5p-1024
+
+
+@pytest.mark.parametrize("preset,layout", [("tiny", None), ("deepseek_v3", None), ("deepseek_v3", "tpu")])
+def test_partition_specs_match_golden(preset, layout):
+  """DEFAULT_RULES, and V3 in the TPU layout of a v5p-1024 mesh (sharding.layout_rules)."""
+  rules = sharding.layout_rules(V3_POD, layout) if layout else sharding.DEFAULT_RULES
+  table = spec_table(_abstract(preset), rules)
+  path = GOLDEN / f"partition_specs_{preset}{'_' + layout if layout else ''}.txt"
   if os.environ.get("UPDATE_GOLDEN"):
     path.parent.mkdir(exist_ok=True)
     path.write_text(table)
@@ -55,6 +60,34 @@ def test_partition_specs_match_golden(preset):
 def test_golden_table_sees_a_rules_change():
   moved = spec_table(_abstract("tiny"), sharding.merge_rules([("exp", None)]))
   assert moved != (GOLDEN / "partition_specs_tiny.txt").read_text()
+
+
+def test_layout_rules_follow_the_mesh_and_its_platform():
+  """On TPU with fsdp and expert both > 1, non-expert weights are cut over the larger of the two only
+  (sub-group collectives); everywhere else, and on GPU and CPU, the rules are DEFAULT_RULES."""
+  cut = lambda rules, names=("vocab", "embed"): nn.logical_to_mesh_axes(names, rules)  # noqa: E731
+  for platform in ("cpu", "gpu", "tpu"):
+    for sizes in (dict(fsdp=8, expert=1), dict(fsdp=1, expert=8), dict(data=8)):
+      assert sharding.layout_rules(sizes, platform) == sharding.DEFAULT_RULES
+  assert sharding.layout_rules(V3_POD, "gpu") == sharding.DEFAULT_RULES
+  by_expert = sharding.layout_rules(V3_POD, "tpu")
+  assert cut(by_expert) == P("tensor", "expert")
+  assert cut(by_expert, ("q_lora", "heads", "qk_head")) == P("expert", "tensor", None)
+  assert cut(by_expert, ("kv_lora", "heads", "v_head")) == P("expert", "tensor", None)
+  assert cut(by_expert, ("embed", "q_lora")) == P("expert", None)  # q_a: not over fsdp too (whole slice)
+  assert cut(by_expert, ("exp", "embed", "exp_mlp")) == P("expert", "fsdp", "tensor")  # experts unchanged
+  assert cut(by_expert, ("batch", "length", "embed")) == P(("data", "fsdp", "expert"), None, None)
+  by_fsdp = sharding.layout_rules(dict(data=1, fsdp=64, expert=8, tensor=1), "tpu")
+  assert cut(by_fsdp) == P("tensor", "fsdp") and cut(by_fsdp, ("q_lora",)) == P("fsdp")
+  assert cut(by_fsdp, ("exp", "embed", "exp_mlp")) == P("expert", "fsdp", "tensor")
+  assert len([r for r in by_fsdp if r[0] == "embed"]) == 1
+  # a config's overrides apply on top of the layout; DEFAULT_RULES' entries restore ZeRO-3 over both
+  assert cut(sharding.rules_for(V3_POD, "tpu", [("embed", "fsdp")])) == P("tensor", "fsdp")
+  restore = [r for r in sharding.DEFAULT_RULES if r[0] in sharding.ZERO_NAMES]
+  assert sharding.rules_for(V3_POD, "tpu", restore) == sharding.DEFAULT_RULES
+  # a built mesh: its devices' platform (these tests' host CPU devices)
+  assert sharding.mesh_rules(sharding.make_mesh(1, 2, 4, 1)) == sharding.DEFAULT_RULES
+  assert cut(sharding.mesh_rules(sharding.make_mesh(1, 2, 4, 1), [("embed", "expert")])) == P("tensor", "expert")
 
 
 def test_expert_weights_one_eighth_per_device_on_expert_8():
@@ -93,7 +126,7 @@ def test_deepseek_v3_plan():
   """Full-size V3 from eval_shape on 512 devices: every weight divides 512 ways; router biases replicate."""
   cfg = PRESETS["deepseek_v3"]()  # fp32 params and compute
   sizes = dict(data=1, fsdp=16, expert=32, tensor=1)
-  p = plan.plan(cfg, sizes, 512, 4096, 95.0, abstract=_abstract("deepseek_v3"))
+  p = plan.plan(cfg, sizes, 512, 4096, 95.0, sharding.DEFAULT_RULES, abstract=_abstract("deepseek_v3"))
   assert 680e9 < p.total_params < 690e9  # 671B + the 14B MTP module
   biases = 256 * (cfg.num_moe_layers + cfg.num_nextn_predict_layers)  # fp32, replicated, not trained
   trained = p.total_params - biases
@@ -102,6 +135,14 @@ def test_deepseek_v3_plan():
   assert p.expert_params == 4 * 3 * 256 * 7168 * 2048 * 59 / 512
   assert p.kv_cache == 1 * 4096 * 61 * (512 + 64) * 4  # 512 sequences over 512 devices
   assert p.to_json()["train_fits"] and p.train < 95e9
+  # The TPU layout (plan's default for this mesh): non-expert weights cut 32 ways (expert), not 512.
+  tpu = plan.plan(cfg, sizes, 512, 4096, 95.0, abstract=_abstract("deepseek_v3"))
+  specs = jax.tree.leaves(sharding.logical_specs(_abstract("deepseek_v3")), is_leaf=lambda x: isinstance(x, P))
+  non_expert = sum(math.prod(a.shape) for a, spec in zip(jax.tree.leaves(nn.unbox(_abstract("deepseek_v3"))), specs)
+                   if set(spec) & set(sharding.ZERO_NAMES) and "exp" not in spec)
+  assert tpu.expert_params == p.expert_params
+  assert tpu.params - p.params == pytest.approx(4 * non_expert * (1 / 32 - 1 / 512), rel=1e-9)
+  assert tpu.to_json()["train_fits"]
 
 
 def test_plan_working_set_follows_the_attention_form():
