@@ -14,8 +14,10 @@ prints one JSON line:
   their total against the layout's ideal (ideal_collectives), in buffer bytes and in wire bytes
   under the ring model (wire_gb, ideal_wire_gb, wire_ratio; the compiler's disguised gathers and
   reduce-scatters split out, moe_jax/hlo.py), the weight-sized all-reduces over a whole slice
-  that remain (whole_slice_all_reduces); and the data layout: every
-  host's batch rows (each must be non-empty, all rows fed).
+  that remain (whole_slice_all_reduces), how the schedule overlaps collectives with compute
+  (async_collectives; train.py's libtpu flags, moe_jax/tpu_flags.py, apply here too), the axes
+  the non-expert weights are cut over (non_expert_weights_over: sharding.layout_rules); and the
+  data layout: every host's batch rows (each must be non-empty, all rows fed).
 
 Topology names as Cloud TPU spells them: v5p-N (N TensorCores, N/2 chips: v5p-512 is 256 chips,
 4x8x8), v5e-N and v6e-N (N chips), v4-N (N TensorCores), or libtpu's form "v5:4x4x4".
