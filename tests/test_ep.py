@@ -29,8 +29,9 @@ def _mesh_id(shape):
   return "x".join(map(str, shape))
 
 
-# The TPU layout (sharding.layout_rules): non-expert weights cut over the larger of fsdp / expert only.
-TPU_LAYOUT = [((2, 2, 2, 1), "ep"), ((1, 2, 4, 1), "ep"), ((1, 2, 4, 1), "ragged")]
+# The TPU layout (sharding.layout_rules): non-expert weights cut over the larger of fsdp / expert only
+# (expert on 2x2x2 and 1x2x4, fsdp on 1x4x2).
+TPU_LAYOUT = [((2, 2, 2, 1), "ep"), ((1, 2, 4, 1), "ep"), ((1, 2, 4, 1), "ragged"), ((1, 4, 2, 1), "ep")]
 
 
 @pytest.mark.parametrize("shape,impl,layout", [(s, i, "cpu") for s in MESHES for i in ("ragged", "ep")]
