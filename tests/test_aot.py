@@ -283,15 +283,21 @@ def test_inference_step_that_does_not_fit_is_a_result(capsys):
   assert r["weights_gb_per_chip"] > r["hbm_gb"]
 
 
-def test_tpu_flags_keep_what_the_user_set():
+def test_tpu_flags_keep_what_the_user_set_and_only_go_to_a_checked_libtpu():
   from moe_jax import tpu_flags
   env = {}
-  assert tpu_flags.apply(env).split() == list(tpu_flags.OVERLAP_FLAGS)
-  assert tpu_flags.apply(env) == env["LIBTPU_INIT_ARGS"] == " ".join(tpu_flags.OVERLAP_FLAGS)  # idempotent
+  assert tpu_flags.apply(env, "0.0.42.1").split() == list(tpu_flags.OVERLAP_FLAGS)
+  assert tpu_flags.apply(env, "0.0.42.1") == env["LIBTPU_INIT_ARGS"] == " ".join(tpu_flags.OVERLAP_FLAGS)  # idempotent
   env = {"LIBTPU_INIT_ARGS": "--xla_tpu_enable_async_collective_fusion=false --xla_foo=1"}
-  flags = tpu_flags.apply(env).split()
+  flags = tpu_flags.apply(env, "0.0.42.1").split()
   assert flags[:2] == ["--xla_tpu_enable_async_collective_fusion=false", "--xla_foo=1"]
   assert "--xla_tpu_enable_async_collective_fusion=true" not in flags and len(flags) == 1 + len(tpu_flags.OVERLAP_FLAGS)
+  # libtpu aborts on a flag it does not know: another version, or none installed, gets nothing added
+  for version in ("0.0.43", "0.0.4", None):
+    env = {"LIBTPU_INIT_ARGS": "--xla_foo=1"}
+    assert tpu_flags.apply(env, version) == "--xla_foo=1" and env == {"LIBTPU_INIT_ARGS": "--xla_foo=1"}
+    assert tpu_flags.apply({}, version) == ""
+  assert tpu_flags.installed_libtpu().startswith(tpu_flags.VERIFIED)  # the test extra installs jax[tpu]
 
 
 def test_weight_gathers_compile_async_with_the_tpu_flags():
