@@ -300,8 +300,9 @@ def compile_step(config, topology: Topology) -> dict[str, Any]:
   return {
       "topology": topology.name, "libtpu": topology.libtpu_name, "num_slices": topology.num_slices,
       "chips": chips, "device_kind": devices[0].device_kind, "hosts": layout["hosts"],
-      "mesh": dict(mesh.shape), "non_expert_weights_over": list(sharding.lookup_axes(trainer.rules)[1]),
-      "layers": mcfg.num_hidden_layers, "seq": config.seq_len, "batch": config.batch_size, "grad_accum": config.optim.grad_accum, "moe_impl": mcfg.moe_impl,
+      "mesh": dict(mesh.shape), "non_expert_weights_over": list(sharding.embed_axes(trainer.rules)),
+      "layers": mcfg.num_hidden_layers, "seq": config.seq_len, "batch": config.batch_size,
+      "grad_accum": config.optim.grad_accum, "moe_impl": mcfg.moe_impl,
       "compiled": True, "compile_s": round(compile_s, 1),
       "argument_gb": gb(mem.argument_size_in_bytes), "output_gb": gb(mem.output_size_in_bytes),
       "alias_gb": gb(mem.alias_size_in_bytes), "temp_gb": gb(mem.temp_size_in_bytes), "peak_gb": gb(peak),

@@ -31,11 +31,7 @@ trip counts of the loops around it), and matmuls and collectives are summed with
   Group sizes are read from `replica_groups={{..},..}`, the iota form `[groups,size]<=[..]`, the
   mesh form `mesh['x'=4,'y'=8]{'y'}` (with or without `device_ids=(..)`) and `{}` (all devices).
 
-The trip count of a loop comes from its induction variable: the condition compares a tuple
-element with a constant (`compare(i, N)`, LT/LE/GT/GE/NE), the loop's initial tuple gives its
-start, and the body's root adds a constant step to it (XLA's windowed-einsum loops start at
-0 and step by 2, for example). A loop whose count cannot be read counts once and is
-reported in `unknown_trip_counts`.
+Parsing the text and the loops' trip counts: moe_jax/hlo_text.py.
 """
 
 from __future__ import annotations
@@ -45,223 +41,20 @@ import math
 import re
 from collections import defaultdict
 
+from moe_jax.hlo_text import (DTYPE_BYTES, Computation, Instruction, arrays, multipliers, parse,
+                              shape_of, type_bytes)
+
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute",
                "ragged-all-to-all")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fnuz": 1,
-               "f8e5m2fnuz": 1, "s4": 0.5, "u4": 0.5, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-               "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16, "token": 0}
-
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
-_ARRAY = re.compile(r"\b(\w+)\[([\d,]*)\]")
-_OPCODE = re.compile(r"\s*([a-z][\w\-]*)\(")
-_CALLED = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|called_computations)="
-                     r"(\{[^}]*\}|%?[\w.\-]+)")
-
-
-@dataclasses.dataclass
-class Instruction:
-  name: str
-  opcode: str
-  type_text: str  # the result type, e.g. 'bf16[8,128]{1,0}' or a tuple '(s32[], ...)'
-  operands: list[str]
-  args: str  # the text inside the parentheses (a constant's value)
-  attrs: str  # everything after the operand list
-
-
-@dataclasses.dataclass
-class Computation:
-  name: str
-  instructions: dict[str, Instruction]
-  root: str | None = None
-
-
-def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
-  return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(type_text)
-          if dt in DTYPE_BYTES]
-
-
-def type_bytes(type_text: str) -> float:
-  """Bytes of a (possibly tuple) HLO type."""
-  return sum(DTYPE_BYTES[dt] * math.prod(shape) for dt, shape in _arrays(type_text))
-
-
-def _split_operands(text: str) -> tuple[str, str]:
-  """'a, b), attrs' -> ('a, b', 'attrs'): the parenthesized operand list that opens the text."""
-  depth = 1
-  for i, ch in enumerate(text):
-    depth += ch in "({["
-    depth -= ch in ")}]"
-    if depth == 0:
-      return text[:i], text[i + 1:].lstrip(", ")
-  return text, ""
-
-
-def parse(text: str) -> tuple[dict[str, Computation], str]:
-  """(computations by name, entry name) of an HLO module's text."""
-  comps, entry, current = {}, None, None
-  for line in text.splitlines():
-    if current is None:
-      m = _HEADER.match(line)
-      if m:
-        current = Computation(m.group(2), {})
-        comps[current.name] = current
-        if m.group(1):
-          entry = current.name
-      continue
-    if line.rstrip() == "}":  # (a custom call's backend config may span lines and start one with '}')
-      current = None
-      continue
-    m = _INSTR.match(line)
-    if not m:  # a continuation: a custom call's backend config may span lines
-      if current.instructions:
-        last = next(reversed(current.instructions.values()))
-        last.attrs += " " + line.strip()
-      continue
-    name, rest = m.groups()
-    if rest.startswith("("):  # a tuple type: up to its closing parenthesis
-      inside, _ = _split_operands(rest[1:])
-      type_end = len(inside) + 2
-    else:  # an array type has no spaces
-      type_end = rest.find(" ")
-    op = _OPCODE.match(rest, type_end) if type_end > 0 else None
-    if not op:
-      continue
-    opcode, type_text = op.group(1), rest[:type_end]
-    operand_text, attrs = _split_operands(rest[op.end():])
-    operands = re.findall(r"%([\w.\-]+)", operand_text)
-    current.instructions[name] = Instruction(name, opcode, type_text, operands, operand_text, attrs)
-    if line.lstrip().startswith("ROOT"):
-      current.root = name
-  if entry is None:
-    raise ValueError("no ENTRY computation in the HLO text")
-  return comps, entry
-
-
-def _through(comp: Computation, name: str) -> Instruction | None:
-  """The instruction behind `name`, looking through copies, bitcasts and converts."""
-  ins = comp.instructions.get(name)
-  while ins is not None and ins.opcode in ("copy", "bitcast", "convert", "reshape") and ins.operands:
-    ins = comp.instructions.get(ins.operands[0])
-  return ins
-
-
-def _int_constant(ins: Instruction | None) -> int | None:
-  if ins is not None and ins.opcode == "constant" and re.fullmatch(r"-?\d+", ins.args.strip()):
-    return int(ins.args)
-  return None
-
-
-def _tuple_index(ins: Instruction | None) -> int | None:
-  """k of `get-tuple-element(param), index=k`."""
-  if ins is None or ins.opcode != "get-tuple-element":
-    return None
-  m = re.search(r"\bindex=(\d+)", ins.attrs)
-  return int(m.group(1)) if m else None
-
-
-_FLIP = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "NE": "NE"}
-
-
-def trip_count(cond: Computation, body: Computation, init: Instruction | None,
-               caller: Computation) -> int | None:
-  """Iterations of a while loop: (limit - start) / step for `compare(i, limit)` on its induction
-  variable i (a tuple element), start from the initial tuple, step from the body's `add`."""
-  root = cond.instructions.get(cond.root or "")
-  if root is None or root.opcode != "compare" or len(root.operands) != 2:
-    return None
-  m = re.search(r"direction=(\w+)", root.attrs)
-  direction = m.group(1) if m else None
-  lhs, rhs = (_through(cond, o) for o in root.operands)
-  if _int_constant(lhs) is not None:  # constant on the left: limit OP i
-    lhs, rhs, direction = rhs, lhs, _FLIP.get(direction)
-  k, limit = _tuple_index(lhs), _int_constant(rhs)
-  if k is None or limit is None or direction is None:
-    return None
-  # start: element k of the tuple the loop starts from
-  start = None
-  if init is not None and init.opcode == "tuple" and k < len(init.operands):
-    start = _int_constant(_through(caller, init.operands[k]))
-  # step: the body's root tuple, element k = add(element k, step)
-  step = None
-  body_root = body.instructions.get(body.root or "")
-  if body_root is not None and body_root.opcode == "tuple" and k < len(body_root.operands):
-    upd = _through(body, body_root.operands[k])
-    if upd is not None and upd.opcode in ("add", "subtract") and len(upd.operands) == 2:
-      a, b = (_through(body, o) for o in upd.operands)
-      if _tuple_index(a) == k:
-        step = _int_constant(b)
-      elif _tuple_index(b) == k and upd.opcode == "add":
-        step = _int_constant(a)
-      if step is not None and upd.opcode == "subtract":
-        step = -step
-  if start is None or not step:
-    return None
-  span = limit - start
-  if direction in ("LT", "GT"):
-    n = -(-span // step) if (step > 0) == (direction == "LT") else 0
-  elif direction in ("LE", "GE"):
-    n = span // step + 1 if (step > 0) == (direction == "LE") else 0
-  else:  # NE: exact landing only
-    n = span // step if span % step == 0 else None
-  return max(n, 0) if n is not None else None
-
-
-def multipliers(comps: dict[str, Computation], entry: str) -> tuple[dict[str, float], list[str]]:
-  """{computation: times one run of the entry runs it}, and the loops whose trip count is unknown."""
-  edges = defaultdict(list)  # caller -> [(callee, factor)]
-  unknown = []
-  for comp in comps.values():
-    for ins in comp.instructions.values():
-      called = {}
-      for kind, value in _CALLED.findall(ins.attrs):
-        for callee in re.findall(r"%?([\w.\-]+)", value):
-          called[callee] = kind
-      trips = 1
-      if ins.opcode == "while":
-        cond = next((c for c, k in called.items() if k == "condition"), None)
-        body = next((c for c, k in called.items() if k == "body"), None)
-        init = comp.instructions.get(ins.operands[0]) if ins.operands else None
-        trips = (trip_count(comps[cond], comps[body], _through(comp, init.name) if init else None, comp)
-                 if cond in comps and body in comps else None)
-        if trips is None:
-          unknown.append(ins.name)
-          trips = 1
-      for callee, kind in called.items():
-        if callee in comps:
-          edges[comp.name].append((callee, trips if kind in ("body", "condition") else 1))
-  mult = defaultdict(float)
-  mult[entry] = 1.0
-  order, seen = [], set()
-
-  def visit(c):  # post-order DFS; the call graph is a DAG
-    if c in seen:
-      return
-    seen.add(c)
-    for callee, _ in edges[c]:
-      visit(callee)
-    order.append(c)
-
-  visit(entry)
-  for c in reversed(order):  # callers before callees
-    for callee, factor in edges[c]:
-      mult[callee] += mult[c] * factor
-  return dict(mult), unknown
-
-
-def _shape_of(comp: Computation, name: str) -> tuple[int, ...] | None:
-  ins = comp.instructions.get(name)
-  arrays = _arrays(ins.type_text) if ins else []
-  return arrays[0][1] if len(arrays) == 1 else None
 
 
 def matmul_flops(comp: Computation, ins: Instruction) -> float:
   """FLOPs of one dot / convolution instruction (0 when its operand shapes are not known)."""
-  out = _arrays(ins.type_text)
+  out = arrays(ins.type_text)
   if len(out) != 1 or len(ins.operands) < 2:
     return 0.0
   out_elems = math.prod(out[0][1])
-  lhs, rhs = _shape_of(comp, ins.operands[0]), _shape_of(comp, ins.operands[1])
+  lhs, rhs = shape_of(comp, ins.operands[0]), shape_of(comp, ins.operands[1])
   if ins.opcode == "dot":
     m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
     if lhs is None or not m:
@@ -364,6 +157,11 @@ def _users(comp: Computation) -> dict[str, list[Instruction]]:
 def _fused(comps: dict[str, Computation], ins: Instruction) -> Computation | None:
   m = re.search(r"\bcalls=%?([\w.\-]+)", ins.attrs)
   return comps.get(m.group(1)) if m and ins.opcode == "fusion" else None
+
+
+def _fusion_bodies(comps: dict[str, Computation]) -> set[str]:
+  """Names of the computations that fusions call."""
+  return {f.name for c in comps.values() for i in c.instructions.values() if (f := _fused(comps, i)) is not None}
 
 
 def _made_by_dus(comps, comp: Computation, name: str) -> bool:
@@ -472,14 +270,9 @@ def summarize(text: str, top: int = 12) -> Summary:
   # libtpu's async collective fusion (LIBTPU_INIT_ARGS, moe_jax/tpu_flags.py) clones one collective
   # into the fused computations of its start, continuations and done, under one channel id: a
   # collective inside a fusion body counts once per channel id.
-  fused, seen_channels = set(), set()
-  inner = set()  # the computations of all-reduce-scatter fusions: counted at the fusion
-  for comp in comps.values():
-    for ins in comp.instructions.values():
-      if ins.opcode == "fusion" and _fused(comps, ins) is not None:
-        fused.add(_fused(comps, ins).name)
-        if _all_reduce_scatter_body(comps, ins) is not None:
-          inner.add(_fused(comps, ins).name)
+  fused, seen_channels = _fusion_bodies(comps), set()
+  inner = {_fused(comps, i).name for c in comps.values() for i in c.instructions.values()  # counted at the fusion
+           if _all_reduce_scatter_body(comps, i) is not None}
   for comp in comps.values():
     times = mult.get(comp.name, 0.0)
     if not times or comp.name in inner:
@@ -509,8 +302,7 @@ def summarize(text: str, top: int = 12) -> Summary:
       else:
         result = type_bytes(ins.type_text)
         if ins.opcode.endswith("-start"):  # async: the result tuple holds the operand(s) and the output
-          arrays = _arrays(ins.type_text)
-          result = max((DTYPE_BYTES[dt] * math.prod(s) for dt, s in arrays), default=0.0)
+          result = max((DTYPE_BYTES[dt] * math.prod(s) for dt, s in arrays(ins.type_text)), default=0.0)
         operand = sum(type_bytes(comp.instructions[o].type_text) for o in ins.operands
                       if o in comp.instructions and comp.instructions[o].opcode != "after-all")
         pieces = [(kind, max(result, operand))]
@@ -551,7 +343,7 @@ def async_collectives(text: str) -> dict[str, float]:
   """
   comps, entry = parse(text)
   mult, _ = multipliers(comps, entry)
-  fused = {_fused(comps, i).name for c in comps.values() for i in c.instructions.values() if _fused(comps, i)}
+  fused = _fusion_bodies(comps)
   out = {"async": 0.0, "overlapped": 0.0, "sync_gathers": 0.0}
   for comp in comps.values():
     times = mult.get(comp.name, 0.0)
@@ -565,8 +357,7 @@ def async_collectives(text: str) -> dict[str, float]:
         continue
       out["async"] += times
       for later in order[i + 1:]:
-        if later.name.startswith(("async-collective-done", "all-gather-done", "all-reduce-done")) or \
-            later.opcode.endswith("-done"):
+        if later.opcode.endswith("-done") or later.name.startswith("async-collective-done"):
           break
         if later.opcode in _COMPUTE and not later.name.startswith("async-collective"):
           out["overlapped"] += times

@@ -189,7 +189,7 @@ def _head_reductions(text: str, d: int, v: int) -> int:
     for ins in comp.instructions.values():
       if ins.opcode.removesuffix("-start") in ("all-reduce", "reduce-scatter"):
         for o in ins.operands:
-          shape = hlo._shape_of(comp, o)
+          shape = hlo.shape_of(comp, o)
           found += (shape is not None and sorted(shape) == sorted((d, v))
                     and "dot_general" in comp.instructions[o].attrs)
   return found
