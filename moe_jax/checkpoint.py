@@ -32,6 +32,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, Optional, TypeVar
 
 import jax
@@ -149,6 +150,9 @@ def _silence_read_noise():
   sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisable(u)
   thread_hook = threading.excepthook
   threading.excepthook = lambda a: None if noise(a.exc_value) else thread_hook(a)
+  # The reads abandoned mid-flight: Python names each unawaited coroutine when it is collected,
+  # wherever that happens (inside jax's tracing, at exit).
+  warnings.filterwarnings("ignore", message=r"coroutine '_read_\w*' was never awaited", category=RuntimeWarning)
   # asyncio logs "Task exception was never retrieved" for the reads still in flight.
   for name in ("asyncio", "concurrent.futures"):  # a future's callback into the closed loop
     std_logging.getLogger(name).addFilter(
