@@ -8,8 +8,11 @@ and collectives with them.
 The trip count of a loop comes from its induction variable: the condition compares a tuple
 element with a constant (`compare(i, N)`, LT/LE/GT/GE/NE), the loop's initial tuple gives its
 start, and the body's root adds a constant step to it (XLA's windowed-einsum loops start at
-0 and step by 2, for example). A loop whose count cannot be read counts once and is
-reported in `unknown_trip_counts`.
+0 and step by 2, for example). A loop whose limit is data-dependent (the 'ep' exchange's
+rounds, layers/ep.py: 1 when routing is balanced within its round factor) counts as if the
+limit were 1: once when it starts at 0, never when it starts at 1 (the rounds after a first
+round written out before the loop). Any other loop whose count cannot be read counts once.
+Both are reported in `unknown_trip_counts`.
 """
 
 from __future__ import annotations
@@ -136,9 +139,10 @@ _FLIP = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "NE": "NE"}
 
 
 def trip_count(cond: Computation, body: Computation, init: Instruction | None,
-               caller: Computation) -> int | None:
+               caller: Computation, dynamic_limit: int | None = None) -> int | None:
   """Iterations of a while loop: (limit - start) / step for `compare(i, limit)` on its induction
-  variable i (a tuple element), start from the initial tuple, step from the body's `add`."""
+  variable i (a tuple element), start from the initial tuple, step from the body's `add`.
+  dynamic_limit: the limit to assume when it is not a constant (None: the count is unknown)."""
   root = cond.instructions.get(cond.root or "")
   if root is None or root.opcode != "compare" or len(root.operands) != 2:
     return None
@@ -148,6 +152,7 @@ def trip_count(cond: Computation, body: Computation, init: Instruction | None,
   if _int_constant(lhs) is not None:  # constant on the left: limit OP i
     lhs, rhs, direction = rhs, lhs, _FLIP.get(direction)
   k, limit = _tuple_index(lhs), _int_constant(rhs)
+  limit = dynamic_limit if limit is None else limit
   if k is None or limit is None or direction is None:
     return None
   # start: element k of the tuple the loop starts from
@@ -194,11 +199,12 @@ def multipliers(comps: dict[str, Computation], entry: str) -> tuple[dict[str, fl
         cond = next((c for c, k in called.items() if k == "condition"), None)
         body = next((c for c, k in called.items() if k == "body"), None)
         init = comp.instructions.get(ins.operands[0]) if ins.operands else None
-        trips = (trip_count(comps[cond], comps[body], _through(comp, init.name) if init else None, comp)
-                 if cond in comps and body in comps else None)
+        args = (comps[cond], comps[body], _through(comp, init.name) if init else None, comp)
+        trips = trip_count(*args) if cond in comps and body in comps else None
         if trips is None:
           unknown.append(ins.name)
-          trips = 1
+          trips = trip_count(*args, dynamic_limit=1) if cond in comps and body in comps else None
+          trips = 1 if trips is None else trips
       for callee, kind in called.items():
         if callee in comps:
           edges[comp.name].append((callee, trips if kind in ("body", "condition") else 1))

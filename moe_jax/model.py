@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from moe_jax import sharding
 from moe_jax.config import ModelConfig
 from moe_jax.layers.common import MLP, RMSNorm, project, weight
+from moe_jax.layers.ep import EP_RECEIVED
 from moe_jax.layers.gqa import GQA
 from moe_jax.layers.mla import MLA
 from moe_jax.layers.moe import MoE
@@ -35,6 +36,9 @@ SCANNED_COLLECTIONS = ("params", "router", "cache", "intermediates", "losses", "
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the block
+    # save only round 0's rows the expert-parallel all-to-all received (layers/ep.py; one [P*C, D]
+    # buffer per MoE layer): the backward does not repeat the forward's exchange
+    "ep_rows": jax.checkpoint_policies.save_only_these_names(EP_RECEIVED),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -225,13 +229,31 @@ class Transformer(nn.Module):
     meaningful; the loss masks them). Initializing with decode=True also creates the MTP
     depths' own caches (speculative decoding drafts with them).
     """
-    cfg = self.cfg
     b, s = tokens_BS.shape
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     h = self.trunk(tokens_BS, positions_BS, segment_ids_BS, decode, absorb)
     if not (return_mtp or self.is_initializing()):
       return self.logits(h)
+    all_KBSV = self._head_and_mtp(tokens_BS, h, positions_BS, segment_ids_BS, decode)
+    if not return_mtp:
+      return all_KBSV[0]
+    return all_KBSV[0], all_KBSV[1:]
+
+  def all_logits(self, tokens_BS: jax.Array, positions_BS: jax.Array, segment_ids_BS: Optional[jax.Array] = None):
+    """[1 + num_nextn_predict_layers, B, S, V] fp32: the main logits, then each MTP depth's.
+
+    What training's loss reads: one array, so the loss's gradient is one [K, B, S, V] buffer.
+    (Sliced into logits and MTP logits first, each slice's cotangent was padded back to the
+    full [K, B, S, V] and the two summed: libtpu 0.0.42 kept three such buffers alive at the
+    V3 proxy's peak, 2.1 GB each; BENCHMARKS.md "Pod communication".)
+    """
+    h = self.trunk(tokens_BS, positions_BS, segment_ids_BS)
+    return self._head_and_mtp(tokens_BS, h, positions_BS, segment_ids_BS, False)
+
+  def _head_and_mtp(self, tokens_BS, h, positions_BS, segment_ids_BS, decode):
+    b = tokens_BS.shape[0]
+    cfg = self.cfg
     normed = [h]
     for k, layer in enumerate(self.mtp, start=1):
       # Token i+k's embedding at position i; the last k positions see token 0 (masked in the loss).
@@ -243,10 +265,7 @@ class Transformer(nn.Module):
     # [D, V] head gradient once instead of once per depth (issue 21). Stacked on a new leading
     # axis: the batch axis keeps its sharding.
     w = self.embed.T if cfg.tie_word_embeddings else self.head
-    all_KBSV = head_matmul(jnp.stack(normed), w, cfg).astype(jnp.float32)
-    if not return_mtp:
-      return all_KBSV[0]
-    return all_KBSV[0], all_KBSV[1:]
+    return head_matmul(jnp.stack(normed), w, cfg).astype(jnp.float32)
 
   # --- speculative decoding (moe_jax/speculative.py) ---------------------------------------
   def verify(self, tokens_BS: jax.Array, positions_BS: jax.Array, absorb: bool = True):

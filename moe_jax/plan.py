@@ -11,7 +11,8 @@ up). Reported per device:
   grads        the trained params, in the params' dtype
   optimizer    AdamW mu + nu in fp32 (8 bytes per trained parameter)
   activations  what the backward keeps from the forward: with remat=full one saved [b, S, D]
-               block input per layer (b = batch / data-parallel size), plus the head's logits
+               block input per layer (b = batch / data-parallel size), plus the head's logits;
+               with remat=ep_rows also each MoE layer's first received rows (ep_saved_rows)
   working set  the transient peak on top (`working_set`): the larger of one layer's
                backward (recomputed forward, attention core: [b, H, S, S] scores for the XLA
                form, O(S) for flash kernels; MoE dispatch buffers and expert hidden rows; that
@@ -44,6 +45,7 @@ from jax.sharding import AbstractMesh, AxisType
 from moe_jax import flops, sharding, variables
 from moe_jax.config import PRESETS, ModelConfig
 from moe_jax.errors import ArgumentParser, UserError, main_guard, one_line
+from moe_jax.layers.ep import ep_capacity
 
 GB = 1e9
 
@@ -172,12 +174,27 @@ def plan(cfg: ModelConfig, axis_sizes: dict[str, int], batch: int, seq: int, dev
   # The loss's fp32 logits (main head and each MTP head) stay alive for the backward.
   activations += (1 + cfg.num_nextn_predict_layers) * b_local * seq * cfg.vocab_size * 4 / math.prod(
       axis_sizes[a] for a in sharding.spec_axes(nn.logical_to_mesh_axes(("vocab",), rules)[0]))
+  activations += ep_saved_rows(cfg, axis_sizes, b_local * seq, rules)
   ws = working_set(cfg, axis_sizes, b_local, seq, rules, platform)
   kv = b_local * seq * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * act_bytes
   return Plan(mesh=dict(axis_sizes), batch=batch, seq=seq, total_params=total, params=params,
               expert_params=expert, grads=trained_bytes, optimizer=8.0 * trained_elems,
               activations=float(activations), working_set=float(ws["peak"]), kv_cache=float(kv),
               device_memory=device_memory_gb * GB, working_set_parts={k: float(v) for k, v in ws.items()})
+
+
+def ep_saved_rows(cfg: ModelConfig, axis_sizes: dict[str, int], tokens: int, rules) -> float:
+  """Bytes of the rows the 'ep' exchange received in its first round, which the backward reuses
+  (layers/ep.py): [P*C, D] in the compute dtype plus int32 expert ids, per MoE layer that keeps
+  them: every one under remat_policy 'ep_rows' or 'none', else only the MTP block (not rematerialized)."""
+  exp_axes, _ = sharding.moe_axes(rules)
+  ep = math.prod(axis_sizes[a] for a in exp_axes)
+  if cfg.moe_impl != "ep" or ep == 1 or not cfg.num_moe_layers:
+    return 0.0
+  mtp = cfg.num_nextn_predict_layers if cfg.is_moe_layer(cfg.num_hidden_layers) else 0
+  kept = mtp + (cfg.num_moe_layers if cfg.remat_policy in ("ep_rows", "none") else 0)
+  rows = ep * ep_capacity(tokens, ep, cfg)
+  return float(kept * rows * (cfg.hidden_size * jnp.dtype(cfg.compute_dtype).itemsize + 4))
 
 
 def max_shards_per_token(cfg: ModelConfig, ep: int) -> int:
@@ -204,7 +221,7 @@ def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None, dcn: Optional[
       ("  of which routed experts", p.expert_params),
       ("grads (" + cfg.param_dtype + ")", p.grads),
       ("optimizer (AdamW mu+nu fp32)", p.optimizer),
-      ("activations (remat=full, " + cfg.dtype + ")", p.activations),
+      (f"activations (remat={cfg.remat_policy}, {cfg.dtype})", p.activations),
       ("working set (backward peak)", p.working_set),
       ("  one layer: attention", p.working_set_parts.get("attention", 0.0)),
       ("  one layer: ffn / moe", p.working_set_parts.get("ffn", 0.0)),
@@ -226,8 +243,8 @@ def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None, dcn: Optional[
   out += [f"{label:<40}{v / GB:>10.2f}" for label, v in rows]
   out += [f"{'train: params+grads+opt+act+working':<40}{p.train / GB:>10.2f}  of {mem:g} GB: {fits(p.train)}",
           f"{'serve: params+kv cache':<40}{p.serve / GB:>10.2f}  of {mem:g} GB: {fits(p.serve)}"]
-  if cfg.remat_policy != "full":
-    out.append(f"note: activations are planned for remat_policy=full; this config has {cfg.remat_policy!r}, "
+  if cfg.remat_policy not in ("full", "ep_rows"):
+    out.append(f"note: activations are planned for remat_policy=full or ep_rows; this config has {cfg.remat_policy!r}, "
                "which keeps more of each layer: size it with `python -m moe_jax.aot` (BENCHMARKS.md)")
   return "\n".join(out)
 

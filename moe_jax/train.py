@@ -95,7 +95,8 @@ def targets(batch: dict, depth: int):
 
 
 def cross_entropy(logits_BSV, tgt_BS, ok_BS):
-  """(sum of masked CE, number of correct predictions), fp32.
+  """(sum of masked CE, number of correct predictions), fp32, summed over B and S: scalars, or
+  one per depth for stacked [K, B, S, V] logits.
 
   Correct iff the target's logit beats every other logit strictly: a tie is wrong (after a
   collapse every logit is equal, and that is not 100% accuracy), and so is NaN. A max reduction
@@ -107,7 +108,7 @@ def cross_entropy(logits_BSV, tgt_BS, ok_BS):
   is_tgt = jnp.arange(logits.shape[-1]) == tgt_BS[..., None]
   others = jnp.where(is_tgt, -jnp.inf, logits).max(-1)
   correct = (label > others) & ok_BS
-  return jnp.sum(ce * ok_BS), jnp.sum(correct).astype(jnp.float32)
+  return jnp.sum(ce * ok_BS, (-2, -1)), jnp.sum(correct, (-2, -1)).astype(jnp.float32)
 
 
 def expert_counts(intermediates) -> dict[str, jax.Array]:
@@ -146,13 +147,14 @@ def make_train_step(model: Transformer, config, tx: optax.GradientTransformation
 
   def loss_fn(params, router, batch, norms, step):
     tokens = batch["tokens"]
-    out, mut = model.apply({"params": params, "router": router}, tokens[:, :-1], batch["positions"][:, :-1],
-                           attention_segments(batch, document_mask), return_mtp=n_mtp > 0,
-                           mutable=["intermediates", "losses"])
-    logits, mtp_logits = out if n_mtp else (out, None)
-    ce, correct = cross_entropy(logits, *targets(batch, 0))
-    lm = ce / norms[0]
-    mtp = sum(cross_entropy(mtp_logits[k - 1], *targets(batch, k))[0] / norms[k] for k in range(1, n_mtp + 1))
+    # [1 + n_mtp, B, S, V]: the main head, then each MTP depth; one loss over the stack
+    logits, mut = model.apply({"params": params, "router": router}, tokens[:, :-1], batch["positions"][:, :-1],
+                              attention_segments(batch, document_mask), method="all_logits",
+                              mutable=["intermediates", "losses"])
+    tgt, ok = (jnp.stack(x) for x in zip(*(targets(batch, k) for k in range(n_mtp + 1))))
+    ce, correct = cross_entropy(logits, tgt, ok)
+    lm, correct = ce[0] / norms[0], correct[0]
+    mtp = sum(ce[k] / norms[k] for k in range(1, n_mtp + 1))
     mtp = mtp / n_mtp if n_mtp else jnp.zeros((), jnp.float32)
     # Scanned layers sow one loss per layer ([L] leaves): sum them all.
     balance = sum((jnp.sum(x) for x in jax.tree.leaves(mut.get("losses", {}))), jnp.zeros((), jnp.float32)) / accum

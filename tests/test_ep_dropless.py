@@ -107,6 +107,25 @@ def test_scanned_layers_one_shard():
   assert_equal(out, run_reference(cfg, v))
 
 
+def all_to_alls(cfg, shape=(2, 1, 4, 1)) -> int:
+  return compiled_step(cfg, shape)[0].as_text().count(" all-to-all(")
+
+
+@pytest.mark.parametrize("policy", ["full", "ep_rows"])
+def test_remat_replays_or_keeps_round_0s_received_rows(policy):
+  """One-shard routing (several rounds), scanned, rematerialized: both policies equal one device.
+  'full' recomputes the forward's first exchange for the backward: round 0's rows and their expert
+  ids, 2 more all-to-alls per MoE stack than no remat; 'ep_rows' keeps them, as no remat does."""
+  cfg = CFG.replace(scan_layers=True, remat_policy=policy)
+  v = biased(cfg, [0, 1])
+  out = run_mesh(cfg, (2, 1, 4, 1), v)
+  assert out["dropped"] == 0
+  assert_equal(out, run_reference(cfg, v))
+  stacks = 1  # the scanned MoE stack (the MTP block is not rematerialized)
+  extra = all_to_alls(cfg) - all_to_alls(CFG.replace(scan_layers=True))
+  assert extra == (2 * stacks if policy == "full" else 0), extra
+
+
 def test_grad_accumulation_one_shard():
   """Two microbatches through lax.scan (as train.py's grad_accum) on a data x expert x tensor mesh."""
   cfg, shape = CFG, (2, 1, 2, 2)

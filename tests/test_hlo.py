@@ -179,6 +179,17 @@ def test_unreadable_loop_counts_once_and_is_reported():
   assert s.unknown_trip_counts == ["w"] and s.collectives["all-gather"]["count"] == 1
 
 
+@pytest.mark.parametrize("start,trips", [(0, 1), (1, 0)])
+def test_data_dependent_limit_counts_as_one_round(start, trips):
+  """The 'ep' exchange's rounds loop: its limit is computed (pmax of the routing); it counts as 1 round,
+  so a loop over the rounds after a first one written out (start 1) counts 0 times. Reported either way."""
+  text = (_LOOP.replace("%n = s32[] constant(LIMIT)", "%n = s32[] convert(%j)").replace("STEP", "1")
+          .replace("OP", "add").replace("DIR", "LT").replace("START", str(start)).replace("GROUPS", "{{0,1}}"))
+  s = hlo.summarize(text)
+  assert s.unknown_trip_counts == ["w"]
+  assert s.collectives.get("all-gather", {"count": 0})["count"] == trips
+
+
 def _head_reductions(text: str, d: int, v: int) -> int:
   """Gradient reductions of the output head in an optimized module: operands of an all-reduce or
   reduce-scatter (CPU combines them into one tuple all-reduce) of shape [D, V] (or [V, D]) made

@@ -236,9 +236,24 @@ def test_single_process_batch_helpers(monkeypatch):
   np.testing.assert_array_equal(np.asarray(batch), toks)
 
 
+def test_plan_counts_the_rows_ep_keeps_for_the_backward():
+  """'ep' keeps the rows its first round received, [P*C, D] bf16 + int32 ids per MoE layer: under remat
+  ep_rows every MoE layer's, under full only the MTP block's (it is not rematerialized); ragged none."""
+  cfg = PRESETS["deepseek_v3"](dtype="bfloat16", num_hidden_layers=8, moe_impl="ep", remat_policy="full")
+  sizes = dict(data=1, fsdp=2, expert=4, tensor=1)  # 8 sequences of 4096: T = 4096 tokens per device
+  rows = 4 * math.ceil(4096 * 8 / 4 * 1.25)  # P * C, ep_round_factor 1.25
+  per_layer = rows * (7168 * 2 + 4)
+  act, abstract = {}, model_variables.abstract(cfg)
+  for impl, policy in (("ragged", "full"), ("ep", "full"), ("ep", "ep_rows")):
+    c = cfg.replace(moe_impl=impl, remat_policy=policy)
+    act[impl, policy] = plan.plan(c, sizes, 8, 4096, 95.0, abstract=abstract).activations
+  assert act["ep", "full"] - act["ragged", "full"] == per_layer  # the MTP block
+  assert act["ep", "ep_rows"] - act["ragged", "full"] == (5 + 1) * per_layer  # 5 MoE layers + MTP
+
+
 def test_plan_table_says_when_the_remat_policy_is_not_the_planned_one():
   sizes = dict(data=1, fsdp=2, expert=2, tensor=1)
-  for policy, noted in (("full", False), ("dots", True), ("none", True)):
+  for policy, noted in (("full", False), ("ep_rows", False), ("dots", True), ("none", True)):
     cfg = PRESETS["tiny"](remat_policy=policy)
     p = plan.plan(cfg, sizes, 4, 64, 95.0, abstract=_abstract("tiny"))
-    assert ("planned for remat_policy=full" in plan.format_plan(p, cfg, "tiny")) == noted, policy
+    assert ("planned for remat_policy=full or ep_rows" in plan.format_plan(p, cfg, "tiny")) == noted, policy

@@ -42,7 +42,10 @@ Backward (custom VJP): the plan is recomputed and the rounds replayed; each roun
 token rows, the output cotangent rows and the routing weights, recomputes the expert FFN on
 the receiving shard (jax.vjp: no round's activations are stored across rounds), and sends
 back the row cotangents and the routing-weight cotangents <dy, y>: 3 row all-to-alls per
-round. Expert-weight gradients sum over rounds locally and are psummed once over the batch
+round, except round 0, which reuses the rows the forward received (a residual named
+EP_RECEIVED, [P*C, D] per MoE layer): 2. Under remat, policy 'ep_rows' keeps that residual
+and the step sends 4 row all-to-alls per round, the minimum (forward out and back, their
+transposes); 'full' recomputes it, repeating round 0's send (5, as every round did before). Expert-weight gradients sum over rounds locally and are psummed once over the batch
 axes that do not hold experts (data, fsdp).
 Stats: `dropped_tokens` (assignments dropped, global; 0 unless capacity_factor > 0) and
 `ep_rounds` (exchange rounds this layer ran).
@@ -70,12 +73,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import sharding
 from moe_jax.config import ModelConfig
 from moe_jax.layers import fp8 as fp8_lib
 from moe_jax.layers.ragged import dispatch_ragged, expert_ffn_ragged, sort_by_expert
+
+
+# The name remat policy 'ep_rows' saves (model.REMAT_POLICIES): round 0's received rows and ids.
+EP_RECEIVED = "ep_received"
 
 
 def ep_capacity(tokens: int, ep: int, cfg: ModelConfig) -> int:
@@ -172,38 +180,42 @@ def _send(x_TD, plan: _Plan, filler, s: _Static):
 
 
 def _forward_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, *, s: _Static):
-  """One device's steps 1-4 -> (out [T, D], dropped (global), rounds)."""
+  """One device's steps 1-4 -> (out [T, D], dropped (global), rounds, round 0's received rows
+  [P*C, D] and their local expert ids [P*C]: the backward's first round reuses them)."""
   t, k = idx_TX.shape
   plan = _plan(idx_TX, s)
   w_A = w_TX.T.reshape(-1)
 
-  def round_(r, out_TD):
-    filler, slot = _round_slots(plan, r, s)
-    recv_x, recv_id = _send(x_TD, plan, filler, s)
+  def round_(r, out_TD, received):
+    recv_x, recv_id = received
     back = _a2a(_local_experts(recv_x, recv_id, gate_EDF, up_EDF, down_EFD, s.cfg), s)
-    y_AD = _read_slots(back, slot).astype(jnp.float32) * w_A[:, None]
+    y_AD = _read_slots(back, _round_slots(plan, r, s)[1]).astype(jnp.float32) * w_A[:, None]
     return out_TD + y_AD.reshape(k, t, -1).sum(0)
 
-  out = jax.lax.fori_loop(0, plan.rounds, round_, jnp.zeros((t, x_TD.shape[-1]), jnp.float32))
+  first = _send(x_TD, plan, _round_slots(plan, 0, s)[0], s)
+  out = round_(0, jnp.zeros((t, x_TD.shape[-1]), jnp.float32), first)
+  out = jax.lax.fori_loop(1, plan.rounds, lambda r, o: round_(r, o, _send(x_TD, plan, _round_slots(plan, r, s)[0], s)),
+                          out)
   if s.mlp_axes:
     out = jax.lax.psum(out, s.mlp_axes)
   dropped = jnp.sum(jnp.maximum(plan.counts - s.cap, 0)).astype(jnp.float32) if not s.dropless else 0.0
   dropped = jax.lax.psum(jnp.asarray(dropped, jnp.float32), s.token_axes)
-  return out.astype(s.cfg.compute_dtype), dropped, plan.rounds.astype(jnp.float32)
+  return out.astype(s.cfg.compute_dtype), dropped, plan.rounds.astype(jnp.float32), *first
 
 
-def _backward_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, g_TD, *, s: _Static):
-  """Replays the rounds: -> (dx [T, D], dw [T, X], dgate, dup, ddown) (see the module docstring)."""
+def _backward_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, recv_x0, recv_id0, g_TD, *, s: _Static):
+  """Replays the rounds: -> (dx [T, D], dw [T, X], dgate, dup, ddown) (see the module docstring).
+  Round 0 reads the rows the forward received (recv_x0, recv_id0) instead of sending them again."""
   t, k = idx_TX.shape
   plan = _plan(idx_TX, s)
   w_A = w_TX.T.reshape(-1)
   trained = not any(isinstance(w, fp8_lib.Fp8Weight) for w in (gate_EDF, up_EDF, down_EFD))
   weights = (gate_EDF, up_EDF, down_EFD)
 
-  def round_(r, carry):
+  def round_(r, carry, received=None):
     dx_TD, dw_A, dweights = carry
     filler, slot = _round_slots(plan, r, s)
-    recv_x, recv_id = _send(x_TD, plan, filler, s)
+    recv_x, recv_id = _send(x_TD, plan, filler, s) if received is None else received
     recv_g = _a2a(_gather_rows(g_TD, filler), s)
     recv_w = _a2a(jnp.where(filler >= 0, w_A[jnp.maximum(filler, 0)], 0.0), s)
     ffn = lambda rows, *ws: _local_experts(rows, recv_id, *ws, s.cfg)  # noqa: E731
@@ -224,7 +236,8 @@ def _backward_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, g_TD, *, s: 
 
   zeros_w = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights) if trained else ()
   init = (jnp.zeros(x_TD.shape, jnp.float32), jnp.zeros(w_A.shape, jnp.float32), zeros_w)
-  dx, dw, dweights = jax.lax.fori_loop(0, plan.rounds, round_, init)
+  carry = round_(0, init, (recv_x0, recv_id0))
+  dx, dw, dweights = jax.lax.fori_loop(1, plan.rounds, round_, carry)
   if s.mlp_axes:  # x and w meet every F shard: their cotangents are partial sums
     dx, dw = jax.lax.psum((dx, dw), s.mlp_axes)
   replicas = tuple(a for a in s.token_axes if a not in s.exp_axes)  # batch axes that copy the experts
@@ -243,28 +256,37 @@ def _specs(s: _Static):
   return tok, (P(exp, None, mlp), P(exp, None, mlp), P(exp, mlp, None))
 
 
+def _forward(s: _Static, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD):
+  """Global arrays in -> (out [T, D], dropped, rounds, received rows, their expert ids)."""
+  tok, wspecs = _specs(s)
+  # check_vma=False: every collective is written out here (the backward too), none is implied.
+  # The received rows are the same on every F shard (x is): they leave on the token axes only.
+  return jax.shard_map(functools.partial(_forward_shard, s=s), mesh=s.mesh,
+                       in_specs=(tok, tok, tok, *wspecs), out_specs=(tok, P(), P(), tok, P(s.token_axes or None)),
+                       check_vma=False)(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _exchange(s: _Static, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD):
   """Global arrays in, (out [T, D], dropped, rounds) out; gradients by replaying the rounds."""
-  tok, wspecs = _specs(s)
-  # check_vma=False: every collective is written out here (the backward too), none is implied.
-  return jax.shard_map(functools.partial(_forward_shard, s=s), mesh=s.mesh,
-                       in_specs=(tok, tok, tok, *wspecs), out_specs=(tok, P(), P()), check_vma=False)(
-                           x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+  return _forward(s, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)[:3]
 
 
 def _exchange_fwd(s, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD):
-  out = _exchange(s, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
-  return out, (x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+  *out, recv_x, recv_id = _forward(s, x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD)
+  # Named for remat: policy 'ep_rows' saves them, so the recompute does not repeat round 0's exchange.
+  recv_x, recv_id = checkpoint_name(recv_x, EP_RECEIVED), checkpoint_name(recv_id, EP_RECEIVED)
+  return tuple(out), (x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, recv_x, recv_id)
 
 
 def _exchange_bwd(s, res, cotangents):
   g_TD = cotangents[0]  # dropped and rounds are statistics: no gradient
   tok, wspecs = _specs(s)
-  trained = not any(isinstance(w, fp8_lib.Fp8Weight) for w in res[3:])
+  trained = not any(isinstance(w, fp8_lib.Fp8Weight) for w in res[3:6])
   dws = wspecs if trained else (P(), P(), P())
   dx, dw, dgate, dup, ddown = jax.shard_map(
-      functools.partial(_backward_shard, s=s), mesh=s.mesh, in_specs=(tok, tok, tok, *wspecs, tok),
+      functools.partial(_backward_shard, s=s), mesh=s.mesh,
+      in_specs=(tok, tok, tok, *wspecs, tok, P(s.token_axes or None), tok),
       out_specs=(tok, tok, *dws), check_vma=False)(*res, g_TD)
   return dx, dw, None, dgate, dup, ddown
 
