@@ -235,18 +235,21 @@ class Transformer(nn.Module):
     h = self.trunk(tokens_BS, positions_BS, segment_ids_BS, decode, absorb)
     if not (return_mtp or self.is_initializing()):
       return self.logits(h)
-    all_KBSV = self._head_and_mtp(tokens_BS, h, positions_BS, segment_ids_BS, decode)
+    all_KBSV = self._head_and_mtp(tokens_BS, h, positions_BS, segment_ids_BS, decode).astype(jnp.float32)
     if not return_mtp:
       return all_KBSV[0]
     return all_KBSV[0], all_KBSV[1:]
 
   def all_logits(self, tokens_BS: jax.Array, positions_BS: jax.Array, segment_ids_BS: Optional[jax.Array] = None):
-    """[1 + num_nextn_predict_layers, B, S, V] fp32: the main logits, then each MTP depth's.
+    """[1 + num_nextn_predict_layers, B, S, V] in the compute dtype: the main logits, then each
+    MTP depth's.
 
     What training's loss reads: one array, so the loss's gradient is one [K, B, S, V] buffer.
     (Sliced into logits and MTP logits first, each slice's cotangent was padded back to the
     full [K, B, S, V] and the two summed: libtpu 0.0.42 kept three such buffers alive at the
-    V3 proxy's peak, 2.1 GB each; BENCHMARKS.md "Pod communication".)
+    V3 proxy's peak, 2.1 GB each.) Not upcast here: the loss upcasts inside its reductions,
+    where a whole fp32 copy (4.2 GB on the multi-slice proxy) need not exist. BENCHMARKS.md
+    "Pod communication".
     """
     h = self.trunk(tokens_BS, positions_BS, segment_ids_BS)
     return self._head_and_mtp(tokens_BS, h, positions_BS, segment_ids_BS, False)
@@ -265,7 +268,7 @@ class Transformer(nn.Module):
     # [D, V] head gradient once instead of once per depth (issue 21). Stacked on a new leading
     # axis: the batch axis keeps its sharding.
     w = self.embed.T if cfg.tie_word_embeddings else self.head
-    return head_matmul(jnp.stack(normed), w, cfg).astype(jnp.float32)
+    return head_matmul(jnp.stack(normed), w, cfg)
 
   # --- speculative decoding (moe_jax/speculative.py) ---------------------------------------
   def verify(self, tokens_BS: jax.Array, positions_BS: jax.Array, absorb: bool = True):
