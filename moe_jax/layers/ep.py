@@ -45,8 +45,9 @@ back the row cotangents and the routing-weight cotangents <dy, y>: 3 row all-to-
 round, except round 0, which reuses the rows the forward received (a residual named
 EP_RECEIVED, [P*C, D] per MoE layer): 2. Under remat, policy 'ep_rows' keeps that residual
 and the step sends 4 row all-to-alls per round, the minimum (forward out and back, their
-transposes); 'full' recomputes it, repeating round 0's send (5, as every round did before). Expert-weight gradients sum over rounds locally and are psummed once over the batch
-axes that do not hold experts (data, fsdp).
+transposes); 'full' recomputes it, repeating round 0's send (5, as every round did before).
+Expert-weight gradients sum over rounds locally and are psummed once over the batch axes
+that do not hold experts (data, fsdp).
 Stats: `dropped_tokens` (assignments dropped, global; 0 unless capacity_factor > 0) and
 `ep_rounds` (exchange rounds this layer ran).
 
@@ -192,10 +193,12 @@ def _forward_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, *, s: _Static
     y_AD = _read_slots(back, _round_slots(plan, r, s)[1]).astype(jnp.float32) * w_A[:, None]
     return out_TD + y_AD.reshape(k, t, -1).sum(0)
 
-  first = _send(x_TD, plan, _round_slots(plan, 0, s)[0], s)
+  def send(r):
+    return _send(x_TD, plan, _round_slots(plan, r, s)[0], s)
+
+  first = send(0)  # written out before the loop: the backward reuses what it received
   out = round_(0, jnp.zeros((t, x_TD.shape[-1]), jnp.float32), first)
-  out = jax.lax.fori_loop(1, plan.rounds, lambda r, o: round_(r, o, _send(x_TD, plan, _round_slots(plan, r, s)[0], s)),
-                          out)
+  out = jax.lax.fori_loop(1, plan.rounds, lambda r, o: round_(r, o, send(r)), out)
   if s.mlp_axes:
     out = jax.lax.psum(out, s.mlp_axes)
   dropped = jnp.sum(jnp.maximum(plan.counts - s.cap, 0)).astype(jnp.float32) if not s.dropless else 0.0
