@@ -12,7 +12,8 @@ up). Reported per device:
   optimizer    AdamW mu + nu in fp32 (8 bytes per trained parameter)
   activations  what the backward keeps from the forward: with remat=full one saved [b, S, D]
                block input per layer (b = batch / data-parallel size), plus the head's logits;
-               with remat=ep_rows also each MoE layer's first received rows (ep_saved_rows)
+               plus the first received rows of each MoE layer that keeps them (ep_saved_rows:
+               every one under remat=ep_rows, the MTP block always)
   working set  the transient peak on top (`working_set`): the larger of one layer's
                backward (recomputed forward, attention core: [b, H, S, S] scores for the XLA
                form, O(S) for flash kernels; MoE dispatch buffers and expert hidden rows; that
