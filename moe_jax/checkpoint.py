@@ -280,15 +280,24 @@ class Checkpointer:
       self._held = None
 
   def _directory_replaced(self) -> bool:
-    """Was checkpoints/ removed (and maybe recreated) since _hold_directory?"""
+    """Was checkpoints/ removed (and maybe recreated) since _hold_directory, or emptied of steps we
+    saved? `rm -rf checkpoints` racing a save in flight can fail to remove the directory itself
+    (the writer adds entries to it, so its final rmdir meets ENOTEMPTY): it keeps its inode but
+    has lost the steps."""
     try:
       now = os.stat(self.directory)
     except FileNotFoundError:
+      return True
+    if self._steps_gone():
       return True
     if self._held is None:
       return False
     held = os.fstat(self._held)
     return held.st_nlink == 0 or (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino)
+
+  def _steps_gone(self) -> list[int]:
+    """Steps the manager lists (as of its last read) whose directories are no longer there."""
+    return [s for s in self.manager.all_steps() if not os.path.isdir(os.path.join(self.directory, str(s)))]
 
   # How orbax and tensorstore say that files of the save in flight vanished under it.
   _VANISHED = ("NOT_FOUND", "No ArrayMetadata found", "missing .zarray", "Metadata file does not exist")

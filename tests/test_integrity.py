@@ -322,6 +322,29 @@ def test_checkpoints_dir_removed_mid_run_is_recreated(steps_run, tmp_path, caplo
   assert step == 3
 
 
+def test_checkpoints_dir_emptied_but_not_removed_is_noticed(steps_run, tmp_path, caplog):
+  """`rm -rf checkpoints` racing the writer: the save in flight adds entries to checkpoints/, so the
+  final rmdir meets ENOTEMPTY and the directory keeps its inode, but the steps in it are gone."""
+  _, c, t, _, init = steps_run
+  workdir = str(tmp_path / "run")
+  ck = checkpoint.Checkpointer(workdir)
+  ck.save(1, init.to_dict(), c.to_dict())
+  ck.wait()
+  directory = os.path.join(workdir, "checkpoints")
+  inode = os.stat(directory).st_ino
+  for name in os.listdir(directory):
+    shutil.rmtree(os.path.join(directory, name))
+  with caplog.at_level(logging.WARNING):
+    ck.save(2, init.replace(step=jnp.int32(2)).to_dict(), c.to_dict())
+    ck.save(3, init.replace(step=jnp.int32(3)).to_dict(), c.to_dict())  # settles step 2: nothing more lost
+  ck.close()
+  assert os.stat(directory).st_ino == inode
+  removed = [r.getMessage() for r in caplog.records if "was removed during the run" in r.getMessage()]
+  assert len(removed) == 1 and "to save step 2" in removed[0], removed
+  assert checkpoint.latest_step(workdir) == 3
+  assert restore_intact(workdir, t)[0] == 3
+
+
 def test_removal_racing_the_start_of_a_save_and_the_reread(steps_run, tmp_path, caplog, monkeypatch):
   """`rm -rf checkpoints` still under way while a save starts: orbax's first writes fail (a bare file
   name, from its own rmtree of an old step), and rereading the steps meets a step that vanishes."""
