@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax import sharding
 from moe_jax.config import ModelConfig
-from moe_jax.layers.common import MLP, RMSNorm, project, weight
+from moe_jax.layers.common import GATHERED, MLP, RMSNorm, project, weight
 from moe_jax.layers.ep import EP_RECEIVED
 from moe_jax.layers.gqa import GQA
 from moe_jax.layers.mla import MLA
@@ -39,6 +39,9 @@ REMAT_POLICIES = {
     # save only round 0's rows the expert-parallel all-to-all received (layers/ep.py; one [P*C, D]
     # buffer per MoE layer): the backward does not repeat the forward's exchange
     "ep_rows": jax.checkpoint_policies.save_only_these_names(EP_RECEIVED),
+    # save only each block's gathered weights (layers/common.gathered, in the compute dtype): the
+    # backward does not gather them again. Non-expert weights of every layer, for the whole step.
+    "gathered": jax.checkpoint_policies.save_only_these_names(GATHERED),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }

@@ -13,7 +13,8 @@ up). Reported per device:
   activations  what the backward keeps from the forward: with remat=full one saved [b, S, D]
                block input per layer (b = batch / data-parallel size), plus the head's logits;
                plus the first received rows of each MoE layer that keeps them (ep_saved_rows:
-               every one under remat=ep_rows, the MTP block always)
+               every one under remat=ep_rows, the MTP block always), and under remat=gathered
+               every block's gathered non-expert weights (saved_gathered_weights)
   working set  the transient peak on top (`working_set`): the larger of one layer's
                backward (recomputed forward, attention core: [b, H, S, S] scores for the XLA
                form, O(S) for flash kernels; MoE dispatch buffers and expert hidden rows; that
@@ -176,6 +177,7 @@ def plan(cfg: ModelConfig, axis_sizes: dict[str, int], batch: int, seq: int, dev
   activations += (1 + cfg.num_nextn_predict_layers) * b_local * seq * cfg.vocab_size * 4 / math.prod(
       axis_sizes[a] for a in sharding.spec_axes(nn.logical_to_mesh_axes(("vocab",), rules)[0]))
   activations += ep_saved_rows(cfg, axis_sizes, b_local * seq, rules)
+  activations += saved_gathered_weights(cfg, axis_sizes, rules, abstract)
   ws = working_set(cfg, axis_sizes, b_local, seq, rules, platform)
   kv = b_local * seq * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * act_bytes
   return Plan(mesh=dict(axis_sizes), batch=batch, seq=seq, total_params=total, params=params,
@@ -196,6 +198,26 @@ def ep_saved_rows(cfg: ModelConfig, axis_sizes: dict[str, int], tokens: int, rul
   kept = mtp + (cfg.num_moe_layers if cfg.remat_policy in ("ep_rows", "none") else 0)
   rows = ep * ep_capacity(tokens, ep, cfg)
   return float(kept * rows * (cfg.hidden_size * jnp.dtype(cfg.compute_dtype).itemsize + 4))
+
+
+def saved_gathered_weights(cfg: ModelConfig, axis_sizes: dict[str, int], rules, abstract) -> float:
+  """Bytes of the gathered weights remat policy 'gathered' keeps for the backward
+  (layers/common.gathered): every trunk block's non-expert weights in the compute dtype, cut only
+  over the mesh axes that do not hold the batch (tensor). 0 under any other policy."""
+  if cfg.remat_policy != "gathered":
+    return 0.0
+  batch = set(sharding.batch_axes(rules))
+  boxed = abstract["params"]
+  logical = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  total = 0.0
+  for (path, leaf), names in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)), logical):
+    block = getattr(path[0], "key", "")
+    if not (block in ("dense_layers", "moe_layers") or block.startswith("layers_")) or {"vocab", "exp"} & set(names):
+      continue
+    kept = [tuple(a for a in sharding.spec_axes(e) if a not in batch) or None
+            for e in nn.logical_to_mesh_axes(tuple(names), rules)]
+    total += per_device_elements(leaf.shape, kept, axis_sizes) * jnp.dtype(cfg.compute_dtype).itemsize
+  return float(total)
 
 
 def max_shards_per_token(cfg: ModelConfig, ep: int) -> int:
@@ -244,8 +266,9 @@ def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None, dcn: Optional[
   out += [f"{label:<40}{v / GB:>10.2f}" for label, v in rows]
   out += [f"{'train: params+grads+opt+act+working':<40}{p.train / GB:>10.2f}  of {mem:g} GB: {fits(p.train)}",
           f"{'serve: params+kv cache':<40}{p.serve / GB:>10.2f}  of {mem:g} GB: {fits(p.serve)}"]
-  if cfg.remat_policy not in ("full", "ep_rows"):
-    out.append(f"note: activations are planned for remat_policy=full or ep_rows; this config has {cfg.remat_policy!r}, "
+  if cfg.remat_policy not in ("full", "ep_rows", "gathered"):
+    out.append(f"note: activations are planned for remat_policy=full, ep_rows or gathered; this config has "
+               f"{cfg.remat_policy!r}, "
                "which keeps more of each layer: size it with `python -m moe_jax.aot` (BENCHMARKS.md)")
   return "\n".join(out)
 

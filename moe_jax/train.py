@@ -94,17 +94,50 @@ def targets(batch: dict, depth: int):
   return tgt, jnp.pad(ok, pad)
 
 
+@jax.custom_vjp
+def token_cross_entropy(logits_XV, tgt_X):
+  """-log softmax(logits)[tgt] per position, fp32 [...]; logits in any float dtype.
+
+  Only the sum of exponentials reads the logits in fp32; the max and the target's logit are
+  exact in the logits' own dtype. An fp32 copy of the logits read by several reductions is
+  what XLA may keep whole (4.24 GB at V3's vocabulary, 8 layers, 2 x v5p-512), fusing it away in
+  some layouts and not in others. Its own VJP for the same reason: the backward keeps the logits
+  as they came and the fp32 logsumexp [...], and computes d logits = (exp(logits - lse) -
+  onehot(tgt)) * g in one elementwise pass, cast back to the logits' dtype.
+  """
+  return _token_ce_fwd(logits_XV, tgt_X)[0]
+
+
+def _token_ce_fwd(logits_XV, tgt_X):
+  top_X = logits_XV.max(-1).astype(jnp.float32)
+  top_X = jnp.where(jnp.isfinite(top_X), top_X, 0.0)  # all -inf: no shift (as jax.nn.logsumexp)
+  lse_X = top_X + jnp.log(jnp.sum(jnp.exp(logits_XV.astype(jnp.float32) - top_X[..., None]), -1))
+  label_X = jnp.take_along_axis(logits_XV, tgt_X[..., None], -1)[..., 0].astype(jnp.float32)
+  return lse_X - label_X, (logits_XV, tgt_X, lse_X)
+
+
+def _token_ce_bwd(res, g_X):
+  logits_XV, tgt_X, lse_X = res
+  p_XV = jnp.exp(logits_XV.astype(jnp.float32) - lse_X[..., None])
+  is_tgt = jnp.arange(logits_XV.shape[-1]) == tgt_X[..., None]
+  return ((p_XV - is_tgt) * g_X[..., None]).astype(logits_XV.dtype), None
+
+
+token_cross_entropy.defvjp(_token_ce_fwd, _token_ce_bwd)
+
+
 def cross_entropy(logits_BSV, tgt_BS, ok_BS):
   """(sum of masked CE, number of correct predictions), fp32, summed over B and S: scalars, or
   one per depth for stacked [K, B, S, V] logits.
 
   Correct iff the target's logit beats every other logit strictly: a tie is wrong (after a
   collapse every logit is equal, and that is not 100% accuracy), and so is NaN. A max reduction
-  over the other logits, like logsumexp's, instead of an argmax pass over [B, S, vocab].
+  over the other logits, like logsumexp's, instead of an argmax pass over [B, S, vocab]; both
+  compare in the logits' own dtype (exact).
   """
-  logits = logits_BSV.astype(jnp.float32)
+  ce = token_cross_entropy(logits_BSV, tgt_BS)
+  logits = jax.lax.stop_gradient(logits_BSV)
   label = jnp.take_along_axis(logits, tgt_BS[..., None], -1)[..., 0]
-  ce = jax.nn.logsumexp(logits, -1) - label
   is_tgt = jnp.arange(logits.shape[-1]) == tgt_BS[..., None]
   others = jnp.where(is_tgt, -jnp.inf, logits).max(-1)
   correct = (label > others) & ok_BS

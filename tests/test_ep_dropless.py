@@ -15,7 +15,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 import shard_util as su
-from moe_jax import sharding, variables as model_variables
+from moe_jax import hlo_text, sharding, variables as model_variables
 from moe_jax.config import dropless
 from moe_jax.evaluate import for_eval
 from moe_jax.layers import ep
@@ -124,6 +124,25 @@ def test_remat_replays_or_keeps_round_0s_received_rows(policy):
   stacks = 1  # the scanned MoE stack (the MTP block is not rematerialized)
   extra = all_to_alls(cfg) - all_to_alls(CFG.replace(scan_layers=True))
   assert extra == (2 * stacks if policy == "full" else 0), extra
+
+
+def all_gather_bytes(cfg, shape=(2, 1, 4, 1)) -> float:
+  """Bytes of the gathered buffers of every all-gather in the compiled step (XLA:CPU keeps them true)."""
+  found = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", compiled_step(cfg, shape)[0].as_text())
+  return sum(hlo_text.type_bytes(t) for t in found)
+
+
+@pytest.mark.parametrize("policy", ["full", "gathered"])
+def test_remat_gathers_weights_again_or_keeps_them(policy):
+  """Scanned and rematerialized on data x expert (non-expert weights cut over `expert`): both
+  policies equal one device. 'full' gathers the blocks' weights again for the backward's
+  recompute; 'gathered' keeps what the forward gathered, and gathers no more than no remat."""
+  cfg = CFG.replace(scan_layers=True, remat_policy=policy)
+  v = biased(cfg, [0, 1])
+  out = run_mesh(cfg, (2, 1, 4, 1), v)
+  assert_equal(out, run_reference(cfg, v))
+  none, this = all_gather_bytes(CFG.replace(scan_layers=True)), all_gather_bytes(cfg)
+  assert (this > none) if policy == "full" else (this <= none), (this, none)
 
 
 def test_grad_accumulation_one_shard():

@@ -190,7 +190,8 @@ def remat_reference():
   return variables, lm_loss_and_grads(REMAT_CFG, variables)
 
 
-@pytest.mark.parametrize("policy, scan", [("full", False), ("ep_rows", True), ("dots", True), ("dots_no_batch", False)])
+@pytest.mark.parametrize("policy, scan", [("full", False), ("ep_rows", True), ("gathered", True), ("gathered", False),
+                                         ("dots", True), ("dots_no_batch", False)])
 def test_remat_policies_same_loss_and_grads(remat_reference, policy, scan):
   variables, (loss_ref, grads_ref) = remat_reference
   cfg = REMAT_CFG.replace(remat_policy=policy, scan_layers=scan)

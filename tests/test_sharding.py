@@ -253,7 +253,30 @@ def test_plan_counts_the_rows_ep_keeps_for_the_backward():
 
 def test_plan_table_says_when_the_remat_policy_is_not_the_planned_one():
   sizes = dict(data=1, fsdp=2, expert=2, tensor=1)
-  for policy, noted in (("full", False), ("ep_rows", False), ("dots", True), ("none", True)):
+  for policy, noted in (("full", False), ("ep_rows", False), ("gathered", False), ("dots", True), ("none", True)):
     cfg = PRESETS["tiny"](remat_policy=policy)
     p = plan.plan(cfg, sizes, 4, 64, 95.0, abstract=_abstract("tiny"))
-    assert ("planned for remat_policy=full or ep_rows" in plan.format_plan(p, cfg, "tiny")) == noted, policy
+    assert ("planned for remat_policy=full, ep_rows or gathered" in plan.format_plan(p, cfg, "tiny")) == noted, policy
+
+
+def test_plan_counts_the_gathered_weights_the_backward_keeps():
+  """Under 'gathered' every trunk block keeps its non-expert weights gathered over the batch axes,
+  cut only over tensor, in the compute dtype: tiny has 1 dense + 2 MoE blocks (the arithmetic below)."""
+  sizes = dict(data=1, fsdp=2, expert=2, tensor=2)
+  cfg = PRESETS["tiny"](remat_policy="gathered", dtype="bfloat16")
+  c = cfg
+  attention = (c.hidden_size * c.q_lora_rank + c.q_lora_rank * c.num_attention_heads * c.qk_head_dim / 2
+               + c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim)
+               + c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) / 2
+               + c.num_attention_heads * c.v_head_dim * c.hidden_size / 2
+               + 2 * c.hidden_size + c.q_lora_rank + c.kv_lora_rank)  # heads cut over tensor; 4 norms
+  dense = 3 * c.hidden_size * c.intermediate_size / 2  # mlp cut over tensor
+  moe = 3 * c.hidden_size * c.moe_intermediate_size * c.n_shared_experts / 2 + c.hidden_size * c.n_routed_experts
+  expected = (c.first_k_dense_replace * (attention + dense)
+              + (c.num_hidden_layers - c.first_k_dense_replace) * (attention + moe)) * 2  # bf16
+  rules = sharding.layout_rules(sizes, "cpu")
+  assert plan.saved_gathered_weights(cfg, sizes, rules, _abstract("tiny")) == expected
+  assert plan.saved_gathered_weights(cfg.replace(remat_policy="full"), sizes, rules, _abstract("tiny")) == 0
+  full = plan.plan(cfg.replace(remat_policy="full"), sizes, 4, 64, 95.0, abstract=_abstract("tiny"))
+  kept = plan.plan(cfg, sizes, 4, 64, 95.0, abstract=_abstract("tiny"))
+  assert kept.activations - full.activations == expected

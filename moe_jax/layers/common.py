@@ -8,17 +8,24 @@ Shape letters used across moe_jax/layers and moe_jax/model.py:
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jax.ad_checkpoint import checkpoint_name
+
+from moe_jax import sharding
 from moe_jax.config import ModelConfig
 from moe_jax.layers import fp8 as fp8_lib
 from moe_jax.layers import matmul
 
 FP8_SCALES = "fp8_scales"  # collection: block scales of an FP8 checkpoint kept as it is
+# The name remat policy 'gathered' saves (model.REMAT_POLICIES): a block's weights as its matmuls
+# read them, gathered over the batch axes, in the compute dtype (see `gathered`).
+GATHERED = "gathered_weight"
 
 
 def weight(mod: nn.Module, cfg: ModelConfig, name: str, shape: Sequence[int], axes: Sequence[str | None],
@@ -29,7 +36,47 @@ def weight(mod: nn.Module, cfg: ModelConfig, name: str, shape: Sequence[int], ax
   w = mod.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), cfg.weight_dtype)
   if mod.has_variable(FP8_SCALES, name):  # e4m3 params with their block scales (hf.py, keep_fp8)
     return fp8_lib.Fp8Weight(w, mod.get_variable(FP8_SCALES, name))
+  if cfg.remat_policy == "gathered" and not {"vocab", "exp"} & set(axes):
+    return gathered(w, axes, cfg)
   return w
+
+
+def gathered(w: jax.Array, axes: Sequence[str | None], cfg: ModelConfig) -> jax.Array:
+  """w in the compute dtype, gathered over the batch (data-parallel) axes it is cut over: cut only
+  over the others (tensor), as the matmul reads it. Named GATHERED, so remat policy 'gathered'
+  keeps it for the backward, which then does not gather the weight a second time (under 'full' the
+  recomputed forward gathers every layer's weights again: 2x the gather bytes of the ideal).
+  Costs each rematerialized layer's gathered weights for the whole step (`plan` counts them).
+  Not for the embedding table and the head ('vocab': they gather on their own terms) nor routed
+  experts ('exp': the expert-parallel exchange moves tokens to them). Outside a mesh: w as it is.
+  """
+  rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
+  w = w.astype(cfg.compute_dtype)
+  if rules and not mesh.empty:
+    batch = set(sharding.batch_axes(rules))
+    own = nn.logical_to_mesh_axes(tuple(axes), rules)
+    kept = [tuple(a for a in sharding.spec_axes(e) if a not in batch) or None for e in own]
+    w = _gather(w, jax.sharding.PartitionSpec(*kept), own)
+  return checkpoint_name(w, GATHERED)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather(w, gathered_spec, own_spec):
+  """w laid out as gathered_spec; its cotangent goes back to w's own layout (own_spec). Plain
+  autodiff would give the cotangent gathered_spec too: an all-reduce of the whole gradient over
+  every batch axis, where the own layout lets the compiler reduce-scatter it."""
+  return jax.lax.with_sharding_constraint(w, gathered_spec)
+
+
+def _gather_fwd(w, gathered_spec, own_spec):
+  return _gather(w, gathered_spec, own_spec), None
+
+
+def _gather_bwd(gathered_spec, own_spec, _, g):
+  return (jax.lax.with_sharding_constraint(g, own_spec),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def project(equation: str, x: jax.Array, w, cfg: ModelConfig, fp8: bool = True) -> jax.Array:
