@@ -47,6 +47,7 @@ from jax.sharding import AbstractMesh, AxisType
 from moe_jax import flops, sharding, variables
 from moe_jax.config import PRESETS, ModelConfig
 from moe_jax.errors import ArgumentParser, UserError, main_guard, one_line
+from moe_jax.layers.common import NOT_GATHERED
 from moe_jax.layers.ep import ep_capacity
 
 GB = 1e9
@@ -206,17 +207,15 @@ def saved_gathered_weights(cfg: ModelConfig, axis_sizes: dict[str, int], rules, 
   over the mesh axes that do not hold the batch (tensor). 0 under any other policy."""
   if cfg.remat_policy != "gathered":
     return 0.0
-  batch = set(sharding.batch_axes(rules))
   boxed = abstract["params"]
   logical = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   total = 0.0
   for (path, leaf), names in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)), logical):
     block = getattr(path[0], "key", "")
-    if not (block in ("dense_layers", "moe_layers") or block.startswith("layers_")) or {"vocab", "exp"} & set(names):
+    if not (block in ("dense_layers", "moe_layers") or block.startswith("layers_")) or NOT_GATHERED & set(names):
       continue
-    kept = [tuple(a for a in sharding.spec_axes(e) if a not in batch) or None
-            for e in nn.logical_to_mesh_axes(tuple(names), rules)]
-    total += per_device_elements(leaf.shape, kept, axis_sizes) * jnp.dtype(cfg.compute_dtype).itemsize
+    spec = sharding.gathered_spec(names, rules)
+    total += per_device_elements(leaf.shape, spec, axis_sizes) * jnp.dtype(cfg.compute_dtype).itemsize
   return float(total)
 
 

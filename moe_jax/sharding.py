@@ -246,6 +246,14 @@ def spec_axes(entry) -> tuple[str, ...]:
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def gathered_spec(logical_axes: Sequence[Optional[str]], rules) -> P:
+  """The layout a weight with these logical axes has once gathered over the batch (data-parallel)
+  axes: its own mesh axes minus those, i.e. cut only over `tensor` (layers/common.gathered)."""
+  batch = set(batch_axes(rules))
+  own = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+  return P(*[tuple(a for a in spec_axes(e) if a not in batch) or None for e in own])
+
+
 def batch_axes(rules=None) -> tuple[str, ...]:
   """Mesh axes the rules put the batch dimension on (default rules: data x fsdp x expert)."""
   return spec_axes(nn.logical_to_mesh_axes(("batch",), DEFAULT_RULES if rules is None else rules)[0])

@@ -26,6 +26,9 @@ FP8_SCALES = "fp8_scales"  # collection: block scales of an FP8 checkpoint kept 
 # The name remat policy 'gathered' saves (model.REMAT_POLICIES): a block's weights as its matmuls
 # read them, gathered over the batch axes, in the compute dtype (see `gathered`).
 GATHERED = "gathered_weight"
+# Logical axes of the weights `gathered` leaves alone: the embedding table and head gather on their
+# own terms (model.py); routed experts stay where they are (the expert exchange moves the tokens).
+NOT_GATHERED = frozenset({"vocab", "exp"})
 
 
 def weight(mod: nn.Module, cfg: ModelConfig, name: str, shape: Sequence[int], axes: Sequence[str | None],
@@ -36,7 +39,7 @@ def weight(mod: nn.Module, cfg: ModelConfig, name: str, shape: Sequence[int], ax
   w = mod.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), cfg.weight_dtype)
   if mod.has_variable(FP8_SCALES, name):  # e4m3 params with their block scales (hf.py, keep_fp8)
     return fp8_lib.Fp8Weight(w, mod.get_variable(FP8_SCALES, name))
-  if cfg.remat_policy == "gathered" and not {"vocab", "exp"} & set(axes):
+  if cfg.remat_policy == "gathered" and not NOT_GATHERED & set(axes):
     return gathered(w, axes, cfg)
   return w
 
@@ -47,16 +50,12 @@ def gathered(w: jax.Array, axes: Sequence[str | None], cfg: ModelConfig) -> jax.
   keeps it for the backward, which then does not gather the weight a second time (under 'full' the
   recomputed forward gathers every layer's weights again: 2x the gather bytes of the ideal).
   Costs each rematerialized layer's gathered weights for the whole step (`plan` counts them).
-  Not for the embedding table and the head ('vocab': they gather on their own terms) nor routed
-  experts ('exp': the expert-parallel exchange moves tokens to them). Outside a mesh: w as it is.
+  Not for NOT_GATHERED weights (weight() skips them). Outside a mesh: w as it is, in the compute dtype.
   """
   rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
   w = w.astype(cfg.compute_dtype)
   if rules and not mesh.empty:
-    batch = set(sharding.batch_axes(rules))
-    own = nn.logical_to_mesh_axes(tuple(axes), rules)
-    kept = [tuple(a for a in sharding.spec_axes(e) if a not in batch) or None for e in own]
-    w = _gather(w, jax.sharding.PartitionSpec(*kept), own)
+    w = _gather(w, sharding.gathered_spec(axes, rules), nn.logical_to_mesh_axes(tuple(axes), rules))
   return checkpoint_name(w, GATHERED)
 
 

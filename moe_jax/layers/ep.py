@@ -195,7 +195,7 @@ def _send(x_TD, plan: _Plan, filler, s: _Static):
 def _forward_shard(x_TD, w_TX, idx_TX, gate_EDF, up_EDF, down_EFD, *, s: _Static):
   """One device's steps 1-4 -> (out [T, D], dropped (global), rounds, round 0's received rows
   [P*C, D] and their local expert ids [P*C]: the backward's first round reuses them)."""
-  t, k = idx_TX.shape
+  t = idx_TX.shape[0]
   plan = _plan(idx_TX, s)
   w_A = w_TX.T.reshape(-1)
 
