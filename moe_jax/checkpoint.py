@@ -195,6 +195,12 @@ class Checkpointer:
     self._held = None  # an open descriptor of checkpoints/ (see _hold_directory)
     self._warned_removal = None  # the step whose save last warned that checkpoints/ was removed
     self._hold_directory()
+    if not read_only:
+      # A save that fails (checkpoints/ removed under it) abandons its fragment writes, and Python
+      # warns for each one when it collects it, at any later moment: the failure itself is raised,
+      # or reported in one warning when the directory went away (_settle).
+      warnings.filterwarnings("ignore", message=r"coroutine '[\w.<>]*write_fragment' was never awaited",
+                              category=RuntimeWarning)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()

@@ -9,6 +9,7 @@ The end-to-end versions (train.py, eval.py, convert) are in test_train_cli.py's 
 marked slow.
 """
 
+import gc
 import glob
 import json
 import logging
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -345,6 +347,40 @@ def test_checkpoints_dir_emptied_but_not_removed_is_noticed(steps_run, tmp_path,
   assert restore_intact(workdir, t)[0] == 3
 
 
+def test_a_save_lost_to_a_removal_leaves_no_unawaited_write_warnings(steps_run, tmp_path, monkeypatch):
+  """A save failing because checkpoints/ went away abandons its fragment writes, and Python warns for
+  each one whenever it collects it (here, before the failure even reaches us). The user gets the one
+  removal warning instead."""
+  _, c, _, _, init = steps_run
+
+  def async_serialize_from_host():  # orbax's writer, as the warning names it
+    async def write_fragment():
+      pass
+    return write_fragment()
+
+  with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    ck = checkpoint.Checkpointer(str(tmp_path / "run"))
+    finish, failures = ck.manager.wait_until_finished, [FileNotFoundError(
+        2, "No such file or directory", str(tmp_path / "run" / "checkpoints" / "1"))]
+
+    def lost_save():
+      finish()  # the real save ends first; only its report is of a loss, and only once
+      if failures:
+        async_serialize_from_host()  # dropped unawaited, as a failed save's writes are
+        raise failures.pop()
+
+    ck.save(1, init.to_dict(), c.to_dict())
+    monkeypatch.setattr(ck.manager, "wait_until_finished", lost_save)
+    ck.save(2, init.replace(step=jnp.int32(2)).to_dict(), c.to_dict())  # settles step 1: its save "failed"
+    gc.collect()
+    monkeypatch.undo()
+    ck.close()
+  assert not failures
+  assert not [w for w in seen if "never awaited" in str(w.message)], [str(w.message) for w in seen]
+  assert checkpoint.latest_step(str(tmp_path / "run")) == 2
+
+
 def test_removal_racing_the_start_of_a_save_and_the_reread(steps_run, tmp_path, caplog, monkeypatch):
   """`rm -rf checkpoints` still under way while a save starts: orbax's first writes fail (a bare file
   name, from its own rmtree of an old step), and rereading the steps meets a step that vanishes."""
@@ -462,6 +498,11 @@ def test_workdir_lock_leaves_no_trace_of_a_failed_start(tmp_path):
 # --- end to end: train.py, eval.py, convert (subprocesses, test_train_cli's fixtures) ---------
 from test_train_cli import command, env, error_line, losses, no_traceback, run, wait_for  # noqa: E402,F401,I001
 
+
+def read_text(path: str) -> str:
+  with open(path) as f:
+    return f.read()
+
 SLOW = 900  # seconds per subprocess: generous, for a loaded shared machine
 
 
@@ -570,13 +611,13 @@ def test_checkpoints_dir_removed_mid_run(env, tmp_path):
   try:
     wait_for(lambda: checkpoint.latest_step(workdir) is not None, proc, timeout=SLOW, err_path=err_path)
     shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
-    wait_for(lambda: "was removed during the run" in open(err_path).read()
+    wait_for(lambda: "was removed during the run" in read_text(err_path)
              and checkpoint.latest_step(workdir) is not None, proc, timeout=SLOW, err_path=err_path)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=SLOW)
   finally:
     proc.kill()
-  err = open(err_path).read()
+  err = read_text(err_path)
   assert proc.returncode == 0, err[-3000:]
   assert "preempted (SIGTERM): checkpoint at step" in err
   assert max(losses(workdir)) == checkpoint.latest_step(workdir)
