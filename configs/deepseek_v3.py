@@ -43,7 +43,9 @@ RAMP_TOKENS = 469 * B
 def get_config(arg=None):
   # remat 'full' fits 61 layers on v5p-512 and v5p-1024 (plan: 65.3 / 44.5 GB per chip). On v5p-1024,
   # --config.model.remat_policy=gathered (75.0 GB) keeps the gathered weights: 1.20x the ideal wire
-  # bytes at 8 layers against 1.44x (BENCHMARKS.md, "Pod communication").
+  # bytes at 8 layers against 1.44x (BENCHMARKS.md, "Pod communication"). 'gathered_offload' keeps
+  # them in host memory instead (HBM as 'full', +30.5 GB pinned host memory per chip): 1.13x, but
+  # each layer's weights cross the host link twice a step, which no compile-only figure can time.
   model = model_config.deepseek_v3(dtype="bfloat16", scan_layers=True, remat_policy="full", moe_impl="ep",
                                    initializer_range=0.006, aux_loss_alpha=1e-4, balance_loss="sequence")
   c = base_config(model, "deepseek_v3")

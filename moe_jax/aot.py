@@ -8,9 +8,9 @@ are compile-only, so nothing is materialized. The tool builds the same Trainer t
 (mesh, rules, shardings, donation), lowers its train step on abstract inputs, compiles it, and
 prints one JSON line:
   topology, chips, hosts, mesh; compiled, compile_s; per-chip argument / output / temp / peak
-  bytes against the chip's HBM (fits); compiled matmul FLOPs per step (scanned loops counted
-  their full trip count, moe_jax/hlo.py) and XLA's cost_analysis figure, against the model
-  FLOPs of moe_jax/flops.py; per collective kind the count and bytes per step per chip, and
+  (and host_temp: pinned host memory) bytes against the chip's HBM (fits); compiled matmul FLOPs
+  per step (scanned loops counted their full trip count, moe_jax/hlo.py) and XLA's cost_analysis
+  figure, against the model FLOPs of moe_jax/flops.py; per collective kind the count and bytes per step per chip, and
   their total against the layout's ideal (ideal_collectives), in buffer bytes and in wire bytes
   under the ring model (wire_gb, ideal_wire_gb, wire_ratio; the compiler's disguised gathers and
   reduce-scatters split out, moe_jax/hlo.py), the weight-sized all-reduces over a whole slice
@@ -307,6 +307,7 @@ def compile_step(config, topology: Topology) -> dict[str, Any]:
       "argument_gb": gb(mem.argument_size_in_bytes), "output_gb": gb(mem.output_size_in_bytes),
       "alias_gb": gb(mem.alias_size_in_bytes), "temp_gb": gb(mem.temp_size_in_bytes), "peak_gb": gb(peak),
       "xla_peak_gb": gb(getattr(mem, "peak_memory_in_bytes", 0)),
+      "host_temp_gb": gb(getattr(mem, "host_temp_size_in_bytes", 0)),  # pinned host (remat gathered_offload)
       "hbm_gb": gb(hbm), "fits": peak <= hbm,
       "compiled_flops": float(f"{summary.flops:.4g}"), "kernel_flops": float(f"{summary.kernel_flops:.4g}"),
       "xla_cost_flops": float(f"{cost.get('flops', 0.0):.4g}"),

@@ -17,7 +17,8 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MOE_IMPLS = ("dense", "ragged", "capacity", "ep")
 CAPACITY_FACTOR = 1.25  # moe_impl='capacity' when capacity_factor is 0 (GShard's usual)
 BALANCE_LOSSES = ("sequence", "expert")
-REMAT_POLICIES = ("none", "full", "ep_rows", "gathered", "dots", "dots_no_batch")  # model.REMAT_POLICIES
+REMAT_POLICIES = ("none", "full", "ep_rows", "gathered", "gathered_offload", "dots",
+                  "dots_no_batch")  # model.REMAT_POLICIES
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "splash", "pallas_gpu")  # layers/attention.py
 MOE_GMMS = ("auto", "tiled", "ragged_dot", "pallas")  # layers/gmm.py
 FP8_KERNELS = ("auto", "xla", "pallas")  # layers/fp8.py

@@ -42,6 +42,11 @@ REMAT_POLICIES = {
     # save only each block's gathered weights (layers/common.gathered, in the compute dtype): the
     # backward does not gather them again. Non-expert weights of every layer, for the whole step.
     "gathered": jax.checkpoint_policies.save_only_these_names(GATHERED),
+    # the same weights, kept in host memory (pinned_host) instead of HBM: the forward copies each
+    # layer's out, the backward copies it back in, over the host link rather than the interconnect
+    "gathered_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=(GATHERED,),
+        offload_src="device", offload_dst="pinned_host"),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }

@@ -1,7 +1,7 @@
 """Memory plan: per-device bytes of a model on a mesh, from jax.eval_shape and the rules table.
 
   python -m moe_jax.plan --preset=deepseek_v3 --mesh=1,16,32,1 --device_memory_gb=95 \
-      --batch=512 --seq=4096 [--dcn=1,1,8,1] [--param_dtype=bfloat16]
+      --batch=512 --seq=4096 [--dcn=1,1,8,1] [--param_dtype=bfloat16] [--remat_policy=gathered]
   python -m moe_jax.plan --config=configs/deepseek_v3.py ...
 
 Nothing is allocated: shapes come from eval_shape, partition specs from the rules, and
@@ -14,7 +14,8 @@ up). Reported per device:
                block input per layer (b = batch / data-parallel size), plus the head's logits;
                plus the first received rows of each MoE layer that keeps them (ep_saved_rows:
                every one under remat=ep_rows, the MTP block always), and under remat=gathered
-               every block's gathered non-expert weights (saved_gathered_weights)
+               every block's gathered non-expert weights (saved_gathered_weights; under
+               remat=gathered_offload they are in pinned host memory: reported apart, as host)
   working set  the transient peak on top (`working_set`): the larger of one layer's
                backward (recomputed forward, attention core: [b, H, S, S] scores for the XLA
                form, O(S) for flash kernels; MoE dispatch buffers and expert hidden rows; that
@@ -45,9 +46,9 @@ from flax import linen as nn
 from jax.sharding import AbstractMesh, AxisType
 
 from moe_jax import flops, sharding, variables
-from moe_jax.config import PRESETS, ModelConfig
+from moe_jax.config import PRESETS, REMAT_POLICIES, ModelConfig
 from moe_jax.errors import ArgumentParser, UserError, main_guard, one_line
-from moe_jax.layers.common import NOT_GATHERED
+from moe_jax.layers.common import GATHERING_POLICIES, keeps_gathered
 from moe_jax.layers.ep import ep_capacity
 
 GB = 1e9
@@ -79,6 +80,7 @@ class Plan:
   kv_cache: float
   device_memory: float
   working_set_parts: dict = dataclasses.field(default_factory=dict)
+  host_memory: float = 0.0  # pinned host bytes per device (remat gathered_offload), not in train
 
   @property
   def train(self) -> float:
@@ -178,13 +180,15 @@ def plan(cfg: ModelConfig, axis_sizes: dict[str, int], batch: int, seq: int, dev
   activations += (1 + cfg.num_nextn_predict_layers) * b_local * seq * cfg.vocab_size * 4 / math.prod(
       axis_sizes[a] for a in sharding.spec_axes(nn.logical_to_mesh_axes(("vocab",), rules)[0]))
   activations += ep_saved_rows(cfg, axis_sizes, b_local * seq, rules)
-  activations += saved_gathered_weights(cfg, axis_sizes, rules, abstract)
+  kept = saved_gathered_weights(cfg, axis_sizes, rules, abstract)
+  activations += kept if cfg.remat_policy == "gathered" else 0.0
   ws = working_set(cfg, axis_sizes, b_local, seq, rules, platform)
   kv = b_local * seq * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * act_bytes
   return Plan(mesh=dict(axis_sizes), batch=batch, seq=seq, total_params=total, params=params,
               expert_params=expert, grads=trained_bytes, optimizer=8.0 * trained_elems,
               activations=float(activations), working_set=float(ws["peak"]), kv_cache=float(kv),
-              device_memory=device_memory_gb * GB, working_set_parts={k: float(v) for k, v in ws.items()})
+              device_memory=device_memory_gb * GB, working_set_parts={k: float(v) for k, v in ws.items()},
+              host_memory=kept if cfg.remat_policy == "gathered_offload" else 0.0)
 
 
 def ep_saved_rows(cfg: ModelConfig, axis_sizes: dict[str, int], tokens: int, rules) -> float:
@@ -202,17 +206,20 @@ def ep_saved_rows(cfg: ModelConfig, axis_sizes: dict[str, int], tokens: int, rul
 
 
 def saved_gathered_weights(cfg: ModelConfig, axis_sizes: dict[str, int], rules, abstract) -> float:
-  """Bytes of the gathered weights remat policy 'gathered' keeps for the backward
-  (layers/common.gathered): every trunk block's non-expert weights in the compute dtype, cut only
-  over the mesh axes that do not hold the batch (tensor). 0 under any other policy."""
-  if cfg.remat_policy != "gathered":
+  """Bytes of the gathered weights remat policies 'gathered' (in HBM) and 'gathered_offload' (in
+  pinned host memory) keep for the backward (layers/common.gathered): every trunk block's
+  non-expert matrices in the compute dtype, cut only over the mesh axes that do not hold the batch
+  (tensor). 0 under any other policy."""
+  if cfg.remat_policy not in GATHERING_POLICIES:
     return 0.0
   boxed = abstract["params"]
   logical = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   total = 0.0
   for (path, leaf), names in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)), logical):
-    block = getattr(path[0], "key", "")
-    if not (block in ("dense_layers", "moe_layers") or block.startswith("layers_")) or NOT_GATHERED & set(names):
+    block, names = getattr(path[0], "key", ""), tuple(names)
+    shape = leaf.shape[1:] if names[:1] == ("layers",) else leaf.shape  # one layer of a scanned stack
+    if not (block in ("dense_layers", "moe_layers") or block.startswith("layers_")) or not keeps_gathered(
+        shape, names[-len(shape):] if shape else ()):
       continue
     spec = sharding.gathered_spec(names, rules)
     total += per_device_elements(leaf.shape, spec, axis_sizes) * jnp.dtype(cfg.compute_dtype).itemsize
@@ -265,8 +272,12 @@ def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None, dcn: Optional[
   out += [f"{label:<40}{v / GB:>10.2f}" for label, v in rows]
   out += [f"{'train: params+grads+opt+act+working':<40}{p.train / GB:>10.2f}  of {mem:g} GB: {fits(p.train)}",
           f"{'serve: params+kv cache':<40}{p.serve / GB:>10.2f}  of {mem:g} GB: {fits(p.serve)}"]
-  if cfg.remat_policy not in ("full", "ep_rows", "gathered"):
-    out.append(f"note: activations are planned for remat_policy=full, ep_rows or gathered; this config has "
+  if p.host_memory:
+    out.append(f"{'host memory (gathered weights, offloaded)':<40}{p.host_memory / GB:>10.2f}  pinned host "
+               "memory per device, outside the HBM figures above")
+  if cfg.remat_policy not in ("full", "ep_rows") + GATHERING_POLICIES:
+    out.append(f"note: activations are planned for remat_policy=full, ep_rows, gathered or gathered_offload; "
+               f"this config has "
                f"{cfg.remat_policy!r}, "
                "which keeps more of each layer: size it with `python -m moe_jax.aot` (BENCHMARKS.md)")
   return "\n".join(out)
@@ -347,6 +358,7 @@ def main(argv: Optional[list[str]] = None):
   ap.add_argument("--rules", help='rules overrides as JSON, e.g. \'[["kv_lora", "fsdp"]]\' (after the config\'s)')
   ap.add_argument("--param_dtype", help="override the config's param_dtype")
   ap.add_argument("--dtype", help="override the config's compute dtype")
+  ap.add_argument("--remat_policy", choices=REMAT_POLICIES, help="override the config's model.remat_policy")
   ap.add_argument("--platform", default="tpu", choices=("tpu", "gpu", "cpu"),
                   help="where it runs: picks the attention form the working set assumes (default tpu)")
   args = ap.parse_args(argv)
@@ -362,7 +374,8 @@ def main(argv: Optional[list[str]] = None):
     config, _ = init_from.resolve(config)
   try:
     cfg = model_config_from(config) if config is not None else PRESETS[args.preset]()
-    over = {k: v for k, v in (("param_dtype", args.param_dtype), ("dtype", args.dtype)) if v}
+    over = {k: v for k, v in (("param_dtype", args.param_dtype), ("dtype", args.dtype),
+                              ("remat_policy", args.remat_policy)) if v}
     cfg = cfg.replace(**over) if over else cfg
   except (TypeError, ValueError, KeyError) as e:  # a model field or dtype the config cannot take
     raise UserError(f"model config: {one_line(e)}") from None

@@ -43,6 +43,7 @@ PLAN_CASES = [  # issue 14: plan exited 1 with a traceback, or without the `erro
     (["--preset=tiny", "--batch=x"], "argument --batch: invalid int value: 'x'"),
     (["--preset=tiny", "--dtype=float7"], "'float7' is not a dtype name"),
     (["--preset=nope"], "invalid choice: 'nope'"),
+    (["--preset=tiny", "--remat_policy=most"], "argument --remat_policy: invalid choice: 'most'"),
     (["--preset=tiny", "--frob"], "unrecognized arguments: --frob"),
     ([], "one of the arguments --config --preset is required"),
 ]

@@ -132,11 +132,12 @@ def all_gather_bytes(cfg, shape=(2, 1, 4, 1)) -> float:
   return sum(hlo_text.type_bytes(t) for t in found)
 
 
-@pytest.mark.parametrize("policy", ["full", "gathered"])
+@pytest.mark.parametrize("policy", ["full", "gathered", "gathered_offload"])
 def test_remat_gathers_weights_again_or_keeps_them(policy):
-  """Scanned and rematerialized on data x expert (non-expert weights cut over `expert`): both
-  policies equal one device. 'full' gathers the blocks' weights again for the backward's
-  recompute; 'gathered' keeps what the forward gathered, and gathers no more than no remat."""
+  """Scanned and rematerialized on data x expert (non-expert weights cut over `expert`): every
+  policy equals one device. 'full' gathers the blocks' weights again for the backward's recompute;
+  'gathered' keeps what the forward gathered (in HBM; 'gathered_offload' in host memory, which
+  XLA:CPU keeps in place), and gathers no more than no remat."""
   cfg = CFG.replace(scan_layers=True, remat_policy=policy)
   v = biased(cfg, [0, 1])
   out = run_mesh(cfg, (2, 1, 4, 1), v)

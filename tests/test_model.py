@@ -191,6 +191,7 @@ def remat_reference():
 
 
 @pytest.mark.parametrize("policy, scan", [("full", False), ("ep_rows", True), ("gathered", True), ("gathered", False),
+                                         ("gathered_offload", True), ("gathered_offload", False),
                                          ("dots", True), ("dots_no_batch", False)])
 def test_remat_policies_same_loss_and_grads(remat_reference, policy, scan):
   variables, (loss_ref, grads_ref) = remat_reference

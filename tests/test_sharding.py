@@ -167,6 +167,22 @@ def test_plan_command_prints_table_and_json(capsys):
   assert any(line.startswith("train: params+grads+opt+act+working") and "fits" in line for line in out)
   record = json.loads(out[-1])
   assert record["mesh"] == dict(data=2, fsdp=1, expert=4, tensor=1) and record["train_fits"]
+  assert record["host_memory"] == 0
+
+
+def test_plan_command_overrides_the_remat_policy(capsys):
+  """--remat_policy=gathered_offload: the gathered weights in host memory, the HBM rows as full's."""
+  args = ["--preset=tiny", "--mesh=1,2,2,1", "--batch=8", "--seq=32"]
+  records = {}
+  for policy in ("full", "gathered", "gathered_offload"):
+    plan.main(args + [f"--remat_policy={policy}"])
+    out = capsys.readouterr().out.strip().splitlines()
+    records[policy] = json.loads(out[-1])
+    assert any(line.startswith("host memory (gathered weights, offloaded)") for line in out) == (
+        policy == "gathered_offload"), policy
+  full, kept, offloaded = records["full"], records["gathered"], records["gathered_offload"]
+  assert offloaded["host_memory"] == kept["activations"] - full["activations"] > 0
+  assert offloaded["train"] == full["train"] < kept["train"]
 
 
 # --- errors before compiling, naming the numbers -----------------------------------------
@@ -253,23 +269,26 @@ def test_plan_counts_the_rows_ep_keeps_for_the_backward():
 
 def test_plan_table_says_when_the_remat_policy_is_not_the_planned_one():
   sizes = dict(data=1, fsdp=2, expert=2, tensor=1)
-  for policy, noted in (("full", False), ("ep_rows", False), ("gathered", False), ("dots", True), ("none", True)):
+  for policy, noted in (("full", False), ("ep_rows", False), ("gathered", False), ("gathered_offload", False),
+                        ("dots", True), ("none", True)):
     cfg = PRESETS["tiny"](remat_policy=policy)
     p = plan.plan(cfg, sizes, 4, 64, 95.0, abstract=_abstract("tiny"))
-    assert ("planned for remat_policy=full, ep_rows or gathered" in plan.format_plan(p, cfg, "tiny")) == noted, policy
+    table = plan.format_plan(p, cfg, "tiny")
+    assert ("planned for remat_policy=full, ep_rows, gathered or gathered_offload" in table) == noted, policy
+    assert ("host memory (gathered weights, offloaded)" in table) == (policy == "gathered_offload"), policy
 
 
 def test_plan_counts_the_gathered_weights_the_backward_keeps():
-  """Under 'gathered' every trunk block keeps its non-expert weights gathered over the batch axes,
-  cut only over tensor, in the compute dtype: tiny has 1 dense + 2 MoE blocks (the arithmetic below)."""
+  """Under 'gathered' every trunk block keeps its non-expert matrices gathered over the batch axes,
+  cut only over tensor, in the compute dtype: tiny has 1 dense + 2 MoE blocks (the arithmetic below;
+  norm scales are gathered again). 'gathered_offload' keeps the same bytes in host memory."""
   sizes = dict(data=1, fsdp=2, expert=2, tensor=2)
   cfg = PRESETS["tiny"](remat_policy="gathered", dtype="bfloat16")
   c = cfg
   attention = (c.hidden_size * c.q_lora_rank + c.q_lora_rank * c.num_attention_heads * c.qk_head_dim / 2
                + c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim)
                + c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) / 2
-               + c.num_attention_heads * c.v_head_dim * c.hidden_size / 2
-               + 2 * c.hidden_size + c.q_lora_rank + c.kv_lora_rank)  # heads cut over tensor; 4 norms
+               + c.num_attention_heads * c.v_head_dim * c.hidden_size / 2)  # heads cut over tensor
   dense = 3 * c.hidden_size * c.intermediate_size / 2  # mlp cut over tensor
   moe = 3 * c.hidden_size * c.moe_intermediate_size * c.n_shared_experts / 2 + c.hidden_size * c.n_routed_experts
   expected = (c.first_k_dense_replace * (attention + dense)
@@ -279,4 +298,7 @@ def test_plan_counts_the_gathered_weights_the_backward_keeps():
   assert plan.saved_gathered_weights(cfg.replace(remat_policy="full"), sizes, rules, _abstract("tiny")) == 0
   full = plan.plan(cfg.replace(remat_policy="full"), sizes, 4, 64, 95.0, abstract=_abstract("tiny"))
   kept = plan.plan(cfg, sizes, 4, 64, 95.0, abstract=_abstract("tiny"))
-  assert kept.activations - full.activations == expected
+  assert kept.activations - full.activations == expected and kept.host_memory == full.host_memory == 0
+  offloaded = plan.plan(cfg.replace(remat_policy="gathered_offload"), sizes, 4, 64, 95.0, abstract=_abstract("tiny"))
+  assert offloaded.activations == full.activations and offloaded.host_memory == expected
+  assert offloaded.train == full.train

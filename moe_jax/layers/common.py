@@ -23,12 +23,21 @@ from moe_jax.layers import fp8 as fp8_lib
 from moe_jax.layers import matmul
 
 FP8_SCALES = "fp8_scales"  # collection: block scales of an FP8 checkpoint kept as it is
-# The name remat policy 'gathered' saves (model.REMAT_POLICIES): a block's weights as its matmuls
-# read them, gathered over the batch axes, in the compute dtype (see `gathered`).
+# The name remat policies 'gathered' and 'gathered_offload' save (model.REMAT_POLICIES): a block's
+# weights as its matmuls read them, gathered over the batch axes, in the compute dtype (see `gathered`).
 GATHERED = "gathered_weight"
+GATHERING_POLICIES = ("gathered", "gathered_offload")
 # Logical axes of the weights `gathered` leaves alone: the embedding table and head gather on their
 # own terms (model.py); routed experts stay where they are (the expert exchange moves the tokens).
 NOT_GATHERED = frozenset({"vocab", "exp"})
+
+
+def keeps_gathered(shape: Sequence[int], axes: Sequence[str | None]) -> bool:
+  """Whether remat 'gathered'/'gathered_offload' keeps this weight gathered for the backward: the
+  matrices outside NOT_GATHERED. Vectors (norm scales) are regathered: a few KB, and libtpu 0.0.42
+  aborts the compile offloading their layer stack ("Sublane slicing size not multiple of update
+  chunk sublane size")."""
+  return len(shape) >= 2 and not NOT_GATHERED & set(axes)
 
 
 def weight(mod: nn.Module, cfg: ModelConfig, name: str, shape: Sequence[int], axes: Sequence[str | None],
@@ -39,7 +48,7 @@ def weight(mod: nn.Module, cfg: ModelConfig, name: str, shape: Sequence[int], ax
   w = mod.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), cfg.weight_dtype)
   if mod.has_variable(FP8_SCALES, name):  # e4m3 params with their block scales (hf.py, keep_fp8)
     return fp8_lib.Fp8Weight(w, mod.get_variable(FP8_SCALES, name))
-  if cfg.remat_policy == "gathered" and not NOT_GATHERED & set(axes):
+  if cfg.remat_policy in GATHERING_POLICIES and keeps_gathered(shape, axes):
     return gathered(w, axes, cfg)
   return w
 
@@ -50,7 +59,7 @@ def gathered(w: jax.Array, axes: Sequence[str | None], cfg: ModelConfig) -> jax.
   keeps it for the backward, which then does not gather the weight a second time (under 'full' the
   recomputed forward gathers every layer's weights again: 2x the gather bytes of the ideal).
   Costs each rematerialized layer's gathered weights for the whole step (`plan` counts them).
-  Not for NOT_GATHERED weights (weight() skips them). Outside a mesh: w as it is, in the compute dtype.
+  Only for the weights keeps_gathered names (weight() skips the others). Outside a mesh: w as it is, in the compute dtype.
   """
   rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
   w = w.astype(cfg.compute_dtype)
