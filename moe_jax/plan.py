@@ -217,9 +217,9 @@ def saved_gathered_weights(cfg: ModelConfig, axis_sizes: dict[str, int], rules, 
   total = 0.0
   for (path, leaf), names in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)), logical):
     block, names = getattr(path[0], "key", ""), tuple(names)
-    shape = leaf.shape[1:] if names[:1] == ("layers",) else leaf.shape  # one layer of a scanned stack
-    if not (block in ("dense_layers", "moe_layers") or block.startswith("layers_")) or not keeps_gathered(
-        shape, names[-len(shape):] if shape else ()):
+    stacked = names[:1] == ("layers",)  # a scanned stack: judge one layer's weight
+    one_layer = (leaf.shape[1:], names[1:]) if stacked else (leaf.shape, names)
+    if not (block in ("dense_layers", "moe_layers") or block.startswith("layers_")) or not keeps_gathered(*one_layer):
       continue
     spec = sharding.gathered_spec(names, rules)
     total += per_device_elements(leaf.shape, spec, axis_sizes) * jnp.dtype(cfg.compute_dtype).itemsize

@@ -59,7 +59,8 @@ def gathered(w: jax.Array, axes: Sequence[str | None], cfg: ModelConfig) -> jax.
   keeps it for the backward, which then does not gather the weight a second time (under 'full' the
   recomputed forward gathers every layer's weights again: 2x the gather bytes of the ideal).
   Costs each rematerialized layer's gathered weights for the whole step (`plan` counts them).
-  Only for the weights keeps_gathered names (weight() skips the others). Outside a mesh: w as it is, in the compute dtype.
+  Only for the weights keeps_gathered names (weight() skips the others). Outside a mesh: w as it
+  is, in the compute dtype.
   """
   rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
   w = w.astype(cfg.compute_dtype)
