@@ -10,9 +10,9 @@ prints one JSON line:
   topology, chips, hosts, mesh; compiled, compile_s; per-chip argument / output / temp / peak
   (and host_temp: pinned host memory) bytes against the chip's HBM (fits); compiled matmul FLOPs
   per step (scanned loops counted their full trip count, moe_jax/hlo.py) and XLA's cost_analysis
-  figure, against the model FLOPs of moe_jax/flops.py; per collective kind the count and bytes per step per chip, and
-  their total against the layout's ideal (ideal_collectives), in buffer bytes and in wire bytes
-  under the ring model (wire_gb, ideal_wire_gb, wire_ratio; the compiler's disguised gathers and
+  figure, against the model FLOPs of moe_jax/flops.py; per collective kind the count and bytes per
+  step per chip, and their total against the layout's ideal (ideal_collectives), in buffer bytes
+  and in wire bytes under the ring model (wire_gb, ideal_wire_gb, wire_ratio; the compiler's disguised gathers and
   reduce-scatters split out, moe_jax/hlo.py), the weight-sized all-reduces over a whole slice
   that remain (whole_slice_all_reduces), how the schedule overlaps collectives with compute
   (async_collectives; train.py's libtpu flags, moe_jax/tpu_flags.py, apply here too), the axes

@@ -25,14 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging as std_logging
 import os
 import re
 import shutil
-import sys
-import threading
 import time
-import warnings
 from typing import Any, Callable, Optional, TypeVar
 
 import jax
@@ -40,7 +36,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from moe_jax import checksum, sharding
+from moe_jax import checksum, orbax_noise, sharding
 from moe_jax import variables as model_variables
 from moe_jax.config import ModelConfig
 from moe_jax.errors import UserError
@@ -111,10 +107,6 @@ def shape_mismatches(saved_tree, target_tree) -> list[str]:
 
 # --- damaged checkpoints ------------------------------------------------------------------
 T = TypeVar("T")
-# What a failed orbax read prints after the restore has already failed (tensorstore callbacks
-# into a closed event loop, the full TensorStore spec of every array left unread).
-_READ_NOISE = ("Event loop is closed", "Encountered error while reading array index", "in OCDBT database at")
-_quiet = False
 
 
 class Damaged(RuntimeError):
@@ -134,29 +126,6 @@ def check_max_to_keep(value) -> Optional[int]:
     return value
   raise UserError(f"checkpoint.max_to_keep={value!r} must be >= 1 (or None: keep every step); "
                   "0 or less would delete every checkpoint, the newest included")
-
-
-def _silence_read_noise():
-  """Drop the tracebacks a failed read's leftover callbacks print (installed once per process,
-  before reading, since those callbacks run on other threads and may print before the restore
-  itself fails): the damage is reported in one line instead. Other exceptions still print."""
-  global _quiet
-  if _quiet:
-    return
-  _quiet = True
-  hook, unraisable = sys.excepthook, sys.unraisablehook
-  noise = lambda e: any(n in str(e) for n in _READ_NOISE)  # noqa: E731
-  sys.excepthook = lambda t, v, tb: None if noise(v) else hook(t, v, tb)
-  sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisable(u)
-  thread_hook = threading.excepthook
-  threading.excepthook = lambda a: None if noise(a.exc_value) else thread_hook(a)
-  # The reads abandoned mid-flight: Python names each unawaited coroutine when it is collected,
-  # wherever that happens (inside jax's tracing, at exit).
-  warnings.filterwarnings("ignore", message=r"coroutine '_read_\w*' was never awaited", category=RuntimeWarning)
-  # asyncio logs "Task exception was never retrieved" for the reads still in flight.
-  for name in ("asyncio", "concurrent.futures"):  # a future's callback into the closed loop
-    std_logging.getLogger(name).addFilter(
-        lambda r: not (noise(r.getMessage()) or (r.exc_info and noise(r.exc_info[1]))))
 
 
 def damage_reason(e: BaseException) -> str:
@@ -196,11 +165,7 @@ class Checkpointer:
     self._warned_removal = None  # the step whose save last warned that checkpoints/ was removed
     self._hold_directory()
     if not read_only:
-      # A save that fails (checkpoints/ removed under it) abandons its fragment writes, and Python
-      # warns for each one when it collects it, at any later moment: the failure itself is raised,
-      # or reported in one warning when the directory went away (_settle).
-      warnings.filterwarnings("ignore", message=r"coroutine '[\w.<>]*write_fragment' was never awaited",
-                              category=RuntimeWarning)
+      orbax_noise.silence_abandoned_writes()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -390,7 +355,7 @@ class Checkpointer:
     `<step>.damaged` so training can save those steps again. Every step damaged: UserError.
     """
     damaged = []
-    _silence_read_noise()
+    orbax_noise.silence_read_noise()
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         result = load(step)
@@ -590,7 +555,7 @@ def restore_for_eval(path: str, mesh=None, rules=None):
     elif step not in steps:
       raise UserError(f"no complete checkpoint at {path} (complete steps: {steps})")
     else:
-      _silence_read_noise()
+      orbax_noise.silence_read_noise()
       try:
         loaded = load(step)
       except UserError:

@@ -276,9 +276,8 @@ def format_plan(p: Plan, cfg: ModelConfig, name: str, rules=None, dcn: Optional[
     out.append(f"{'host memory (gathered weights, offloaded)':<40}{p.host_memory / GB:>10.2f}  pinned host "
                "memory per device, outside the HBM figures above")
   if cfg.remat_policy not in ("full", "ep_rows") + GATHERING_POLICIES:
-    out.append(f"note: activations are planned for remat_policy=full, ep_rows, gathered or gathered_offload; "
-               f"this config has "
-               f"{cfg.remat_policy!r}, "
+    out.append("note: activations are planned for remat_policy=full, ep_rows, gathered or gathered_offload; "
+               f"this config has {cfg.remat_policy!r}, "
                "which keeps more of each layer: size it with `python -m moe_jax.aot` (BENCHMARKS.md)")
   return "\n".join(out)
 
